@@ -1,0 +1,99 @@
+"""What every config shares: the `:arg` parser and the loop's default settings.
+
+Family configs start from `base_config()` and set only what differs, so every run has the
+same keys and `--config.x.y=v` overrides are checked (locked ConfigDict: a typo is refused
+with a "did you mean" suggestion).
+"""
+from __future__ import annotations
+
+import ml_collections
+
+
+def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
+  """Parses big_vision-style config args: "etth1_96,runlocal,seed=3".
+
+  The first bare token (no `=`) that is not a boolean key fills the `setting` key; a bare token
+  naming a boolean key sets it to True; `key=value` converts value to the default's type.
+  """
+  out = ml_collections.ConfigDict(defaults)
+  for token in filter(None, (t.strip() for t in (arg or "").split(","))):
+    key, has_value, value = token.partition("=")
+    if not has_value:
+      if isinstance(defaults.get(key), bool):
+        out[key] = True
+        continue
+      key, value = "setting", token
+    if key not in defaults:
+      raise ValueError(f"unknown config argument {key!r} in {arg!r}; expected one of {sorted(defaults)}")
+    default = defaults[key]
+    if isinstance(default, bool):
+      if value.lower() not in ("true", "false", "1", "0"):
+        raise ValueError(f"config argument {key}={value!r} must be true or false")
+      out[key] = value.lower() in ("true", "1")
+    else:
+      out[key] = type(default)(value)
+  return out
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """The loop's settings with their defaults; family configs fill model, data and task."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.task = ""                      # 'forecasting' | 'classification' (tasks/)
+
+  c.model = ml_collections.ConfigDict()
+  c.model.name = ""               # a models.list_models() name; other keys of c.model are overrides
+
+  c.data = ml_collections.ConfigDict()
+  c.data.name = ""
+  c.data.data_dir = ""            # TFDS data dir; '' = $TFDS_DATA_DIR or ~/tensorflow_datasets
+  c.data.manual_dir = ""          # raw files; if set, a missing prepared dataset is prepared from here
+
+  c.input = ml_collections.ConfigDict()
+  c.input.batch_size = 32         # global batch (per optimizer update)
+  c.input.eval_batch_size = 256
+
+  c.optimizer = ml_collections.ConfigDict()
+  c.optimizer.name = "adamw"      # adam | adamw | sgd
+  c.optimizer.lr = 1e-3
+  c.optimizer.b1 = 0.9
+  c.optimizer.b2 = 0.999
+  c.optimizer.weight_decay = 0.0
+  c.optimizer.momentum = 0.9      # sgd only
+  c.optimizer.clip_norm = 0.0     # 0 = no clipping
+  c.optimizer.accum_steps = 1     # gradient accumulation (optax.MultiSteps)
+
+  c.schedule = ml_collections.ConfigDict()
+  c.schedule.name = "constant"    # constant | warmup_cosine | step_decay
+  c.schedule.warmup_steps = 0
+  c.schedule.end_lr_factor = 0.0  # warmup_cosine: final lr = lr * end_lr_factor
+  c.schedule.decay_rate = 0.5     # step_decay: lr *= decay_rate every decay_every_epochs ...
+  c.schedule.decay_every_epochs = 1
+  c.schedule.decay_begin_epochs = 1  # ... after this many epochs at the base lr (iTransformer 'type1')
+
+  c.num_epochs = 10               # total length, unless total_steps > 0
+  c.total_steps = 0
+  c.log_every_steps = 50
+  c.eval_every_steps = 0          # 0 = once per epoch
+  c.eval_splits = ("validation",)  # evaluated periodically
+  c.final_eval_splits = ("test",)  # evaluated once at the end, on the best (or last) checkpoint
+
+  c.checkpoint = ml_collections.ConfigDict()
+  c.checkpoint.every_steps = 0    # 0 = at every evaluation
+  c.checkpoint.keep = 2           # latest N kept, plus the best by the early-stopping metric
+  c.checkpoint.async_save = True
+
+  c.early_stopping = ml_collections.ConfigDict()
+  c.early_stopping.metric = ""     # e.g. 'validation/mse'; '' = keep training, final eval on the last step
+  c.early_stopping.mode = "min"
+  c.early_stopping.patience = 0    # evaluations without improvement before stopping; 0 = never stop
+
+  c.init_from = ml_collections.ConfigDict()
+  c.init_from.path = ""            # zoo checkpoint / workdir / converted or official weights
+  c.init_from.dont_load = ()       # regexes of param paths kept fresh, e.g. ('head/.*',)
+
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = -1                 # -1 = all devices not used by the other axes
+  c.mesh.fsdp = 1                  # reserved: parameter sharding
+  c.mesh.tensor = 1                # reserved: tensor parallelism
+  return c

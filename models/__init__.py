@@ -1,0 +1,6 @@
+"""The zoo's models: `create_model`, `list_models`, `model_info`, `count_params`, `load_pretrained`."""
+from models.registry import count_params, create_model, list_models, model_info, register_model
+from models.pretrained import load_pretrained, save_params
+
+__all__ = ["count_params", "create_model", "list_models", "model_info", "register_model",
+           "load_pretrained", "save_params"]

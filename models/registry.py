@@ -1,0 +1,74 @@
+"""Model registry: timm-style names -> NNX model constructors.
+
+Each family file ends with its variant table and registers every variant::
+
+    register_model("itransformer_etth1_96", iTransformer, family="itransformer", seq_len=96, ...)
+
+`create_model(name, **overrides)` then builds it; overrides replace the variant's defaults.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import fnmatch
+import importlib
+from typing import Any, Callable
+
+import jax
+from flax import nnx
+
+_FAMILY_MODULES = ("itransformer",)  # imported lazily, so `import models` stays cheap
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelInfo:
+  name: str
+  family: str
+  builder: Callable[..., nnx.Module]
+  defaults: dict[str, Any]
+  paper_metric: str = ""  # what the paper reports for this variant, for the README table
+
+
+_REGISTRY: dict[str, ModelInfo] = {}
+_loaded = False
+
+
+def register_model(name: str, builder: Callable[..., nnx.Module], *, family: str,
+                   paper_metric: str = "", **defaults) -> None:
+  if name in _REGISTRY:
+    raise ValueError(f"model {name!r} is registered twice")
+  _REGISTRY[name] = ModelInfo(name, family, builder, dict(defaults), paper_metric)
+
+
+def _load_families() -> None:
+  global _loaded
+  if not _loaded:
+    _loaded = True
+    for module in _FAMILY_MODULES:
+      importlib.import_module(f"models.{module}")
+
+
+def list_models(pattern: str = "*") -> list[str]:
+  """Registered names matching a shell pattern, e.g. `list_models("itransformer_ett*")`."""
+  _load_families()
+  return sorted(n for n in _REGISTRY if fnmatch.fnmatch(n, pattern))
+
+
+def model_info(name: str) -> ModelInfo:
+  _load_families()
+  if name not in _REGISTRY:
+    hint = difflib.get_close_matches(name, _REGISTRY, n=3)
+    raise ValueError(f"unknown model {name!r}" + (f"; did you mean {', '.join(hint)}?" if hint else
+                     f"; see models.list_models() for the {len(_REGISTRY)} registered names"))
+  return _REGISTRY[name]
+
+
+def create_model(name: str, *, rngs: nnx.Rngs | None = None, **overrides) -> nnx.Module:
+  """Builds a registered variant; keyword overrides replace its defaults (e.g. `dropout=0.0`)."""
+  info = model_info(name)
+  return info.builder(**{**info.defaults, **overrides}, rngs=rngs if rngs is not None else nnx.Rngs(0))
+
+
+def count_params(model: nnx.Module) -> int:
+  """Number of trainable parameters (nnx.Param leaves only: no RNG state, no batch statistics)."""
+  return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))

@@ -1,0 +1,41 @@
+"""Tasks: what the shared loop needs to know about a kind of problem.
+
+A task turns (model, batch) into a training loss and into evaluation sums. Sums (not means) with
+their counts let the loop add up padded evaluation batches over devices and hosts exactly.
+"""
+from __future__ import annotations
+
+from typing import Protocol
+
+import jax
+from flax import nnx
+
+from tasks.classification import Classification
+from tasks.forecasting import Forecasting
+
+Sums = dict[str, tuple[jax.Array, jax.Array]]  # metric name -> (weighted sum, weight)
+
+
+class Task(Protocol):
+  def model_overrides(self, meta: dict) -> dict:
+    """create_model kwargs that follow from the data (e.g. the number of classes)."""
+
+  def loss(self, model: nnx.Module, batch: dict) -> tuple[jax.Array, dict]:
+    """Mean training loss of a batch (model in training mode) and extra scalars to log."""
+
+  def eval_sums(self, model: nnx.Module, batch: dict) -> Sums:
+    """Per-metric (sum, count) over the real examples of a padded batch (batch['mask'])."""
+
+
+_TASKS = {"forecasting": Forecasting, "classification": Classification}
+
+
+def get_task(name: str) -> Task:
+  if name not in _TASKS:
+    raise ValueError(f"unknown task {name!r}; expected one of {sorted(_TASKS)}")
+  return _TASKS[name]()
+
+
+def finalize(sums: dict[str, tuple[float, float]]) -> dict[str, float]:
+  """Turns accumulated (sum, count) pairs into metric values."""
+  return {name: float(total) / max(float(count), 1.0) for name, (total, count) in sums.items()}

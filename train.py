@@ -1,0 +1,424 @@
+r"""Trains any zoo model on any task. Rerunning the same command resumes where it stopped.
+
+  python train.py --config configs/itransformer.py:digits --workdir runs/digits
+  python train.py --config configs/itransformer.py:etth1_96 --workdir runs/etth1_96 \
+      --config.data.manual_dir=~/data/ETT-small --config.optimizer.lr=2e-4
+
+Phases: mesh -> data -> model and optimizer (created sharded) -> restore -> jitted step ->
+periodic eval / checkpoint / log -> final evaluation of the best checkpoint.
+The workdir holds config.json, checkpoints/, metrics.jsonl, TensorBoard events and
+final_metrics.json.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import sys
+import time
+
+from absl import app, flags
+import grain
+import jax
+import jax.numpy as jnp
+from ml_collections import config_flags
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+import tensorboardX
+import tqdm
+from flax import nnx
+
+import data
+import models
+import tasks
+
+class NonFiniteLossError(RuntimeError):
+  pass
+
+
+# ----------------------------------------------------------------------------- mesh
+
+def make_mesh(mesh_config) -> jax.sharding.Mesh:
+  """A (data, fsdp, tensor) mesh over all devices; data=-1 takes what the other axes leave."""
+  n = jax.device_count()
+  model_axes = mesh_config.fsdp * mesh_config.tensor
+  data_axis = n // model_axes if mesh_config.data == -1 else mesh_config.data
+  if data_axis * model_axes != n:
+    raise ValueError(f"mesh data={mesh_config.data} x fsdp={mesh_config.fsdp} x tensor={mesh_config.tensor}"
+                     f" does not cover the {n} devices")
+  return jax.make_mesh((data_axis, mesh_config.fsdp, mesh_config.tensor), ("data", "fsdp", "tensor"),
+                       axis_types=(jax.sharding.AxisType.Auto,) * 3)
+
+
+def batch_sharding(mesh) -> jax.sharding.NamedSharding:
+  return jax.sharding.NamedSharding(mesh, jax.P(("data", "fsdp")))
+
+
+def put_batch(batch: dict, mesh) -> dict:
+  """This process's slice of the global batch -> one global array per key, split over devices."""
+  sharding = batch_sharding(mesh)
+  return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
+
+
+def batch_divisor(mesh) -> int:
+  return mesh.shape["data"] * mesh.shape["fsdp"]
+
+
+# ----------------------------------------------------------------------------- model + optimizer
+
+def make_schedule(config, updates_per_epoch: float, total_updates: int) -> optax.Schedule:
+  lr, s = config.optimizer.lr, config.schedule
+  if s.name == "constant":
+    schedule = optax.constant_schedule(lr)
+  elif s.name == "warmup_cosine":
+    return optax.warmup_cosine_decay_schedule(0.0, lr, s.warmup_steps, max(total_updates, s.warmup_steps + 1),
+                                              end_value=lr * s.end_lr_factor)
+  elif s.name == "step_decay":  # x decay_rate after decay_begin_epochs, then every decay_every_epochs
+    epochs = range(s.decay_begin_epochs, math.ceil(total_updates / updates_per_epoch) + 1, s.decay_every_epochs)
+    schedule = optax.piecewise_constant_schedule(lr, {round(e * updates_per_epoch): s.decay_rate for e in epochs})
+  else:
+    raise ValueError(f"unknown schedule {s.name!r}; expected constant, warmup_cosine or step_decay")
+  if s.warmup_steps:
+    schedule = optax.join_schedules([optax.linear_schedule(0.0, lr, s.warmup_steps), schedule], [s.warmup_steps])
+  return schedule
+
+
+def make_optimizer(config, schedule) -> optax.GradientTransformation:
+  o = config.optimizer
+  optimizers = {
+      "adam": lambda: optax.adam(schedule, b1=o.b1, b2=o.b2),
+      "adamw": lambda: optax.adamw(schedule, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay),
+      "sgd": lambda: optax.sgd(schedule, momentum=o.momentum),
+  }
+  if o.name not in optimizers:
+    raise ValueError(f"unknown optimizer {o.name!r}; expected one of {sorted(optimizers)}")
+  tx = optimizers[o.name]()
+  if o.clip_norm:
+    tx = optax.chain(optax.clip_by_global_norm(o.clip_norm), tx)
+  if o.accum_steps > 1:
+    tx = optax.MultiSteps(tx, every_k_schedule=o.accum_steps)
+  return tx
+
+
+def create_model_and_optimizer(config, meta: dict, task, mesh, tx=None):
+  """Builds model (and optimizer) inside jit so every array is born with its sharding."""
+  overrides = {k: v for k, v in config.model.items() if k != "name"} | task.model_overrides(meta)
+
+  def build():
+    model = models.create_model(config.model.name, rngs=nnx.Rngs(config.seed), **overrides)
+    return (model, nnx.Optimizer(model, tx, wrt=nnx.Param)) if tx is not None else (model,)
+
+  with jax.set_mesh(mesh):
+    abstract = nnx.eval_shape(build)
+    specs = nnx.get_partition_spec(nnx.state(abstract))
+    shardings = jax.tree.map(lambda p: jax.sharding.NamedSharding(mesh, p), specs)
+    state = jax.jit(lambda: nnx.state(build()), out_shardings=shardings)()
+  return nnx.merge(nnx.graphdef(abstract), state)
+
+
+def rng_streams(model) -> list[str]:
+  """Names of the RNG streams the model holds (e.g. 'dropout'), reseeded every step."""
+  return sorted({str(path[-2]) for path, _ in nnx.to_flat_state(nnx.state(model, nnx.RngKey))})
+
+
+# ----------------------------------------------------------------------------- steps
+
+def make_train_step(task, graphdef, streams, seed: int):
+  """Pure jitted step on the flat state; dropout keys depend only on (seed, step) for exact resume."""
+  base_key = jax.random.key(seed)
+
+  @functools.partial(jax.jit, donate_argnums=0)
+  def train_step(state, batch, step):
+    model, optimizer = nnx.merge(graphdef, state)
+    key = jax.random.fold_in(base_key, step)
+    nnx.reseed(model, **{name: jax.random.fold_in(key, i) for i, name in enumerate(streams)})
+    (loss, aux), grads = nnx.value_and_grad(task.loss, has_aux=True)(model, batch)
+    optimizer.update(model, grads)
+    return nnx.state((model, optimizer)), {"loss": loss, **aux}
+
+  return train_step
+
+
+def make_eval_step(task, graphdef):
+  @jax.jit
+  def eval_step(state, batch):
+    return task.eval_sums(nnx.merge(graphdef, state), batch)
+  return eval_step
+
+
+def evaluate(eval_step, model_state, split, batch_size: int, mesh) -> dict[str, float]:
+  """Metrics over every example of a split (the last batch padded and masked)."""
+  sums = None
+  for batch in data.eval_batches(split, batch_size, process_index=jax.process_index(),
+                                 process_count=jax.process_count()):
+    out = eval_step(model_state, put_batch(batch, mesh))
+    sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
+  return tasks.finalize(jax.device_get(sums))
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+def make_checkpoint_manager(workdir: str, config, read_only: bool = False) -> ocp.CheckpointManager:
+  """Keeps the latest N checkpoints and the best one by the early-stopping metric."""
+  policies = [ocp.checkpoint_managers.LatestN(config.checkpoint.keep)]
+  if config.early_stopping.metric:
+    policies.append(ocp.checkpoint_managers.BestN(
+        get_metric_fn=lambda m: m[config.early_stopping.metric], reverse=config.early_stopping.mode == "min",
+        n=1, keep_checkpoints_without_metrics=False))
+  options = ocp.CheckpointManagerOptions(
+      preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies),
+      enable_async_checkpointing=config.checkpoint.async_save, read_only=read_only, create=not read_only)
+  return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"), options=options)
+
+
+def model_items(model) -> dict:
+  """What a checkpoint stores of a model: params (read by models.load_pretrained) and other state."""
+  items = {"params": nnx.to_pure_dict(nnx.state(model, nnx.Param))}
+  rest = nnx.to_pure_dict(nnx.state(model, nnx.Not(nnx.Any(nnx.Param, nnx.RngState))))
+  if jax.tree.leaves(rest):  # e.g. batch statistics
+    items["model_state"] = rest
+  return items
+
+
+def restore_model_items(mngr, step: int, model) -> None:
+  """Loads params (and other model state) of `step` into `model`, onto its current shardings."""
+  items = model_items(model)
+  restored = mngr.restore(step, args=ocp.args.Composite(
+      **{k: ocp.args.StandardRestore(v) for k, v in items.items()}))
+  for name, filt in (("params", nnx.Param), ("model_state", nnx.Not(nnx.Any(nnx.Param, nnx.RngState)))):
+    if name in items:
+      state = nnx.state(model, filt)
+      nnx.replace_by_pure_dict(state, restored[name])
+      nnx.update(model, state)
+
+
+# ----------------------------------------------------------------------------- logging
+
+class MetricWriter:
+  """metrics.jsonl (one JSON object per line, big_vision style) + TensorBoard events."""
+
+  def __init__(self, workdir: str):
+    self._file = open(os.path.join(workdir, "metrics.jsonl"), "a")
+    self._tb = tensorboardX.SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+  def write(self, step: int, metrics: dict[str, float]) -> None:
+    self._file.write(json.dumps({"step": step, **metrics}) + "\n")
+    self._file.flush()
+    for name, value in metrics.items():
+      self._tb.add_scalar(name, value, step)
+
+  def close(self) -> None:
+    self._file.close()
+    self._tb.close()
+
+
+class EarlyStopping:
+  """Tracks the best evaluation of a metric; `should_stop` after `patience` evaluations without one."""
+
+  def __init__(self, config, state: dict | None = None):
+    self.metric, self.mode, self.patience = config.metric, config.mode, config.patience
+    state = state or {}
+    self.best_value = state.get("best_value")
+    self.best_step = state.get("best_step")
+    self.bad_evals = state.get("bad_evals", 0)
+
+  def update(self, step: int, metrics: dict[str, float]) -> bool:
+    """Records an evaluation; returns True when it is the best so far."""
+    if not self.metric:
+      return False
+    if self.metric not in metrics:
+      raise ValueError(f"early_stopping.metric {self.metric!r} is not among the evaluated {sorted(metrics)}")
+    value = metrics[self.metric]
+    improved = self.best_value is None or (value < self.best_value if self.mode == "min" else value > self.best_value)
+    if improved:
+      self.best_value, self.best_step, self.bad_evals = value, step, 0
+    else:
+      self.bad_evals += 1
+    return improved
+
+  @property
+  def should_stop(self) -> bool:
+    return bool(self.patience) and self.bad_evals >= self.patience
+
+  def state(self) -> dict:
+    return {"best_value": self.best_value, "best_step": self.best_step, "bad_evals": self.bad_evals}
+
+
+def check_finite(losses: list, first_step: int, mngr) -> None:
+  """Raises on the first non-finite loss; nothing after it was saved, so the last checkpoint is good."""
+  values = np.asarray(jax.device_get(losses))
+  bad = np.flatnonzero(~np.isfinite(values))
+  if bad.size:
+    step = first_step + int(bad[0])
+    raise NonFiniteLossError(f"loss became {values[bad[0]]} at step {step}; stopping. The last good checkpoint "
+                             f"(step {mngr.latest_step()}) stays in {mngr.directory}")
+
+
+# ----------------------------------------------------------------------------- the loop
+
+def train_and_evaluate(config, workdir: str) -> dict[str, float]:
+  """Runs (or resumes) the whole recipe; returns the final metrics also written to final_metrics.json."""
+  t_start = time.time()
+  os.makedirs(workdir, exist_ok=True)
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=2))
+  task = tasks.get_task(config.task)
+
+  # Mesh.
+  mesh = make_mesh(config.mesh)
+
+  # Data.
+  train_split = data.load(config.data, "train")
+  eval_splits = {name: data.load(config.data, name) for name in (*config.eval_splits, *config.final_eval_splits)}
+  accum = config.optimizer.accum_steps
+  if config.input.batch_size % (accum * batch_divisor(mesh)):
+    raise ValueError(f"input.batch_size={config.input.batch_size} must be divisible by optimizer.accum_steps={accum}"
+                     f" x the {batch_divisor(mesh)} data-parallel devices")
+  micro_batch = config.input.batch_size // accum  # the loop steps over micro batches; MultiSteps accumulates
+  steps_per_epoch = data.steps_per_epoch(train_split, micro_batch)
+  total_steps = config.total_steps or config.num_epochs * steps_per_epoch
+  eval_every = config.eval_every_steps or steps_per_epoch
+  checkpoint_every = config.checkpoint.every_steps or eval_every
+  train_data = data.train_batches(train_split, micro_batch, seed=config.seed,
+                                  process_index=jax.process_index(), process_count=jax.process_count())
+
+  # Model and optimizer.
+  schedule = make_schedule(config, steps_per_epoch / accum, total_steps // accum)
+  model, optimizer = create_model_and_optimizer(config, train_split.meta, task, mesh, make_optimizer(config, schedule))
+  graphdef, state = nnx.split((model, optimizer))
+  train_step = make_train_step(task, graphdef, rng_streams(model), config.seed)
+  eval_step = make_eval_step(task, nnx.graphdef(model))
+
+  # Restore: resume this workdir if it has a checkpoint, else optionally start from pretrained weights.
+  mngr = make_checkpoint_manager(workdir, config)
+  train_iter = iter(train_data)
+  start_step, meta = mngr.latest_step() or 0, {}
+  if start_step:
+    restored = mngr.restore(start_step, args=ocp.args.Composite(
+        opt_state=ocp.args.StandardRestore(nnx.to_pure_dict(nnx.state(optimizer))),
+        data_iter=grain.checkpoint.CheckpointRestore(train_iter), meta=ocp.args.JsonRestore()))
+    restore_model_items(mngr, start_step, model)
+    opt_state = nnx.state(optimizer)
+    nnx.replace_by_pure_dict(opt_state, restored["opt_state"])
+    nnx.update(optimizer, opt_state)
+    meta = restored["meta"]
+    print(f"Resumed from step {start_step} in {mngr.directory}", flush=True)
+  elif config.init_from.path:
+    models.load_pretrained(model, config.init_from.path, dont_load=tuple(config.init_from.dont_load))
+  state = nnx.state((model, optimizer))
+  early_stopping = EarlyStopping(config.early_stopping, meta.get("early_stopping"))
+
+  def save(step, metrics=None):
+    model_, optimizer_ = nnx.merge(graphdef, state)
+    items = {k: ocp.args.StandardSave(v) for k, v in model_items(model_).items()}
+    mngr.save(step, metrics=metrics, args=ocp.args.Composite(
+        opt_state=ocp.args.StandardSave(nnx.to_pure_dict(nnx.state(optimizer_))),
+        data_iter=grain.checkpoint.CheckpointSave(train_iter),
+        meta=ocp.args.JsonSave({"step": step, "stopped": stopped, "early_stopping": early_stopping.state()}),
+        **items))
+
+  # Train.
+  writer = MetricWriter(workdir)
+  pending, pending_from = [], start_step  # per-step losses not yet checked (checking syncs the device)
+  progress = tqdm.tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True,
+                       disable=jax.process_index() != 0, file=sys.stdout, mininterval=1.0)
+  step, stopped = start_step, meta.get("stopped", False)
+  t_log, steps_since_log = None, 0
+  try:
+    while step < total_steps and not stopped:
+      batch = put_batch(next(train_iter), mesh)
+      state, step_metrics = train_step(state, batch, step)
+      pending.append(step_metrics["loss"])
+      step += 1
+      steps_since_log += 1
+      progress.update()
+      if t_log is None:  # the first step compiles; throughput is timed from after it
+        jax.block_until_ready(step_metrics["loss"])
+        t_log, steps_since_log = time.perf_counter(), 0
+
+      is_eval = step % eval_every == 0 or step == total_steps
+      if step % config.log_every_steps == 0 or is_eval or step % checkpoint_every == 0:
+        check_finite(pending, pending_from, mngr)
+        pending, pending_from = [], step
+      if step % config.log_every_steps == 0 and steps_since_log:
+        dt = time.perf_counter() - t_log
+        logged = {f"train/{k}": float(v) for k, v in jax.device_get(step_metrics).items()}
+        logged |= {"train/lr": float(schedule(step // accum)), "perf/steps_per_sec": steps_since_log / dt,
+                   "perf/examples_per_sec": steps_since_log * micro_batch / dt}
+        writer.write(step, logged)
+        progress.set_postfix(loss=f"{logged['train/loss']:.4f}", ex_per_s=f"{logged['perf/examples_per_sec']:.0f}")
+        t_log, steps_since_log = time.perf_counter(), 0
+
+      metrics = None
+      if is_eval:
+        model_state = nnx.state(nnx.merge(graphdef, state)[0])
+        metrics = {f"{name}/{k}": v for name in config.eval_splits
+                   for k, v in evaluate(eval_step, model_state, eval_splits[name],
+                                        config.input.eval_batch_size, mesh).items()}
+        metrics["epoch"] = step / steps_per_epoch
+        early_stopping.update(step, metrics)
+        stopped = early_stopping.should_stop
+        writer.write(step, metrics)
+        progress.write(f"step {step} (epoch {metrics['epoch']:.2f}): " +
+                       ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if k != "epoch"))
+        if t_log is not None:
+          t_log, steps_since_log = time.perf_counter(), 0  # evaluation time is not training throughput
+      if is_eval or step % checkpoint_every == 0 or stopped:
+        save(step, metrics if metrics and early_stopping.metric else None)
+    if stopped and step < total_steps:
+      progress.write(f"Early stopping at step {step}: no better {early_stopping.metric} for "
+                     f"{early_stopping.patience} evaluations (best {early_stopping.best_value:.4f} at step "
+                     f"{early_stopping.best_step}).")
+  finally:
+    progress.close()
+    mngr.wait_until_finished()
+
+  # Final evaluation, on the best checkpoint when a metric selects one.
+  model = nnx.merge(graphdef, state)[0]
+  final_step = early_stopping.best_step or step
+  if final_step != step:
+    restore_model_items(mngr, final_step, model)
+  model_state = nnx.state(model)
+  final = {"best_step": final_step, "steps": step, "epochs": step / steps_per_epoch,
+           "wall_time_sec": time.time() - t_start}
+  for name in config.final_eval_splits:
+    final |= {f"{name}/{k}": v for k, v in evaluate(eval_step, model_state, eval_splits[name],
+                                                      config.input.eval_batch_size, mesh).items()}
+  writer.write(step, {k: v for k, v in final.items() if "/" in k})
+  writer.close()
+  mngr.close()
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "final_metrics.json"), "w") as f:
+      json.dump(final, f, indent=2)
+  print(format_table(final, title=f"Final metrics (checkpoint of step {final_step})"), flush=True)
+  return final
+
+
+def format_table(metrics: dict, title: str) -> str:
+  width = max(map(len, metrics))
+  rows = [f"  {k:<{width}}  {v:.6g}" if isinstance(v, float) else f"  {k:<{width}}  {v}" for k, v in metrics.items()]
+  return "\n".join([title, *rows])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if flags.FLAGS.multihost:
+    jax.distributed.initialize()
+  try:
+    train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
+  except (NonFiniteLossError, data.DataError, ValueError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(1)
+
+
+if __name__ == "__main__":
+  # Flags are defined here, not at import, so that eval.py and tests can import this module.
+  config_flags.DEFINE_config_file("config", None, "configs/<family>.py:<arg>", lock_config=True)
+  flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and logs.")
+  flags.DEFINE_bool("multihost", False, "Call jax.distributed.initialize() first.")
+  flags.mark_flags_as_required(["config", "workdir"])
+  app.run(main)

@@ -1,0 +1,151 @@
+"""TFDS builders that need no TensorFlow: local raw files in, ArrayRecord out; and `prepare`.
+
+Only Tensor / Scalar / Text / ClassLabel features (an Image feature would need TF to encode PNG), and
+always prepared with `file_format='array_record'` (the default tfrecord writer needs TF). Names carry a
+`zoo_` prefix so they never collide with TFDS built-ins (TFDS has its own `fashion_mnist`).
+
+- `zoo_series/<name>`: one record per row of a time series: `row` (index in the file), `values` (all
+  variates, float64 as in the file), `date` (ISO text, for files with timestamps). TFDS splits hold
+  each split's target rows, in row order (`disable_shuffling=True`: TFDS would shuffle otherwise).
+- `zoo_fashion_mnist`, `zoo_digits`: `image` uint8 [H, W, 1] and `label`, in file order.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import numpy as np
+import sklearn.datasets
+import tensorflow_datasets as tfds
+
+from data import catalog, protocols, raw_files
+
+VERSION = tfds.core.Version("1.0.0")
+
+
+@dataclasses.dataclass(eq=False)
+class SeriesConfig(tfds.core.BuilderConfig):
+  dataset: catalog.SeriesDataset | None = None
+
+
+def series_config(dataset: catalog.SeriesDataset) -> SeriesConfig:
+  return SeriesConfig(name=dataset.name, description=f"{dataset.file} ({dataset.protocol.name} protocol)",
+                      dataset=dataset)
+
+
+class ZooSeries(tfds.core.GeneratorBasedBuilder):
+  """Multivariate time series of the iTransformer benchmarks (and any CSV of the `custom` protocol)."""
+  VERSION = VERSION
+  BUILDER_CONFIGS = [series_config(d) for d in catalog.DATASETS.values()
+                     if isinstance(d, catalog.SeriesDataset)]
+  MANUAL_DOWNLOAD_INSTRUCTIONS = "Put the raw file in manual_dir; see `python -m data.prepare --help`."
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    features = {"row": tfds.features.Scalar(np.int64),
+                "values": tfds.features.Tensor(shape=(None,), dtype=np.float64)}
+    if self.builder_config.dataset.protocol.has_dates:
+      features["date"] = tfds.features.Text()
+    return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict(features),
+                                 disable_shuffling=True, metadata=tfds.core.MetadataDict(),
+                                 description=f"Source: {self.builder_config.dataset.source}.")
+
+  def _split_generators(self, dl_manager):
+    dataset = self.builder_config.dataset
+    series = raw_files.read_series(dataset, str(dl_manager.manual_dir))
+    self.info.metadata["columns"] = list(series.columns)
+    return {split: self._generate_examples(series, rows)
+            for split, rows in protocols.stored_rows(dataset.protocol, len(series.values)).items()}
+
+  def _generate_examples(self, series: raw_files.RawSeries, rows):
+    for row in rows:
+      record = {"row": row, "values": series.values[row]}
+      if series.dates is not None:
+        record["date"] = str(series.dates[row])
+      yield row, record
+
+
+class _ImageClassification:
+  """What the image builders share: features and one record per image, in file order."""
+
+  def _image_info(self, image_shape, class_names) -> tfds.core.DatasetInfo:
+    return tfds.core.DatasetInfo(
+        builder=self, disable_shuffling=True, supervised_keys=("image", "label"),
+        features=tfds.features.FeaturesDict({
+            "image": tfds.features.Tensor(shape=image_shape, dtype=np.uint8),
+            "label": tfds.features.ClassLabel(names=class_names)}))
+
+  def _generate_examples(self, images: np.ndarray, labels: np.ndarray):
+    for i, (image, label) in enumerate(zip(images, labels)):
+      yield i, {"image": image, "label": int(label)}
+
+
+class ZooFashionMnist(_ImageClassification, tfds.core.GeneratorBasedBuilder):
+  """Fashion-MNIST from the four original IDX .gz files (train 60000, test 10000)."""
+  VERSION = VERSION
+  MANUAL_DOWNLOAD_INSTRUCTIONS = f"Put the four *-ubyte.gz files of {catalog.FASHION_MNIST_SOURCE} in manual_dir."
+  CLASS_NAMES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker",
+                 "Bag", "Ankle boot")
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    return self._image_info((28, 28, 1), self.CLASS_NAMES)
+
+  def _split_generators(self, dl_manager):
+    dataset = catalog.DATASETS["fashion_mnist"]
+    return {split: self._generate_examples(*raw_files.read_mnist_split(
+                dataset, str(dl_manager.manual_dir), prefix, len(self.CLASS_NAMES)))
+            for split, prefix in (("train", "train"), ("test", "t10k"))}
+
+
+class ZooDigits(_ImageClassification, tfds.core.GeneratorBasedBuilder):
+  """scikit-learn's embedded 8x8 digits (1797 images, pixels 0..16): nothing to download.
+
+  Fixed split: `numpy.random.default_rng(0).permutation(1797)`; its first int(0.7 n) = 1257 indices are
+  train, the next int(0.1 n) = 179 validation, the remaining 361 test.
+  """
+  VERSION = VERSION
+  SPLIT_SEED = 0
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    return self._image_info((8, 8, 1), [str(d) for d in range(10)])
+
+  def _split_generators(self, dl_manager):
+    del dl_manager
+    digits = sklearn.datasets.load_digits()
+    images, labels = digits.images.astype(np.uint8)[..., None], digits.target
+    order = np.random.default_rng(self.SPLIT_SEED).permutation(len(labels))
+    num_train, num_val = int(0.7 * len(order)), int(0.1 * len(order))
+    parts = {"train": order[:num_train], "validation": order[num_train:num_train + num_val],
+             "test": order[num_train + num_val:]}
+    return {split: self._generate_examples(images[idx], labels[idx]) for split, idx in parts.items()}
+
+
+def resolve_data_dir(data_dir: str) -> str:
+  """'' means $TFDS_DATA_DIR, else ~/tensorflow_datasets (as TFDS itself)."""
+  return os.path.expanduser(data_dir or os.environ.get("TFDS_DATA_DIR") or "~/tensorflow_datasets")
+
+
+def make_builder(dataset: catalog.SeriesDataset | catalog.ImageDataset,
+                 data_dir: str) -> tfds.core.DatasetBuilder:
+  """The TFDS builder of a catalog entry (prepared or not)."""
+  kwargs = dict(data_dir=resolve_data_dir(data_dir), file_format="array_record")
+  if isinstance(dataset, catalog.SeriesDataset):
+    registered = dataset.name in catalog.DATASETS   # a `custom` file gets a config made on the fly
+    return ZooSeries(config=dataset.name if registered else series_config(dataset), **kwargs)
+  return {"fashion_mnist": ZooFashionMnist, "digits": ZooDigits}[dataset.name](**kwargs)
+
+
+def raw_file_names(dataset: catalog.SeriesDataset | catalog.ImageDataset) -> tuple[str, ...]:
+  return (dataset.file,) if isinstance(dataset, catalog.SeriesDataset) else dataset.files
+
+
+def prepare(name: str, manual_dir: str = "", data_dir: str = "", file: str = "") -> tfds.core.DatasetBuilder:
+  """Prepares dataset `name` unless it already is; returns its builder."""
+  dataset = catalog.lookup(name, file)
+  builder = make_builder(dataset, data_dir)
+  if builder.is_prepared():
+    return builder
+  for raw in raw_file_names(dataset):   # refuse before TFDS creates anything
+    raw_files.raw_file(manual_dir, raw, name, dataset.source)
+  manual_dir = os.path.expanduser(manual_dir) if manual_dir else None
+  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
+  return builder

@@ -1,0 +1,95 @@
+"""The zoo's dataset names (what configs put in `config.data.name`) and what each one reads.
+
+Series datasets name their raw file, the official protocol that splits it and what the file must look
+like; image datasets name their files. Every entry also says where the raw files come from, so a
+missing file can be refused with a useful message.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import pathlib
+import re
+
+from data import protocols
+from data.errors import DataError
+
+ETT_SOURCE = "https://github.com/zhouhaoyi/ETDataset (folder ETT-small)"
+BUNDLE_SOURCE = ("the Autoformer/iTransformer Google-Drive dataset bundle linked from the READMEs of "
+                 "https://github.com/thuml/iTransformer and https://github.com/thuml/Autoformer")
+FASHION_MNIST_SOURCE = "https://github.com/zalandoresearch/fashion-mnist (folder data/fashion)"
+ETT_COLUMNS = ("date", "HUFL", "HULL", "MUFL", "MULL", "LUFL", "LULL", "OT")
+
+
+@dataclasses.dataclass(frozen=True)
+class SeriesDataset:
+  name: str
+  file: str
+  protocol: protocols.Protocol
+  source: str                              # where to get `file`
+  columns: tuple[str, ...] | None = None   # exact header (ETT), else only `date` and `OT` are required
+  num_rows: int | None = None              # rows the published file has (None: not checked)
+  num_vars: int | None = None              # value columns the published file has (None: not checked)
+  task: str = "forecasting"
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageDataset:
+  name: str
+  files: tuple[str, ...]   # raw files in manual_dir; () for a dataset embedded in an installed package
+  source: str
+  pixel_max: int           # images are served as pixel / pixel_max, in [0, 1]
+  task: str = "classification"
+
+
+def _ett(name: str, file: str, protocol: protocols.Protocol, num_rows: int) -> SeriesDataset:
+  return SeriesDataset(name, file, protocol, ETT_SOURCE, columns=ETT_COLUMNS, num_rows=num_rows,
+                       num_vars=len(ETT_COLUMNS) - 1)
+
+
+def _bundle(name: str, file: str, protocol: protocols.Protocol, **expected) -> SeriesDataset:
+  return SeriesDataset(name, file, protocol, f"{BUNDLE_SOURCE}, file {file}", **expected)
+
+
+DATASETS: dict[str, SeriesDataset | ImageDataset] = {d.name: d for d in [
+    _ett("ett_h1", "ETTh1.csv", protocols.ETT_HOUR, 17420),
+    _ett("ett_h2", "ETTh2.csv", protocols.ETT_HOUR, 17420),
+    _ett("ett_m1", "ETTm1.csv", protocols.ETT_MINUTE, 69680),
+    _ett("ett_m2", "ETTm2.csv", protocols.ETT_MINUTE, 69680),
+    _bundle("weather", "weather.csv", protocols.CUSTOM, num_rows=52696, num_vars=21),
+    _bundle("exchange_rate", "exchange_rate.csv", protocols.CUSTOM, num_rows=7588, num_vars=8),
+    _bundle("illness", "national_illness.csv", protocols.CUSTOM, num_rows=966, num_vars=7),
+    _bundle("electricity", "electricity.csv", protocols.CUSTOM, num_rows=26304, num_vars=321),
+    _bundle("traffic", "traffic.csv", protocols.CUSTOM, num_rows=17544, num_vars=862),
+    # Solar and PEMS are checked for structure only: no copy of the published files was at hand to
+    # confirm their shapes against.
+    _bundle("solar", "solar_AL.txt", protocols.SOLAR),
+    *(_bundle(f"pems{n}", f"PEMS{n}.npz", protocols.PEMS) for n in ("03", "04", "07", "08")),
+    ImageDataset("fashion_mnist", ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
+                                   "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
+                 FASHION_MNIST_SOURCE, pixel_max=255),
+    ImageDataset("digits", (), "scikit-learn (sklearn.datasets.load_digits), installed with the zoo",
+                 pixel_max=16),
+]}
+CUSTOM = "custom"   # any CSV of the iTransformer `custom` protocol; the user names the file
+
+
+def lookup(name: str, file: str = "") -> SeriesDataset | ImageDataset:
+  """The catalog entry of a zoo dataset name; `custom` needs `file` (a CSV in manual_dir)."""
+  if name == CUSTOM:
+    return custom_dataset(file)
+  if name not in DATASETS:
+    close = difflib.get_close_matches(name, [*DATASETS, CUSTOM], n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    raise DataError(f"unknown dataset {name!r}{hint}; known: {', '.join([*DATASETS, CUSTOM])}")
+  return DATASETS[name]
+
+
+def custom_dataset(file: str) -> SeriesDataset:
+  """A user's CSV read like the official `Dataset_Custom`; its prepared name is `custom_<stem>`."""
+  if not file:
+    raise DataError("dataset 'custom' needs the CSV to read: `python -m data.prepare custom "
+                    "--manual_dir DIR --file my.csv` (config: data.file='my.csv')")
+  stem = re.sub(r"[^a-z0-9]+", "_", pathlib.Path(file).stem.lower()).strip("_")
+  return SeriesDataset(f"{CUSTOM}_{stem}", file, protocols.CUSTOM,
+                       source="your own file (a CSV with a `date` column and the target column `OT`)")

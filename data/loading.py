@@ -1,0 +1,49 @@
+"""`data.load(config_data, split)`: the split the training loop consumes, preparing the dataset if asked."""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+from data import builders, catalog, images, series
+from data.errors import DataError
+from data.splits import ClassificationSplit, ForecastingSplit
+
+
+def load(config_data: Mapping[str, Any], split: str) -> ForecastingSplit | ClassificationSplit:
+  """Split 'train' | 'validation' | 'test' of dataset `config_data.name`.
+
+  config_data (an ml_collections ConfigDict or a dict): name, data_dir ('' = $TFDS_DATA_DIR or
+  ~/tensorflow_datasets), manual_dir ('' = none; if set, a dataset not yet prepared is prepared from it),
+  file (dataset 'custom' only); forecasting: seq_len, pred_len, freq ('h'), time_marks (default: whether
+  the dataset has timestamps), scale (True).
+  """
+  name, file = config_data.get("name", ""), config_data.get("file", "")
+  dataset = catalog.lookup(name, file)
+  builder = builders.make_builder(dataset, config_data.get("data_dir", ""))
+  if not builder.is_prepared():
+    manual_dir = config_data.get("manual_dir", "")
+    if builders.raw_file_names(dataset) and not manual_dir:   # digits needs no files
+      raise DataError(_not_prepared_message(dataset, name, file, builder.data_dir_root))
+    builder = builders.prepare(name, manual_dir, config_data.get("data_dir", ""), file)
+  dataset_dir = str(builder.data_path)
+  if isinstance(dataset, catalog.ImageDataset):
+    return images.load_split(dataset_dir, dataset, split)
+  return series.load_split(dataset_dir, dataset, split, _series_options(config_data, dataset))
+
+
+def _series_options(config_data: Mapping[str, Any], dataset: catalog.SeriesDataset) -> series.SeriesOptions:
+  missing = [key for key in ("seq_len", "pred_len") if config_data.get(key) is None]
+  if missing:
+    raise DataError(f"forecasting dataset {dataset.name!r} needs config.data.{' and config.data.'.join(missing)}")
+  return series.SeriesOptions(
+      seq_len=int(config_data.get("seq_len")), pred_len=int(config_data.get("pred_len")),
+      freq=config_data.get("freq", "h"), scale=bool(config_data.get("scale", True)),
+      time_marks=bool(config_data.get("time_marks", dataset.protocol.has_dates)))
+
+
+def _not_prepared_message(dataset, name: str, file: str, data_dir) -> str:
+  files = " ".join(builders.raw_file_names(dataset))
+  file_flag = f" --file {file}" if file else ""
+  return (f"dataset {name!r} is not prepared in {data_dir}. Prepare it once with\n"
+          f"  python -m data.prepare {name} --manual_dir DIR --data_dir {data_dir}{file_flag}\n"
+          f"where DIR holds {files} (from {dataset.source}), or set config.data.manual_dir=DIR to "
+          "prepare it on first use.")

@@ -1,0 +1,48 @@
+"""Build a zoo dataset once from its raw files: TFDS ArrayRecord in data_dir, read later by `data.load`.
+
+  python -m data.prepare NAME --manual_dir DIR [--data_dir D] [--file F]
+
+A missing or malformed raw file is refused with a message that says what is wrong and where to get the
+file (exit status 2).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from data import builders, catalog
+from data.errors import DataError
+
+
+def _catalog_text() -> str:
+  lines = ["datasets (NAME: raw files in --manual_dir, and where to get them):"]
+  for dataset in catalog.DATASETS.values():
+    files = " ".join(builders.raw_file_names(dataset)) or "(embedded, no files)"
+    lines.append(f"  {dataset.name}: {files}")
+  lines += [f"  {catalog.CUSTOM}: --file F, any CSV with a `date` column and the target `OT` "
+            "(prepared as custom_<file stem>)",
+            f"sources: ETT: {catalog.ETT_SOURCE}; Fashion-MNIST: {catalog.FASHION_MNIST_SOURCE}; "
+            f"the others: {catalog.BUNDLE_SOURCE}."]
+  return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+  parser = argparse.ArgumentParser(prog="python -m data.prepare", description=__doc__.split("\n")[0],
+                                   epilog=_catalog_text(), formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("name", help="zoo dataset name (config.data.name)")
+  parser.add_argument("--manual_dir", default="", help="folder holding the raw file(s)")
+  parser.add_argument("--data_dir", default="", help="TFDS data dir ('' = $TFDS_DATA_DIR or ~/tensorflow_datasets)")
+  parser.add_argument("--file", default="", help="the CSV of dataset 'custom' (in --manual_dir)")
+  args = parser.parse_args(argv)
+  try:
+    builder = builders.prepare(args.name, args.manual_dir, args.data_dir, args.file)
+  except DataError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  sizes = ", ".join(f"{split} {info.num_examples}" for split, info in builder.info.splits.items())
+  print(f"{args.name}: prepared in {builder.data_path} ({sizes})")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,171 @@
+"""The shared loop: training, schedules, resume after SIGKILL, multi-device equality, NaN stop, eval.py."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+import train
+from configs import itransformer as itransformer_config
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def digits_config(**overrides):
+  """The quick-start config, shortened; overrides use dotted keys."""
+  config = itransformer_config.get_config("digits")
+  config.unlock()
+  config.input.batch_size = 32
+  config.log_every_steps = 10
+  config.checkpoint.async_save = False
+  for key, value in overrides.items():
+    node = config
+    *parents, leaf = key.split(".")
+    for parent in parents:
+      node = node[parent]
+    node[leaf] = value
+  config.lock()
+  return config
+
+
+def read_metrics(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f]
+
+
+def final_params(workdir):
+  with train.make_checkpoint_manager(workdir, digits_config(), read_only=True) as mngr:
+    step = mngr.latest_step()
+    restored = mngr.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore()))
+  return step, restored["params"]
+
+
+def run_cli(script, *args, env=None, timeout=300):
+  return subprocess.run([sys.executable, os.path.join(REPO, script), *args], cwd=REPO, capture_output=True,
+                        text=True, timeout=timeout, env={**os.environ, **(env or {})})
+
+
+def assert_trees_equal(a, b):
+  import jax
+  la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
+  assert len(la) == len(lb) > 0
+  for x, y in zip(la, lb):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_digits_training_learns(tmp_path):
+  final = train.train_and_evaluate(digits_config(num_epochs=4), str(tmp_path))
+  losses = [m["train/loss"] for m in read_metrics(tmp_path) if "train/loss" in m]
+  assert losses[-1] < 0.5 * losses[0]
+  assert final["test/accuracy"] > 0.8  # 10 classes: chance is 0.1
+  assert os.path.exists(tmp_path / "config.json")
+  assert any(name.startswith("events") for name in os.listdir(tmp_path / "tensorboard"))
+  perf = [m["perf/examples_per_sec"] for m in read_metrics(tmp_path) if "perf/examples_per_sec" in m]
+  assert perf and min(perf) > 0
+
+
+def test_step_decay_is_itransformer_type1():
+  config = itransformer_config.get_config("etth1_96")
+  schedule = train.make_schedule(config, updates_per_epoch=100, total_updates=1000)
+  lr = config.optimizer.lr
+  # epochs 1 and 2 at lr, then halved every epoch (official adjust_learning_rate, lradj='type1')
+  for epoch, factor in [(1, 1.0), (2, 1.0), (3, 0.5), (4, 0.25), (10, 0.5**8)]:
+    np.testing.assert_allclose(schedule((epoch - 1) * 100), lr * factor, rtol=1e-6)
+    np.testing.assert_allclose(schedule(epoch * 100 - 1), lr * factor, rtol=1e-6)
+
+
+def test_warmup_cosine_schedule():
+  config = digits_config()
+  schedule = train.make_schedule(config, updates_per_epoch=10, total_updates=1000)
+  assert float(schedule(0)) == 0.0
+  np.testing.assert_allclose(schedule(config.schedule.warmup_steps), config.optimizer.lr, rtol=1e-6)
+  np.testing.assert_allclose(schedule(1000), 0.0, atol=1e-9)
+
+
+def test_early_stopping_patience():
+  config = itransformer_config.get_config("etth1_96").early_stopping
+  stopper = train.EarlyStopping(config)
+  for step, value in enumerate([1.0, 0.8, 0.9, 0.85, 0.81]):
+    stopper.update(step, {"validation/mse": value})
+  assert stopper.best_step == 1 and stopper.best_value == 0.8 and stopper.should_stop
+  restored = train.EarlyStopping(config, stopper.state())
+  assert restored.state() == stopper.state()
+
+
+def test_gradient_accumulation_matches_large_batch(tmp_path):
+  # 2 micro batches of 16 accumulated == 1 batch of 32 (same data order), up to float noise.
+  big = train.train_and_evaluate(digits_config(total_steps=8, **{"optimizer.clip_norm": 0.0}), str(tmp_path / "a"))
+  accum = train.train_and_evaluate(digits_config(total_steps=16, **{"optimizer.clip_norm": 0.0,
+                                                                   "optimizer.accum_steps": 2}),
+                                   str(tmp_path / "b"))
+  np.testing.assert_allclose(accum["test/loss"], big["test/loss"], rtol=1e-4)
+
+
+def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+  config = digits_config(total_steps=200, **{"optimizer.lr": 1e12, "optimizer.clip_norm": 0.0,
+                                             "schedule.name": "constant", "schedule.warmup_steps": 0,
+                                             "checkpoint.every_steps": 1, "log_every_steps": 1})
+  with pytest.raises(train.NonFiniteLossError, match=r"at step \d+") as info:
+    train.train_and_evaluate(config, str(tmp_path))
+  bad_step = int(info.value.args[0].split("at step ")[1].split(";")[0])
+  step, params = final_params(tmp_path)
+  assert step == bad_step  # the checkpoint before the bad step (steps are counted from 0)
+  assert all(np.isfinite(np.asarray(x)).all() for x in __import__("jax").tree.leaves(params))
+
+
+def test_resume_after_sigkill_is_exact(tmp_path):
+  args = ["--config", "configs/itransformer.py:digits", "--config.total_steps=600", "--config.num_epochs=1",
+          "--config.checkpoint.every_steps=100", "--config.log_every_steps=100", "--config.eval_every_steps=300"]
+  done = run_cli("train.py", *args, f"--workdir={tmp_path / 'straight'}")
+  assert done.returncode == 0, done.stderr[-3000:]
+
+  killed_dir = tmp_path / "killed"
+  proc = subprocess.Popen([sys.executable, "train.py", *args, f"--workdir={killed_dir}"], cwd=REPO,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  deadline = time.time() + 240
+  while not (killed_dir / "checkpoints" / "100").exists() and time.time() < deadline and proc.poll() is None:
+    time.sleep(0.02)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  saved = sorted(int(d) for d in os.listdir(killed_dir / "checkpoints") if d.isdigit())
+  assert saved and saved[-1] < 600, f"the run was not interrupted (checkpoints {saved})"
+
+  resumed = run_cli("train.py", *args, f"--workdir={killed_dir}")
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert f"Resumed from step {saved[-1]}" in resumed.stdout
+  step_a, params_a = final_params(tmp_path / "straight")
+  step_b, params_b = final_params(killed_dir)
+  assert step_a == step_b == 600
+  assert_trees_equal(params_a, params_b)
+
+
+def test_eight_devices_match_one(tmp_path):
+  args = ["--config", "configs/itransformer.py:digits", "--config.total_steps=20", "--config.log_every_steps=1",
+          "--config.input.batch_size=64"]
+  one = run_cli("train.py", *args, f"--workdir={tmp_path / 'one'}")
+  eight = run_cli("train.py", *args, f"--workdir={tmp_path / 'eight'}",
+                  env={"XLA_FLAGS": "--xla_force_host_platform_device_count=8"})
+  assert one.returncode == 0 and eight.returncode == 0, (one.stderr[-2000:], eight.stderr[-2000:])
+  loss_one = [m["train/loss"] for m in read_metrics(tmp_path / "one") if "train/loss" in m]
+  loss_eight = [m["train/loss"] for m in read_metrics(tmp_path / "eight") if "train/loss" in m]
+  assert len(loss_one) == len(loss_eight) == 20
+  np.testing.assert_allclose(loss_eight, loss_one, rtol=1e-4, atol=1e-5)
+
+
+def test_eval_cli_writes_table_and_json(tmp_path):
+  workdir = tmp_path / "run"
+  train.train_and_evaluate(digits_config(total_steps=30), str(workdir))
+  out = run_cli("eval.py", "--config", "configs/itransformer.py:digits", f"--workdir={workdir}",
+                "--checkpoint=latest", "--split=test")
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert "test/accuracy" in out.stdout
+  result = json.loads((workdir / "eval_test_latest.json").read_text())
+  final = json.loads((workdir / "final_metrics.json").read_text())
+  np.testing.assert_allclose(result["accuracy"], final["test/accuracy"], rtol=1e-6)
+  missing = run_cli("eval.py", "--config", "configs/itransformer.py:digits", f"--workdir={tmp_path / 'none'}")
+  assert missing.returncode != 0 and "no checkpoint" in missing.stderr

@@ -42,7 +42,8 @@ class ZooSeries(tfds.core.GeneratorBasedBuilder):
 
   def _info(self) -> tfds.core.DatasetInfo:
     features = {"row": tfds.features.Scalar(np.int64),
-                "values": tfds.features.Tensor(shape=(None,), dtype=np.float64)}
+                # BYTES: raw float64 (the default encoding would store float32 in a float_list).
+                "values": tfds.features.Tensor(shape=(None,), dtype=np.float64, encoding="bytes")}
     if self.builder_config.dataset.protocol.has_dates:
       features["date"] = tfds.features.Text()
     return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict(features),
@@ -71,7 +72,8 @@ class _ImageClassification:
     return tfds.core.DatasetInfo(
         builder=self, disable_shuffling=True, supervised_keys=("image", "label"),
         features=tfds.features.FeaturesDict({
-            "image": tfds.features.Tensor(shape=image_shape, dtype=np.uint8),
+            # BYTES: raw pixels, 4x faster to write than the default (one int64 per pixel).
+            "image": tfds.features.Tensor(shape=image_shape, dtype=np.uint8, encoding="bytes"),
             "label": tfds.features.ClassLabel(names=class_names)}))
 
   def _generate_examples(self, images: np.ndarray, labels: np.ndarray):

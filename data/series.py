@@ -44,7 +44,8 @@ def load_split(dataset_dir: str, dataset: SeriesDataset, split: str, options: Se
   stored = read_stored_series(dataset_dir)
   first_row, num_windows = window_range(stored.split_rows[split], options.seq_len, options.pred_len,
                                         dataset.protocol.lookback_from_previous_split, split)
-  return ForecastingSplit(values, marks, first_row, num_windows, options.seq_len, options.pred_len, meta)
+  return ForecastingSplit(values, marks, first_row, num_windows, options.seq_len, options.pred_len, meta,
+                          stored.dates)
 
 
 @functools.lru_cache(maxsize=8)

@@ -51,6 +51,7 @@ class ForecastingSplit:
   seq_len: int
   pred_len: int
   meta: dict[str, Any]
+  dates: np.ndarray | None = None   # [rows] datetime64[s] of the series' rows (to label forecasts)
 
   def __len__(self) -> int:
     return self.num_windows

@@ -25,7 +25,8 @@ VERSION = tfds.core.Version("1.0.0")
 
 @dataclasses.dataclass(eq=False)
 class SeriesConfig(tfds.core.BuilderConfig):
-  dataset: catalog.SeriesDataset | None = None
+  # repr=False: TFDS logs the repr of every `custom` config it is given
+  dataset: catalog.SeriesDataset | None = dataclasses.field(default=None, repr=False)
 
 
 def series_config(dataset: catalog.SeriesDataset) -> SeriesConfig:
@@ -136,6 +137,11 @@ def make_builder(dataset: catalog.SeriesDataset | catalog.ImageDataset,
   return {"fashion_mnist": ZooFashionMnist, "digits": ZooDigits}[dataset.name](**kwargs)
 
 
+def is_prepared(builder: tfds.core.DatasetBuilder) -> bool:
+  # TFDS's is_prepared() logs a warning for a dataset folder that does not exist yet; skip the noise.
+  return builder.data_path.exists() and builder.is_prepared()
+
+
 def raw_file_names(dataset: catalog.SeriesDataset | catalog.ImageDataset) -> tuple[str, ...]:
   return (dataset.file,) if isinstance(dataset, catalog.SeriesDataset) else dataset.files
 
@@ -144,7 +150,7 @@ def prepare(name: str, manual_dir: str = "", data_dir: str = "", file: str = "")
   """Prepares dataset `name` unless it already is; returns its builder."""
   dataset = catalog.lookup(name, file)
   builder = make_builder(dataset, data_dir)
-  if builder.is_prepared():
+  if is_prepared(builder):
     return builder
   for raw in raw_file_names(dataset):   # refuse before TFDS creates anything
     raw_files.raw_file(manual_dir, raw, name, dataset.source)

@@ -79,10 +79,16 @@ def lookup(name: str, file: str = "") -> SeriesDataset | ImageDataset:
   if name == CUSTOM:
     return custom_dataset(file)
   if name not in DATASETS:
-    close = difflib.get_close_matches(name, [*DATASETS, CUSTOM], n=1)
-    hint = f" (did you mean {close[0]!r}?)" if close else ""
-    raise DataError(f"unknown dataset {name!r}{hint}; known: {', '.join([*DATASETS, CUSTOM])}")
+    raise DataError(f"unknown dataset {name!r}{_suggestion(name)}; known: {', '.join([*DATASETS, CUSTOM])}")
   return DATASETS[name]
+
+
+def _suggestion(name: str) -> str:
+  def squeeze(s):   # 'ETTh1' and 'ett_h1' are the same name to a reader
+    return re.sub(r"[^a-z0-9]", "", s.lower())
+  same = [known for known in DATASETS if squeeze(known) == squeeze(name)]
+  close = same or difflib.get_close_matches(name, [*DATASETS, CUSTOM], n=1)
+  return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 def custom_dataset(file: str) -> SeriesDataset:

@@ -19,7 +19,7 @@ def load(config_data: Mapping[str, Any], split: str) -> ForecastingSplit | Class
   name, file = config_data.get("name", ""), config_data.get("file", "")
   dataset = catalog.lookup(name, file)
   builder = builders.make_builder(dataset, config_data.get("data_dir", ""))
-  if not builder.is_prepared():
+  if not builders.is_prepared(builder):
     manual_dir = config_data.get("manual_dir", "")
     if builders.raw_file_names(dataset) and not manual_dir:   # digits needs no files
       raise DataError(_not_prepared_message(dataset, name, file, builder.data_dir_root))

@@ -7,6 +7,8 @@ for every protocol (`data.splits.window_range`).
 import dataclasses
 from typing import Callable
 
+from data.errors import DataError
+
 SPLITS = ("train", "validation", "test")
 # Rows that are no split's targets but lie between splits (Solar's val = int(0.1 n) can leave a gap of a
 # row or two before the test split); they are stored because the next split's lookback reads them.
@@ -67,6 +69,10 @@ PEMS = Protocol("PEMS", _pems_rows, lookback_from_previous_split=False, has_date
 def stored_rows(protocol: Protocol, num_rows: int) -> dict[str, range | list[int]]:
   """The rows to store per TFDS split: the three target splits, plus rows in gaps between them."""
   splits = protocol.split_rows(num_rows)
+  empty = [split for split, rows in splits.items() if not rows]
+  if empty:
+    raise DataError(f"{num_rows} rows are too few for the {protocol.name} protocol: split(s) {empty} "
+                    "would be empty")
   last_row = max(rows.stop for rows in splits.values())
   assigned = set().union(*splits.values())
   gaps = [row for row in range(last_row) if row not in assigned]

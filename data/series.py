@@ -44,8 +44,8 @@ def load_split(dataset_dir: str, dataset: SeriesDataset, split: str, options: Se
   stored = read_stored_series(dataset_dir)
   first_row, num_windows = window_range(stored.split_rows[split], options.seq_len, options.pred_len,
                                         dataset.protocol.lookback_from_previous_split, split)
-  return ForecastingSplit(values, marks, first_row, num_windows, options.seq_len, options.pred_len, meta,
-                          stored.dates)
+  return ForecastingSplit(values, marks, first_row, num_windows, options.seq_len, options.pred_len,
+                          dict(meta), stored.dates)
 
 
 @functools.lru_cache(maxsize=8)
@@ -65,8 +65,8 @@ def read_stored_series(dataset_dir: str) -> StoredSeries:
   order = np.argsort(rows)
   if not np.array_equal(np.asarray(rows)[order], np.arange(len(rows))):
     raise DataError(f"{dataset_dir}: the stored rows are not one contiguous series; prepare it again")
-  return StoredSeries(values=np.stack(values)[order],
-                      dates=np.array(dates, "datetime64[s]")[order] if dates else None,
+  return StoredSeries(values=_read_only(np.stack(values)[order]),
+                      dates=_read_only(np.array(dates, "datetime64[s]")[order]) if dates else None,
                       split_rows=split_rows, columns=tuple(builder.info.metadata["columns"]))
 
 
@@ -85,7 +85,12 @@ def _model_inputs(dataset_dir: str, dataset: SeriesDataset, freq: str, time_mark
   marks = time_features(stored.dates, freq).astype(np.float32) if time_marks else None
   meta = {"n_vars": values.shape[1], "n_marks": 0 if marks is None else marks.shape[1],
           "mean": mean, "std": std, "columns": stored.columns}
-  return values.astype(np.float32), marks, meta
+  return _read_only(values.astype(np.float32)), marks if marks is None else _read_only(marks), meta
+
+
+def _read_only(array: np.ndarray) -> np.ndarray:
+  array.flags.writeable = False   # shared by every split of the process (cached)
+  return array
 
 
 def fit_standard_scaler(train_values: np.ndarray, scale: bool) -> tuple[np.ndarray, np.ndarray]:

@@ -11,6 +11,7 @@ import pathlib
 import tempfile
 
 import grain
+import ml_collections
 import numpy as np
 import pytest
 from etils import epath
@@ -71,6 +72,12 @@ def test_ett_split_sizes(raw_dir, tfds_dir, name, rows):
 @pytest.mark.parametrize("name, windows", [("ett_h2", (8449, 2785, 2785)), ("ett_m1", (34369, 11425, 11425))])
 def test_ett_window_counts(config, name, windows):
   assert [len(s) for s in load_splits(config(name))] == list(windows)
+
+
+def test_splits_share_one_in_memory_series(config):
+  train, val, test = load_splits(config("ett_h1"))
+  assert val.values is train.values and test.marks is train.marks   # read once per process
+  assert not train.values.flags.writeable
 
 
 @pytest.mark.parametrize("pred_len, windows", [(96, (8449, 2785, 2785)), (720, (7825, 2161, 2161))])
@@ -225,7 +232,7 @@ def test_fashion_mnist(raw_dir, tfds_dir, config):
 
 
 def test_digits_is_embedded_and_split_fixed(tfds_dir):
-  config_data = dict(name="digits", data_dir=tfds_dir, manual_dir="")
+  config_data = ml_collections.ConfigDict(dict(name="digits", data_dir=tfds_dir, manual_dir=""))
   splits = load_splits(config_data)
   assert [len(s) for s in splits] == [1257, 179, 361]
   batch = splits[0].gather(np.arange(len(splits[0])))
@@ -260,7 +267,7 @@ def refuse(tmp_path, name, files: dict[str, str], match: str, **config_keys):
   with pytest.raises(data.DataError, match=match) as error:
     data.load(config_data, "train")
   dataset = data.catalog.lookup(name, config_keys.get("file", ""))
-  assert not builders.make_builder(dataset, config_data["data_dir"]).is_prepared()
+  assert not builders.is_prepared(builders.make_builder(dataset, config_data["data_dir"]))
   return str(error.value)
 
 
@@ -299,15 +306,17 @@ def test_wrong_row_count(tmp_path, ett_text):
   refuse(tmp_path, "ett_h1", {"ETTh1.csv": text}, "1000 data rows, but the published ETTh1.csv has 17420")
 
 
-def test_custom_csv_without_target(tmp_path):
+def test_custom_csv_without_target_or_rows(tmp_path):
   refuse(tmp_path, "custom", {"x.csv": "date,a\n2020-01-01,1\n"}, "missing column 'OT'", file="x.csv")
+  refuse(tmp_path, "custom", {"x.csv": "date,OT\n2020-01-01,1\n2020-01-02,2\n"},
+         r"2 rows are too few for the custom protocol: split\(s\) \['test'\] would be empty", file="x.csv")
 
 
 def test_not_prepared_names_the_prepare_command(tmp_path):
   with pytest.raises(data.DataError, match="python -m data.prepare ett_h1 --manual_dir DIR"):
     data.load(dict(name="ett_h1", data_dir=str(tmp_path), manual_dir="", seq_len=96, pred_len=96), "train")
   with pytest.raises(data.DataError, match="did you mean 'ett_h1'"):
-    data.load(dict(name="etth1", data_dir=str(tmp_path)), "train")
+    data.load(dict(name="ETTh1", data_dir=str(tmp_path)), "train")
 
 
 def test_prepare_cli(tmp_path, raw_dir, capsys):

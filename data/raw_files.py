@@ -157,8 +157,9 @@ def read_mnist_split(dataset: ImageDataset, manual_dir: str, prefix: str, num_cl
 
 def _read_csv(path: pathlib.Path, has_header: bool) -> tuple[list[str], list[int], np.ndarray]:
   """(header, line number of each data row, cells [rows, columns] as str); blank lines are skipped."""
-  # errors='replace': the published weather.csv header has mojibake; only names are affected.
-  with open(path, newline="", encoding="utf-8", errors="replace") as f:
+  # utf-8-sig: drops a byte-order mark (spreadsheet exports); errors='replace': the published
+  # weather.csv header has mojibake, which only affects column names.
+  with open(path, newline="", encoding="utf-8-sig", errors="replace") as f:
     reader = csv.reader(f)
     numbered = [(reader.line_num, row) for row in reader if row]
   if has_header:

@@ -46,8 +46,8 @@ _FEATURES = {
 _DAILY = ("DayOfWeek", "DayOfMonth", "DayOfYear")
 # `features_by_offsets` of the official code, keyed by the pandas offset alias (lower case).
 _FEATURES_BY_FREQ = {
-    "y": (), "a": (),
-    "q": ("MonthOfYear",), "m": ("MonthOfYear",),
+    "y": (), "a": (), "ye": (),
+    "q": ("MonthOfYear",), "qe": ("MonthOfYear",), "m": ("MonthOfYear",), "me": ("MonthOfYear",),
     "w": ("DayOfMonth", "WeekOfYear"),
     "d": _DAILY, "b": _DAILY,
     "h": ("HourOfDay", *_DAILY),

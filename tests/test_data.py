@@ -155,7 +155,7 @@ def test_custom_csv_moves_target_last(tmp_path, tfds_dir):
   dates = np.arange(np.datetime64("2020-01-01T00"), np.datetime64("2020-01-01T00") + 60)
   lines = ["a,OT,date,b"] + [f"{v[0]},{v[1]},{d.astype(datetime.datetime):%Y-%m-%d %H:%M:%S},{v[2]}"
                              for v, d in zip(values, dates)]
-  (tmp_path / "My Sensors.csv").write_text("\n".join(lines) + "\n")
+  (tmp_path / "My Sensors.csv").write_text("\ufeff" + "\r\n".join(lines) + "\r\n")   # BOM, CRLF
   config_data = dict(name="custom", file="My Sensors.csv", manual_dir=str(tmp_path), data_dir=tfds_dir,
                      seq_len=8, pred_len=4)
   train = data.load(config_data, "train")

@@ -14,6 +14,7 @@ import grain
 import ml_collections
 import numpy as np
 import pytest
+import sklearn.datasets
 from etils import epath
 
 import data
@@ -240,7 +241,6 @@ def test_digits_is_embedded_and_split_fixed(tfds_dir):
   assert set(batch["label"].tolist()) == set(range(10))
   assert splits[0].spec == {"image": ((8, 8, 1), np.float32), "label": ((), np.int32)}
   # The documented split: a seeded permutation of load_digits() in its order.
-  import sklearn.datasets
   digits = sklearn.datasets.load_digits()
   order = np.random.default_rng(0).permutation(1797)
   np.testing.assert_array_equal(splits[2].labels, digits.target[order[1436:]])

@@ -1,0 +1,70 @@
+"""Official checkpoints -> zoo params.
+
+Each family file ends with its converter, `checkpoint_filter_fn(state_dict, **known_kwargs)`, which returns
+`(params, model_class, constructor_kwargs)`; `params` has the layout of `nnx.to_pure_dict(nnx.state(m, nnx.Param))`.
+This package finds the converter of a family, reads checkpoint files into numpy state_dicts, and checks keys.
+CLI: `python -m models.convert FAMILY SRC DST [--model NAME]`.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+from typing import Callable, Mapping
+
+import numpy as np
+
+CONVERTERS = {  # family -> "module:function"; imported on use, so reading a file never builds every family
+    "itransformer": "models.itransformer:checkpoint_filter_fn",
+}
+_WRAPPER_KEYS = ("state_dict", "model")  # training scripts often save {"model": state_dict, "epoch": ...}
+_TORCH_SUFFIXES = (".pth", ".pt")
+
+
+def get_converter(family: str) -> Callable:
+  if family not in CONVERTERS:
+    raise ValueError(f"no converter for family {family!r}; known: {sorted(CONVERTERS)}")
+  module, function = CONVERTERS[family].split(":")
+  return getattr(importlib.import_module(module), function)
+
+
+def is_official_checkpoint(path) -> bool:
+  return os.path.isfile(path) and str(path).endswith(_TORCH_SUFFIXES + (".safetensors",))
+
+
+def read_state_dict(path) -> dict[str, np.ndarray]:
+  """A `.pth`/`.pt` (read without torch, see torch_pickle) or `.safetensors` file -> {key: numpy array}.
+
+  Unwraps {"state_dict": ...} / {"model": ...} and strips DataParallel's `module.` prefix.
+  """
+  path = os.fspath(path)
+  if path.endswith(".safetensors"):
+    from safetensors.numpy import load_file
+    state = load_file(path)
+  elif path.endswith(_TORCH_SUFFIXES):
+    from models.convert import torch_pickle
+    state = torch_pickle.load(path)
+  else:
+    raise ValueError(f"expected a .pth, .pt or .safetensors file, got {path}")
+  while isinstance(state, Mapping) and not _is_state_dict(state):
+    wrapped = [k for k in _WRAPPER_KEYS if isinstance(state.get(k), Mapping)]
+    if not wrapped:
+      raise ValueError(f"{path} holds no state_dict: top-level keys {sorted(map(str, state))[:10]}")
+    state = state[wrapped[0]]
+  if not isinstance(state, Mapping):
+    raise ValueError(f"{path} holds a {type(state).__name__}, not a state_dict")
+  return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def _is_state_dict(state: Mapping) -> bool:
+  return bool(state) and all(isinstance(k, str) and isinstance(v, np.ndarray) for k, v in state.items())
+
+
+def check_state_dict(state_dict: Mapping[str, np.ndarray], expected: Mapping[str, tuple[int, ...]]) -> None:
+  """Raises one ValueError listing every missing, unexpected and mis-shaped key (official names and layouts)."""
+  problems = [f"missing: {k} {expected[k]}" for k in expected if k not in state_dict]
+  problems += [f"unexpected: {k} {tuple(state_dict[k].shape)}" for k in state_dict if k not in expected]
+  problems += [f"mis-shaped: {k} expected {expected[k]}, got {tuple(state_dict[k].shape)}"
+               for k in expected if k in state_dict and tuple(state_dict[k].shape) != tuple(expected[k])]
+  if problems:
+    raise ValueError(f"the state_dict does not fit the model ({len(problems)} problems):\n  "
+                     + "\n  ".join(problems))

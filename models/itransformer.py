@@ -1,0 +1,300 @@
+"""iTransformer: Inverted Transformers Are Effective for Time Series Forecasting (Liu et al., ICLR 2024).
+
+A port of the official code (github.com/thuml/iTransformer @ c2426e68, `model/iTransformer.py`): every variate's
+whole lookback window becomes one token, and a plain post-norm Transformer encoder attends across variates.
+The classification head is the one of the Time-Series-Library (TSLib) version of the model.
+
+Layout: `x` is [batch, seq_len, variates]; time marks `x_mark` [batch, seq_len, marks] become extra tokens.
+"""
+from __future__ import annotations
+
+import re
+from typing import Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from models.layers import Block, get_activation, layer_norm, torch_linear
+from models.registry import register_model
+
+_NORM_EPS = 1e-5  # the official instance normalisation and PyTorch's LayerNorm default
+
+
+def instance_norm(x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Non-stationary-Transformer normalisation per sample and variate over the lookback axis 1.
+
+  Returns (normalised x, mean, std). As in the official code the mean is detached but the std is not, so
+  gradients flow through the std into the input; the variance is the biased one, eps inside the sqrt.
+  """
+  x = x.astype(jnp.float32)
+  mean = jax.lax.stop_gradient(jnp.mean(x, axis=1, keepdims=True))
+  x = x - mean
+  std = jnp.sqrt(jnp.var(x, axis=1, keepdims=True) + _NORM_EPS)
+  return x / std, mean, std
+
+
+def _check_rank3(name: str, array: jax.Array, layout: str) -> None:
+  if array.ndim != 3:
+    raise ValueError(f"{name} must have shape {layout}, got shape {tuple(array.shape)}")
+  if not jnp.issubdtype(array.dtype, jnp.floating):
+    raise ValueError(f"{name} must be a floating-point array, got dtype {array.dtype}")
+
+
+class _InvertedEncoder(nnx.Module):
+  """What both heads share: a Linear(seq_len -> d_model) token per series, post-norm blocks, a final LayerNorm."""
+
+  def __init__(self, seq_len: int, d_model: int, n_heads: int, e_layers: int, d_ff: int, dropout: float,
+               activation: str, *, dtype, param_dtype, rngs: nnx.Rngs):
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.seq_len = seq_len
+    self.dtype = dtype
+    self.embed = torch_linear(seq_len, d_model, **kw)
+    self.embed_drop = nnx.Dropout(dropout, rngs=rngs)
+    self.blocks = nnx.List([
+        Block(d_model, n_heads, d_ff, post_norm=True, drop=dropout, attn_drop=dropout,
+              act=get_activation(activation), norm_eps=_NORM_EPS, **kw)
+        for _ in range(e_layers)])
+    self.norm = layer_norm(d_model, eps=_NORM_EPS, **kw)
+
+  def embed_tokens(self, series: jax.Array, *, train: bool = False) -> jax.Array:
+    """[B, L, T] series (variates and marks along T) -> [B, T, d_model] tokens."""
+    tokens = self.embed(jnp.swapaxes(series, 1, 2).astype(self.dtype))
+    return self.embed_drop(tokens, deterministic=not train)
+
+  def encode(self, series: jax.Array, *, train: bool = False) -> jax.Array:
+    """[B, L, T] -> [B, T, d_model] after the final LayerNorm."""
+    x = self.embed_tokens(series, train=train)
+    for block in self.blocks:
+      x = block(x, train=train)
+    return self.norm(x)
+
+  def _check_series(self, x: jax.Array) -> None:
+    _check_rank3("x", x, f"[batch, seq_len={self.seq_len}, variates]")
+    if x.shape[1] != self.seq_len:
+      raise ValueError(f"x must have seq_len={self.seq_len} steps on axis 1, got shape {tuple(x.shape)}")
+
+
+class iTransformer(_InvertedEncoder):
+  """Forecaster: `m(x [B, L, N], x_mark [B, L, C] | None, train=...) -> [B, pred_len, N]`."""
+
+  def __init__(self, seq_len: int, pred_len: int, d_model: int, n_heads: int, e_layers: int, d_ff: int,
+               dropout: float = 0.1, activation: str = "gelu", use_norm: bool = True, *, dtype=jnp.float32,
+               param_dtype=jnp.float32, rngs: nnx.Rngs):
+    super().__init__(seq_len, d_model, n_heads, e_layers, d_ff, dropout, activation, dtype=dtype,
+                     param_dtype=param_dtype, rngs=rngs)
+    self.pred_len = pred_len
+    self.use_norm = use_norm
+    self.projector = torch_linear(d_model, pred_len, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+  def __call__(self, x: jax.Array, x_mark: jax.Array | None = None, *, train: bool = False) -> jax.Array:
+    self._check_inputs(x, x_mark)
+    num_variates = x.shape[-1]
+    if self.use_norm:
+      x, mean, std = instance_norm(x)
+    # Marks join as extra tokens after the variates, without normalisation; their outputs are cut below.
+    series = x if x_mark is None else jnp.concatenate([x, x_mark.astype(x.dtype)], axis=-1)
+    tokens = self.encode(series, train=train)[:, :num_variates]
+    y = jnp.swapaxes(self.projector(tokens), 1, 2).astype(jnp.float32)  # [B, pred_len, N]
+    return y * std + mean if self.use_norm else y
+
+  def _check_inputs(self, x: jax.Array, x_mark: jax.Array | None) -> None:
+    self._check_series(x)
+    if x_mark is None:
+      return
+    _check_rank3("x_mark", x_mark, f"[batch, seq_len={self.seq_len}, marks]")
+    if x_mark.shape[:2] != x.shape[:2]:
+      raise ValueError(f"x_mark must match x in batch and length {tuple(x.shape[:2])}, "
+                       f"got shape {tuple(x_mark.shape)}")
+
+
+class iTransformerClassifier(_InvertedEncoder):
+  """TSLib's classification head: `m(x [B, L, N], train=...) -> logits [B, num_classes]`.
+
+  No instance normalisation and no marks; encoder -> gelu -> dropout -> flatten(N * d_model) -> Linear.
+  """
+
+  def __init__(self, seq_len: int, num_variates: int, num_classes: int, d_model: int, n_heads: int,
+               e_layers: int, d_ff: int, dropout: float = 0.1, activation: str = "gelu", *, dtype=jnp.float32,
+               param_dtype=jnp.float32, rngs: nnx.Rngs):
+    super().__init__(seq_len, d_model, n_heads, e_layers, d_ff, dropout, activation, dtype=dtype,
+                     param_dtype=param_dtype, rngs=rngs)
+    self.num_variates = num_variates
+    self.head_drop = nnx.Dropout(dropout, rngs=rngs)
+    self.head = torch_linear(num_variates * d_model, num_classes, dtype=dtype, param_dtype=param_dtype,
+                             rngs=rngs)
+
+  def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
+    self._check_series(x)
+    if x.shape[2] != self.num_variates:
+      raise ValueError(f"x must have num_variates={self.num_variates} on axis 2, got shape {tuple(x.shape)}")
+    features = jax.nn.gelu(self.encode(x, train=train), approximate=False)  # TSLib: F.gelu, always
+    features = self.head_drop(features, deterministic=not train)
+    return self.head(features.reshape(x.shape[0], -1))
+
+
+# --- variants: every setting of the official scripts/multivariate_forecasting/*, with the paper's numbers ----
+
+_VARIANTS = (  # dataset, horizon, e_layers, d_model (= d_ff), use_norm, paper MSE, paper MAE (Tables 9, 10)
+    ("etth1", 96, 2, 256, True, 0.386, 0.405),
+    ("etth1", 192, 2, 256, True, 0.441, 0.436),
+    ("etth1", 336, 2, 512, True, 0.487, 0.458),
+    ("etth1", 720, 2, 512, True, 0.503, 0.491),
+    ("etth2", 96, 2, 128, True, 0.297, 0.349),
+    ("etth2", 192, 2, 128, True, 0.380, 0.400),
+    ("etth2", 336, 2, 128, True, 0.428, 0.432),
+    ("etth2", 720, 2, 128, True, 0.427, 0.445),
+    ("ettm1", 96, 2, 128, True, 0.334, 0.368),
+    ("ettm1", 192, 2, 128, True, 0.377, 0.391),
+    ("ettm1", 336, 2, 128, True, 0.426, 0.420),
+    ("ettm1", 720, 2, 128, True, 0.491, 0.459),
+    ("ettm2", 96, 2, 128, True, 0.180, 0.264),
+    ("ettm2", 192, 2, 128, True, 0.250, 0.309),
+    ("ettm2", 336, 2, 128, True, 0.311, 0.348),
+    ("ettm2", 720, 2, 128, True, 0.412, 0.407),
+    ("weather", 96, 3, 512, True, 0.174, 0.214),
+    ("weather", 192, 3, 512, True, 0.221, 0.254),
+    ("weather", 336, 3, 512, True, 0.278, 0.296),
+    ("weather", 720, 3, 512, True, 0.358, 0.347),
+    ("exchange", 96, 2, 128, True, 0.086, 0.206),
+    ("exchange", 192, 2, 128, True, 0.177, 0.299),
+    ("exchange", 336, 2, 128, True, 0.331, 0.417),
+    ("exchange", 720, 2, 128, True, 0.847, 0.691),
+    ("ecl", 96, 3, 512, True, 0.148, 0.240),
+    ("ecl", 192, 3, 512, True, 0.162, 0.253),
+    ("ecl", 336, 3, 512, True, 0.178, 0.269),
+    ("ecl", 720, 3, 512, True, 0.225, 0.317),
+    ("traffic", 96, 4, 512, True, 0.395, 0.268),
+    ("traffic", 192, 4, 512, True, 0.417, 0.276),
+    ("traffic", 336, 4, 512, True, 0.433, 0.283),
+    ("traffic", 720, 4, 512, True, 0.467, 0.302),
+    ("solar", 96, 2, 512, True, 0.203, 0.237),
+    ("solar", 192, 2, 512, True, 0.233, 0.261),
+    ("solar", 336, 2, 512, True, 0.248, 0.273),
+    ("solar", 720, 2, 512, True, 0.249, 0.275),
+    ("pems03", 12, 4, 512, True, 0.071, 0.174),
+    ("pems03", 24, 4, 512, True, 0.093, 0.201),
+    ("pems03", 48, 4, 512, True, 0.125, 0.236),
+    ("pems03", 96, 4, 512, True, 0.164, 0.275),
+    ("pems04", 12, 4, 1024, False, 0.078, 0.183),
+    ("pems04", 24, 4, 1024, False, 0.095, 0.205),
+    ("pems04", 48, 4, 1024, False, 0.120, 0.233),
+    ("pems04", 96, 4, 1024, False, 0.150, 0.262),
+    ("pems07", 12, 2, 512, False, 0.067, 0.165),
+    ("pems07", 24, 2, 512, False, 0.088, 0.190),
+    ("pems07", 48, 4, 512, False, 0.110, 0.215),
+    ("pems07", 96, 4, 512, False, 0.139, 0.245),
+    ("pems08", 12, 2, 512, True, 0.079, 0.182),
+    ("pems08", 24, 2, 512, True, 0.115, 0.219),
+    ("pems08", 48, 4, 512, False, 0.186, 0.235),
+    ("pems08", 96, 4, 512, False, 0.221, 0.267),
+)
+
+
+# --- official state_dict -> zoo params ----------------------------------------------------------------------
+
+_EMBED = "enc_embedding.value_embedding"
+_LAYER = "encoder.attn_layers.{}."
+_QKV = ("query", "key", "value")
+
+
+def _head_name(state_dict: Mapping[str, np.ndarray]) -> str:
+  """The official code calls the head `projector`, TSLib `projection`."""
+  return "projection" if "projection.weight" in state_dict else "projector"
+
+
+def _infer_kwargs(state_dict: Mapping[str, np.ndarray], head: str, classify: bool | None) -> dict:
+  """Hyper-parameters readable from the shapes; a key that is absent leaves its value out."""
+  kwargs = {}
+  if f"{_EMBED}.weight" in state_dict:
+    kwargs["d_model"], kwargs["seq_len"] = state_dict[f"{_EMBED}.weight"].shape
+  if f"{_LAYER.format(0)}conv1.weight" in state_dict:
+    kwargs["d_ff"] = state_dict[f"{_LAYER.format(0)}conv1.weight"].shape[0]
+  layers = {int(m.group(1)) for k in state_dict if (m := re.match(r"encoder\.attn_layers\.(\d+)\.", k))}
+  kwargs["e_layers"] = max(layers) + 1 if layers else 0
+  if f"{head}.weight" in state_dict and "d_model" in kwargs:
+    out_features, in_features = state_dict[f"{head}.weight"].shape
+    if classify or (classify is None and in_features != kwargs["d_model"]):
+      kwargs["num_classes"], kwargs["num_variates"] = out_features, in_features // kwargs["d_model"]
+    else:
+      kwargs["pred_len"] = out_features
+  return kwargs
+
+
+def _official_shapes(kwargs: Mapping, head: str) -> dict[str, tuple[int, ...]]:
+  d, ff = kwargs["d_model"], kwargs["d_ff"]
+  shapes = {f"{_EMBED}.weight": (d, kwargs["seq_len"]), f"{_EMBED}.bias": (d,)}
+  for i in range(kwargs["e_layers"]):
+    layer = _LAYER.format(i)
+    for proj in (*_QKV, "out"):
+      shapes |= {f"{layer}attention.{proj}_projection.weight": (d, d), f"{layer}attention.{proj}_projection.bias": (d,)}
+    shapes |= {f"{layer}conv1.weight": (ff, d, 1), f"{layer}conv1.bias": (ff,),
+               f"{layer}conv2.weight": (d, ff, 1), f"{layer}conv2.bias": (d,)}
+    for norm in ("norm1", "norm2"):
+      shapes |= {f"{layer}{norm}.weight": (d,), f"{layer}{norm}.bias": (d,)}
+  shapes |= {"encoder.norm.weight": (d,), "encoder.norm.bias": (d,)}
+  if "num_classes" in kwargs:
+    out_features, in_features = kwargs["num_classes"], kwargs["num_variates"] * d
+  else:
+    out_features, in_features = kwargs["pred_len"], d
+  return shapes | {f"{head}.weight": (out_features, in_features), f"{head}.bias": (out_features,)}
+
+
+def _dense(sd: Mapping[str, np.ndarray], name: str) -> dict:
+  weight = sd[f"{name}.weight"]
+  weight = weight[:, :, 0] if weight.ndim == 3 else weight  # Conv1d(kernel_size=1) is a per-token Linear
+  return {"kernel": weight.T, "bias": sd[f"{name}.bias"]}
+
+
+def _norm(sd: Mapping[str, np.ndarray], name: str) -> dict:
+  return {"scale": sd[f"{name}.weight"], "bias": sd[f"{name}.bias"]}
+
+
+def _block(sd: Mapping[str, np.ndarray], layer: str) -> dict:
+  attn = f"{layer}attention."
+  # The fused qkv output axis is (3, heads, head_dim): concatenating q, k, v keeps each head contiguous.
+  qkv = {"kernel": np.concatenate([sd[f"{attn}{p}_projection.weight"].T for p in _QKV], axis=1),
+         "bias": np.concatenate([sd[f"{attn}{p}_projection.bias"] for p in _QKV])}
+  return {"attn": {"qkv": qkv, "proj": _dense(sd, f"{attn}out_projection")},
+          "norm1": _norm(sd, f"{layer}norm1"),
+          "mlp": {"fc1": _dense(sd, f"{layer}conv1"), "fc2": _dense(sd, f"{layer}conv2")},
+          "norm2": _norm(sd, f"{layer}norm2")}
+
+
+def checkpoint_filter_fn(state_dict: Mapping[str, np.ndarray], **known_kwargs):
+  """Official (or TSLib) iTransformer state_dict -> (zoo params, model class, constructor kwargs).
+
+  `known_kwargs` (e.g. a registered variant's defaults) fix hyper-parameters; the rest are read from the shapes
+  (n_heads cannot be, it defaults to 8). Missing, unexpected and mis-shaped keys raise one ValueError.
+  """
+  from models.convert import check_state_dict  # the converters package imports this module lazily
+
+  head = _head_name(state_dict)
+  classify = "num_classes" in known_kwargs or None
+  kwargs = {"n_heads": 8, **_infer_kwargs(state_dict, head, classify), **known_kwargs}
+  needed = {"seq_len", "d_model", "d_ff"} | ({"num_classes", "num_variates"} if "num_classes" in kwargs
+                                              else {"pred_len"})
+  if needed - kwargs.keys():
+    raise ValueError(f"cannot read {sorted(needed - kwargs.keys())} from the state_dict's shapes (it needs "
+                     f"{_EMBED}.weight, {_LAYER.format(0)}conv1.weight and {head}.weight); name the variant")
+  check_state_dict(state_dict, _official_shapes(kwargs, head))
+  params = {"embed": _dense(state_dict, _EMBED),
+            "blocks": {i: _block(state_dict, _LAYER.format(i)) for i in range(kwargs["e_layers"])},
+            "norm": _norm(state_dict, "encoder.norm")}
+  if "num_classes" in kwargs:
+    return params | {"head": _dense(state_dict, head)}, iTransformerClassifier, kwargs
+  return params | {"projector": _dense(state_dict, head)}, iTransformer, kwargs
+
+
+# --- registrations -------------------------------------------------------------------------------------------
+
+for _dataset, _horizon, _layers, _dim, _use_norm, _mse, _mae in _VARIANTS:
+  register_model(f"itransformer_{_dataset}_{_horizon}", iTransformer, family="itransformer",
+                 paper_metric=f"{_mse:.3f}/{_mae:.3f}", seq_len=96, pred_len=_horizon, d_model=_dim, n_heads=8,
+                 e_layers=_layers, d_ff=_dim, dropout=0.1, activation="gelu", use_norm=_use_norm)
+
+# The README quick-start: scikit-learn digits, 8x8 images read as 8 steps x 8 variates, 10 classes.
+register_model("itransformer_cls_digits", iTransformerClassifier, family="itransformer", seq_len=8,
+               num_variates=8, num_classes=10, d_model=64, n_heads=4, e_layers=2, d_ff=128, dropout=0.1,
+               activation="gelu")

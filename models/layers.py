@@ -1,0 +1,143 @@
+"""Shared blocks: torch-initialised Linear, Mlp, multi-head self-attention, DropPath, transformer encoder Block.
+
+Every module takes `dtype` (compute) and `param_dtype` (storage) and is called with `train=` (dropout on/off).
+Softmax and norm statistics run in float32 whatever `dtype` is.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    # PyTorch's F.gelu is the exact erf form; jax.nn.gelu defaults to the tanh approximation.
+    "gelu": functools.partial(jax.nn.gelu, approximate=False),
+    "relu": jax.nn.relu,
+}
+
+
+def get_activation(name: str) -> Callable[[jax.Array], jax.Array]:
+  if name not in ACTIVATIONS:
+    raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {name!r}")
+  return ACTIVATIONS[name]
+
+
+def torch_linear(in_features: int, out_features: int, *, use_bias: bool = True, dtype=jnp.float32,
+                 param_dtype=jnp.float32, rngs: nnx.Rngs) -> nnx.Linear:
+  """nnx.Linear initialised like torch.nn.Linear (and Conv1d with kernel 1): weight and bias ~ U(+-1/sqrt(fan_in)).
+
+  The official PyTorch codes train from this init, so reproducing their runs starts here.
+  """
+  bound = 1.0 / math.sqrt(in_features)
+
+  def uniform(key, shape, dtype):
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+  return nnx.Linear(in_features, out_features, use_bias=use_bias, kernel_init=uniform, bias_init=uniform,
+                    dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+
+def layer_norm(dim: int, *, eps: float = 1e-5, dtype=jnp.float32, param_dtype=jnp.float32,
+               rngs: nnx.Rngs) -> nnx.LayerNorm:
+  """PyTorch-compatible LayerNorm: eps 1e-5 (Flax defaults to 1e-6), two-pass variance in float32."""
+  return nnx.LayerNorm(dim, epsilon=eps, use_fast_variance=False, dtype=dtype, param_dtype=param_dtype,
+                       rngs=rngs)
+
+
+class Mlp(nnx.Module):
+  """fc1 -> act -> dropout -> fc2 -> dropout (timm's Mlp; the Conv1d(k=1) pair of the official iTransformer)."""
+
+  def __init__(self, dim: int, hidden_dim: int, *, act: Callable = ACTIVATIONS["gelu"], drop: float = 0.0,
+               dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+    self.fc1 = torch_linear(dim, hidden_dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.fc2 = torch_linear(hidden_dim, dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.act = act
+    self.drop = nnx.Dropout(drop, rngs=rngs)
+
+  def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
+    x = self.drop(self.act(self.fc1(x)), deterministic=not train)
+    return self.drop(self.fc2(x), deterministic=not train)
+
+
+class Attention(nnx.Module):
+  """Multi-head self-attention over tokens [B, T, C], scale 1/sqrt(head_dim).
+
+  q, k and v come from one fused Linear whose output axis is laid out (3, heads, head_dim), as in timm's ViT;
+  each head is a contiguous slice of q, k and v, as in PyTorch's `view(B, T, H, C // H)`.
+  `attn_drop` drops attention probabilities, `proj_drop` the output projection.
+  """
+
+  def __init__(self, dim: int, num_heads: int, *, qkv_bias: bool = True, attn_drop: float = 0.0,
+               proj_drop: float = 0.0, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+    if dim % num_heads:
+      raise ValueError(f"dim must be divisible by num_heads, got dim={dim}, num_heads={num_heads}")
+    self.num_heads = num_heads
+    self.qkv = torch_linear(dim, 3 * dim, use_bias=qkv_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.proj = torch_linear(dim, dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.attn_drop = nnx.Dropout(attn_drop, rngs=rngs)
+    self.proj_drop = nnx.Dropout(proj_drop, rngs=rngs)
+
+  def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
+    batch, tokens, dim = x.shape
+    qkv = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, dim // self.num_heads)
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    if train and self.attn_drop.rate > 0:
+      out = self._attend_with_dropout(q, k, v)
+    else:  # fused path (softmax in float32 inside); it has no dropout on the probabilities
+      out = jax.nn.dot_product_attention(q, k, v)
+    return self.proj_drop(self.proj(out.reshape(batch, tokens, dim)), deterministic=not train)
+
+  def _attend_with_dropout(self, q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
+    probs = jax.nn.softmax(logits / math.sqrt(q.shape[-1]), axis=-1)
+    probs = self.attn_drop(probs, deterministic=False).astype(v.dtype)
+    return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+
+
+class DropPath(nnx.Module):
+  """Stochastic depth: drops a whole residual branch per sample with probability `rate` while training."""
+
+  def __init__(self, rate: float = 0.0, *, rngs: nnx.Rngs):
+    self.rate = rate
+    self.rngs = rngs["dropout"].fork()
+
+  def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
+    if not train or self.rate == 0.0:
+      return x
+    keep = 1.0 - self.rate
+    mask = jax.random.bernoulli(self.rngs(), keep, (x.shape[0],) + (1,) * (x.ndim - 1))
+    return jnp.where(mask, x / keep, jnp.zeros_like(x))
+
+
+class Block(nnx.Module):
+  """Transformer encoder layer: self-attention and Mlp branches, each added back to the residual stream.
+
+  `post_norm=False` (ViT): x + branch(norm(x)). `post_norm=True` (original Transformer, iTransformer's
+  EncoderLayer): norm(x + branch(x)). `drop` is the dropout on each branch output and the Mlp hidden layer.
+  """
+
+  def __init__(self, dim: int, num_heads: int, mlp_hidden_dim: int, *, post_norm: bool = False,
+               qkv_bias: bool = True, drop: float = 0.0, attn_drop: float = 0.0, drop_path: float = 0.0,
+               act: Callable = ACTIVATIONS["gelu"], norm_eps: float = 1e-5, dtype=jnp.float32,
+               param_dtype=jnp.float32, rngs: nnx.Rngs):
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.post_norm = post_norm
+    self.norm1 = layer_norm(dim, eps=norm_eps, **kw)
+    self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=drop, **kw)
+    self.norm2 = layer_norm(dim, eps=norm_eps, **kw)
+    self.mlp = Mlp(dim, mlp_hidden_dim, act=act, drop=drop, **kw)
+    self.drop_path = DropPath(drop_path, rngs=rngs)
+
+  def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
+    def branch(f, h):
+      return self.drop_path(f(h, train=train), train=train)
+
+    if self.post_norm:
+      x = self.norm1(x + branch(self.attn, x))
+      return self.norm2(x + branch(self.mlp, x))
+    x = x + branch(self.attn, self.norm1(x))
+    return x + branch(self.mlp, self.norm2(x))

@@ -1,0 +1,56 @@
+"""Registry: names, lookup errors, overrides, parameter counts of the official variants."""
+import jax.numpy as jnp
+import pytest
+from flax import nnx
+
+import models
+
+
+def _abstract(name, **overrides):
+  """Structure and shapes only: counting parameters needs no initialisation."""
+  return nnx.eval_shape(lambda: models.create_model(name, **overrides))
+
+
+def test_list_models_patterns():
+  assert models.list_models("itransformer_etth1_*") == [
+      "itransformer_etth1_192", "itransformer_etth1_336", "itransformer_etth1_720", "itransformer_etth1_96"]
+  assert len(models.list_models("itransformer_pems0?_*")) == 16
+  assert len(models.list_models("itransformer_*")) == 9 * 4 + 4 * 4 + 1  # forecasting settings + digits
+  assert models.list_models("no_such_family*") == []
+
+
+def test_unknown_name_suggests_close_match():
+  with pytest.raises(ValueError, match=r"unknown model 'itransformer_eth1_96'.*did you mean.*itransformer_etth1_96"):
+    models.create_model("itransformer_eth1_96")
+
+
+def test_model_info_carries_script_settings_and_paper_metric():
+  info = models.model_info("itransformer_pems04_48")
+  assert info.family == "itransformer"
+  assert (info.defaults["d_model"], info.defaults["d_ff"], info.defaults["e_layers"],
+          info.defaults["use_norm"]) == (1024, 1024, 4, False)
+  assert info.paper_metric == "0.120/0.233"
+  assert models.model_info("itransformer_ecl_720").paper_metric == "0.225/0.317"
+  assert models.model_info("itransformer_pems07_48").defaults["e_layers"] == 4
+  assert models.model_info("itransformer_pems07_24").defaults["e_layers"] == 2
+
+
+def test_create_model_overrides_replace_defaults():
+  m = models.create_model("itransformer_etth1_96", pred_len=24, dropout=0.0, rngs=nnx.Rngs(3))
+  assert m.pred_len == 24
+  y = m(jnp.ones((2, 96, 5)))
+  assert y.shape == (2, 24, 5)
+  assert _abstract("itransformer_etth1_96", param_dtype=jnp.bfloat16).projector.kernel.dtype == jnp.bfloat16
+
+
+@pytest.mark.parametrize("name, count", [
+    ("itransformer_etth1_96", 841_568), ("itransformer_etth1_720", 3_576_016),
+    ("itransformer_ecl_96", 4_833_888), ("itransformer_traffic_96", 6_411_872)])
+def test_param_count_equals_official(name, count):
+  assert models.count_params(_abstract(name)) == count
+
+
+def test_count_params_of_the_digits_classifier_counts_params_only():
+  embed, norm, head = 8 * 64 + 64, 2 * 64, 8 * 64 * 10 + 10
+  block = 4 * (64 * 64 + 64) + (64 * 128 + 128) + (128 * 64 + 64) + 2 * norm  # attention, mlp, two norms
+  assert models.count_params(models.create_model("itransformer_cls_digits")) == embed + 2 * block + norm + head

@@ -110,7 +110,7 @@ class iTransformer(_InvertedEncoder):
 
 
 class iTransformerClassifier(_InvertedEncoder):
-  """TSLib's classification head: `m(x [B, L, N], train=...) -> logits [B, num_classes]`.
+  """TSLib's classification head: `m(x [B, L, N] | images [B, H, W, C], train=...) -> logits [B, num_classes]`.
 
   No instance normalisation and no marks; encoder -> gelu -> dropout -> flatten(N * d_model) -> Linear.
   """
@@ -126,6 +126,8 @@ class iTransformerClassifier(_InvertedEncoder):
                              rngs=rngs)
 
   def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
+    if x.ndim == 4:  # an image [B, H, W, C] is read row by row: H steps of W * C variates
+      x = x.reshape(*x.shape[:2], -1)
     self._check_series(x)
     if x.shape[2] != self.num_variates:
       raise ValueError(f"x must have num_variates={self.num_variates} on axis 2, got shape {tuple(x.shape)}")

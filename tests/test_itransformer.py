@@ -54,9 +54,12 @@ def test_forecast_shapes_with_and_without_marks():
   assert not np.allclose(m(x), m(x, marks + 0.3))
 
 
-def test_classifier_shape():
+def test_classifier_shape_and_image_rows_as_steps():
   m = models.create_model("itransformer_cls_digits")
-  assert m(jnp.ones((5, 8, 8))).shape == (5, 10)
+  x = jax.random.normal(jax.random.key(0), (5, 8, 8))
+  logits = m(x)
+  assert logits.shape == (5, 10)
+  np.testing.assert_array_equal(m(x[..., None]), logits)  # [B, H, W, 1] images: H steps of W variates
 
 
 # --- parity with the official code ----------------------------------------------------------------------------

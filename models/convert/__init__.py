@@ -37,6 +37,8 @@ def read_state_dict(path) -> dict[str, np.ndarray]:
   Unwraps {"state_dict": ...} / {"model": ...} and strips DataParallel's `module.` prefix.
   """
   path = os.fspath(path)
+  if not os.path.isfile(path):
+    raise ValueError(f"no such checkpoint file: {path}")
   if path.endswith(".safetensors"):
     from safetensors.numpy import load_file
     state = load_file(path)

@@ -16,7 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from models.layers import Block, get_activation, layer_norm, torch_linear
+from models.convert import check_state_dict
+from models.layers import Block, Dropout, get_activation, layer_norm, torch_linear
 from models.registry import register_model
 
 _NORM_EPS = 1e-5  # the official instance normalisation and PyTorch's LayerNorm default
@@ -51,7 +52,7 @@ class _InvertedEncoder(nnx.Module):
     self.seq_len = seq_len
     self.dtype = dtype
     self.embed = torch_linear(seq_len, d_model, **kw)
-    self.embed_drop = nnx.Dropout(dropout, rngs=rngs)
+    self.embed_drop = Dropout(dropout, rngs=rngs)
     self.blocks = nnx.List([
         Block(d_model, n_heads, d_ff, post_norm=True, drop=dropout, attn_drop=dropout,
               act=get_activation(activation), norm_eps=_NORM_EPS, **kw)
@@ -61,7 +62,7 @@ class _InvertedEncoder(nnx.Module):
   def embed_tokens(self, series: jax.Array, *, train: bool = False) -> jax.Array:
     """[B, L, T] series (variates and marks along T) -> [B, T, d_model] tokens."""
     tokens = self.embed(jnp.swapaxes(series, 1, 2).astype(self.dtype))
-    return self.embed_drop(tokens, deterministic=not train)
+    return self.embed_drop(tokens, train=train)
 
   def encode(self, series: jax.Array, *, train: bool = False) -> jax.Array:
     """[B, L, T] -> [B, T, d_model] after the final LayerNorm."""
@@ -121,7 +122,7 @@ class iTransformerClassifier(_InvertedEncoder):
     super().__init__(seq_len, d_model, n_heads, e_layers, d_ff, dropout, activation, dtype=dtype,
                      param_dtype=param_dtype, rngs=rngs)
     self.num_variates = num_variates
-    self.head_drop = nnx.Dropout(dropout, rngs=rngs)
+    self.head_drop = Dropout(dropout, rngs=rngs)
     self.head = torch_linear(num_variates * d_model, num_classes, dtype=dtype, param_dtype=param_dtype,
                              rngs=rngs)
 
@@ -132,7 +133,7 @@ class iTransformerClassifier(_InvertedEncoder):
     if x.shape[2] != self.num_variates:
       raise ValueError(f"x must have num_variates={self.num_variates} on axis 2, got shape {tuple(x.shape)}")
     features = jax.nn.gelu(self.encode(x, train=train), approximate=False)  # TSLib: F.gelu, always
-    features = self.head_drop(features, deterministic=not train)
+    features = self.head_drop(features, train=train)
     return self.head(features.reshape(x.shape[0], -1))
 
 
@@ -206,8 +207,11 @@ def _head_name(state_dict: Mapping[str, np.ndarray]) -> str:
   return "projection" if "projection.weight" in state_dict else "projector"
 
 
-def _infer_kwargs(state_dict: Mapping[str, np.ndarray], head: str, classify: bool | None) -> dict:
-  """Hyper-parameters readable from the shapes; a key that is absent leaves its value out."""
+def _infer_kwargs(state_dict: Mapping[str, np.ndarray], head: str, classify: bool) -> dict:
+  """Hyper-parameters readable from the shapes; a key that is absent leaves its value out.
+
+  A head wider than d_model is TSLib's classifier over the flattened tokens (`classify` forces that reading).
+  """
   kwargs = {}
   if f"{_EMBED}.weight" in state_dict:
     kwargs["d_model"], kwargs["seq_len"] = state_dict[f"{_EMBED}.weight"].shape
@@ -217,7 +221,7 @@ def _infer_kwargs(state_dict: Mapping[str, np.ndarray], head: str, classify: boo
   kwargs["e_layers"] = max(layers) + 1 if layers else 0
   if f"{head}.weight" in state_dict and "d_model" in kwargs:
     out_features, in_features = state_dict[f"{head}.weight"].shape
-    if classify or (classify is None and in_features != kwargs["d_model"]):
+    if classify or in_features != kwargs["d_model"]:
       kwargs["num_classes"], kwargs["num_variates"] = out_features, in_features // kwargs["d_model"]
     else:
       kwargs["pred_len"] = out_features
@@ -270,11 +274,9 @@ def checkpoint_filter_fn(state_dict: Mapping[str, np.ndarray], **known_kwargs):
   `known_kwargs` (e.g. a registered variant's defaults) fix hyper-parameters; the rest are read from the shapes
   (n_heads cannot be, it defaults to 8). Missing, unexpected and mis-shaped keys raise one ValueError.
   """
-  from models.convert import check_state_dict  # the converters package imports this module lazily
-
   head = _head_name(state_dict)
-  classify = "num_classes" in known_kwargs or None
-  kwargs = {"n_heads": 8, **_infer_kwargs(state_dict, head, classify), **known_kwargs}
+  inferred = _infer_kwargs(state_dict, head, classify="num_classes" in known_kwargs)
+  kwargs = {"n_heads": 8, **inferred, **known_kwargs}
   needed = {"seq_len", "d_model", "d_ff"} | ({"num_classes", "num_variates"} if "num_classes" in kwargs
                                               else {"pred_len"})
   if needed - kwargs.keys():

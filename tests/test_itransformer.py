@@ -12,7 +12,7 @@ from flax import nnx
 
 import models
 from models.itransformer import checkpoint_filter_fn, iTransformer, instance_norm
-from models.layers import Attention, Block, DropPath
+from models.layers import Attention, Block, Dropout, DropPath, random_bits
 from models.pretrained import assign_params
 
 SMALL = dict(seq_len=16, pred_len=8, d_model=32, n_heads=4, e_layers=2, d_ff=64)
@@ -172,6 +172,21 @@ def test_instance_norm_statistics():
 
 
 # --- shared layers --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("shape", [(32, 11, 256), (4, 8, 11, 11), (7,)])
+def test_random_bits_equal_jax_random_bits(shape):
+  key = jax.random.key(42)
+  np.testing.assert_array_equal(random_bits(key, shape), jax.random.bits(key, shape, jnp.uint32))
+
+
+def test_dropout_keeps_the_expected_fraction_and_rescales():
+  drop = Dropout(0.1, rngs=nnx.Rngs(0))
+  x = jnp.ones((64, 11, 256))
+  y = np.asarray(drop(x, train=True))
+  assert set(np.unique(y)) == {0.0, np.float32(1 / 0.9)}
+  assert abs((y == 0).mean() - 0.1) < 0.005  # 180k draws: 7 standard deviations
+  np.testing.assert_array_equal(drop(x), x)
+
 
 def test_drop_path_drops_whole_samples():
   drop = DropPath(0.5, rngs=nnx.Rngs(0))

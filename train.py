@@ -18,7 +18,7 @@ import os
 import sys
 import time
 
-from absl import app, flags
+from absl import app, flags, logging
 import grain
 import jax
 import jax.numpy as jnp
@@ -119,8 +119,8 @@ def create_model_and_optimizer(config, meta: dict, task, mesh, tx=None):
 
 
 def rng_streams(model) -> list[str]:
-  """Names of the RNG streams the model holds (e.g. 'dropout'), reseeded every step."""
-  return sorted({str(path[-2]) for path, _ in nnx.to_flat_state(nnx.state(model, nnx.RngKey))})
+  """Tags of the RNG streams the model holds (e.g. 'dropout'), reseeded every step."""
+  return sorted({node.key.tag for _, node in nnx.iter_graph(model) if isinstance(node, nnx.RngStream)})
 
 
 # ----------------------------------------------------------------------------- steps
@@ -164,9 +164,10 @@ def make_checkpoint_manager(workdir: str, config, read_only: bool = False) -> oc
   """Keeps the latest N checkpoints and the best one by the early-stopping metric."""
   policies = [ocp.checkpoint_managers.LatestN(config.checkpoint.keep)]
   if config.early_stopping.metric:
+    # EarlyStopping decides what is best (ties are not improvements); orbax keeps the latest checkpoint it
+    # marked as an improvement (a stable sort keeps step order among the 1.0s).
     policies.append(ocp.checkpoint_managers.BestN(
-        get_metric_fn=lambda m: m[config.early_stopping.metric], reverse=config.early_stopping.mode == "min",
-        n=1, keep_checkpoints_without_metrics=False))
+        get_metric_fn=lambda m: m["improved"], n=1, keep_checkpoints_without_metrics=False))
   options = ocp.CheckpointManagerOptions(
       preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies),
       enable_async_checkpointing=config.checkpoint.async_save, read_only=read_only, create=not read_only)
@@ -343,14 +344,17 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
       if step % config.log_every_steps == 0 or is_eval or step % checkpoint_every == 0:
         check_finite(pending, pending_from, mngr)
         pending, pending_from = [], step
-      if step % config.log_every_steps == 0 and steps_since_log:
-        dt = time.perf_counter() - t_log
+      if step % config.log_every_steps == 0:
         logged = {f"train/{k}": float(v) for k, v in jax.device_get(step_metrics).items()}
-        logged |= {"train/lr": float(schedule(step // accum)), "perf/steps_per_sec": steps_since_log / dt,
-                   "perf/examples_per_sec": steps_since_log * micro_batch / dt}
+        logged["train/lr"] = float(schedule((step - 1) // accum))
+        if steps_since_log:  # not right after the compiling first step
+          dt = time.perf_counter() - t_log
+          logged |= {"perf/steps_per_sec": steps_since_log / dt,
+                     "perf/examples_per_sec": steps_since_log * micro_batch / dt}
+          t_log, steps_since_log = time.perf_counter(), 0
         writer.write(step, logged)
-        progress.set_postfix(loss=f"{logged['train/loss']:.4f}", ex_per_s=f"{logged['perf/examples_per_sec']:.0f}")
-        t_log, steps_since_log = time.perf_counter(), 0
+        progress.set_postfix(loss=f"{logged['train/loss']:.4f}",
+                             ex_per_s=f"{logged.get('perf/examples_per_sec', 0):.0f}")
 
       metrics = None
       if is_eval:
@@ -359,7 +363,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
                    for k, v in evaluate(eval_step, model_state, eval_splits[name],
                                         config.input.eval_batch_size, mesh).items()}
         metrics["epoch"] = step / steps_per_epoch
-        early_stopping.update(step, metrics)
+        improved = early_stopping.update(step, metrics)
         stopped = early_stopping.should_stop
         writer.write(step, metrics)
         progress.write(f"step {step} (epoch {metrics['epoch']:.2f}): " +
@@ -367,7 +371,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
         if t_log is not None:
           t_log, steps_since_log = time.perf_counter(), 0  # evaluation time is not training throughput
       if is_eval or step % checkpoint_every == 0 or stopped:
-        save(step, metrics if metrics and early_stopping.metric else None)
+        save(step, {**metrics, "improved": float(improved)} if metrics and early_stopping.metric else None)
     if stopped and step < total_steps:
       progress.write(f"Early stopping at step {step}: no better {early_stopping.metric} for "
                      f"{early_stopping.patience} evaluations (best {early_stopping.best_value:.4f} at step "
@@ -406,6 +410,7 @@ def format_table(metrics: dict, title: str) -> str:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  logging.set_verbosity(logging.WARNING)  # orbax and tfds log every file they touch at INFO
   if flags.FLAGS.multihost:
     jax.distributed.initialize()
   try:

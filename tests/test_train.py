@@ -99,11 +99,12 @@ def test_early_stopping_patience():
 
 def test_gradient_accumulation_matches_large_batch(tmp_path):
   # 2 micro batches of 16 accumulated == 1 batch of 32 (same data order), up to float noise.
-  big = train.train_and_evaluate(digits_config(total_steps=8, **{"optimizer.clip_norm": 0.0}), str(tmp_path / "a"))
-  accum = train.train_and_evaluate(digits_config(total_steps=16, **{"optimizer.clip_norm": 0.0,
-                                                                   "optimizer.accum_steps": 2}),
+  # No dropout: its masks are drawn per micro batch, so they differ between the two runs.
+  common = {"optimizer.clip_norm": 0.0, "model.dropout": 0.0}
+  big = train.train_and_evaluate(digits_config(total_steps=8, **common), str(tmp_path / "a"))
+  accum = train.train_and_evaluate(digits_config(total_steps=16, **common, **{"optimizer.accum_steps": 2}),
                                    str(tmp_path / "b"))
-  np.testing.assert_allclose(accum["test/loss"], big["test/loss"], rtol=1e-4)
+  np.testing.assert_allclose(accum["test/loss"], big["test/loss"], rtol=2e-6)
 
 
 def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):

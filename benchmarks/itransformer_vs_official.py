@@ -115,7 +115,7 @@ def run_zoo(args, workdir):
   zoo_dir = os.path.join(workdir, "zoo")
   if os.path.exists(os.path.join(zoo_dir, "final_metrics.json")):
     fail(f"{zoo_dir} already holds a finished run (train.py would resume it); use a fresh --workdir")
-  cmd = [args.python_zoo, "train.py", "--config", ZOO_CONFIG, "--workdir", zoo_dir,
+  cmd = [args.python_zoo, "train.py", "--config", args.zoo_config, "--workdir", zoo_dir,
          f"--config.data.manual_dir={os.path.abspath(args.data_dir)}"]
   wall, _ = run_logged(cmd, REPO, os.path.join(workdir, "zoo.log"))
   with open(os.path.join(zoo_dir, "metrics.jsonl")) as f:
@@ -140,7 +140,7 @@ def run_zoo(args, workdir):
 def table(results):
   off, zoo = results.get("official"), results.get("zoo")
   rows = [("wall time (s)", "wall_s", "{:.1f}"), ("train windows/s", "train_windows_per_s", "{:.0f}"),
-          ("epochs", "epochs", "{}"), ("test MSE", "test_mse", "{:.4f}"), ("test MAE", "test_mae", "{:.4f}")]
+          ("epochs", "epochs", "{:.3g}"), ("test MSE", "test_mse", "{:.4f}"), ("test MAE", "test_mae", "{:.4f}")]
   lines = ["| ETTh1 96->96 | official (PyTorch) | zoo (JAX) | zoo / official |", "|---|---|---|---|"]
   for name, key, fmt in rows:
     a = fmt.format(off[key]) if off else "-"
@@ -159,6 +159,7 @@ def main():
                       help="folder holding ETTh1.csv")
   parser.add_argument("--workdir", default=os.path.join(REPO, "runs", f"itransformer_vs_official_{int(time.time())}"))
   parser.add_argument("--out", default=os.path.join(REPO, "benchmarks", "results", "itransformer_etth1_96.json"))
+  parser.add_argument("--zoo_config", default=ZOO_CONFIG, help="e.g. add ',runlocal' for a smoke test")
   parser.add_argument("--skip_official", action="store_true")
   parser.add_argument("--skip_zoo", action="store_true")
   args = parser.parse_args()

@@ -95,7 +95,8 @@ class Attention(nnx.Module):
 
   q, k and v come from one fused Linear whose output axis is laid out (3, heads, head_dim), as in timm's ViT;
   each head is a contiguous slice of q, k and v, as in PyTorch's `view(B, T, H, C // H)`.
-  `attn_drop` drops attention probabilities, `proj_drop` the output projection.
+  `attn_drop` drops attention probabilities, `proj_drop` the output projection. With `num_queries` only the
+  first tokens attend (all still serve as keys and values), for callers that read only those outputs.
   """
 
   def __init__(self, dim: int, num_heads: int, *, qkv_bias: bool = True, attn_drop: float = 0.0,
@@ -108,15 +109,15 @@ class Attention(nnx.Module):
     self.attn_drop = Dropout(attn_drop, rngs=rngs)
     self.proj_drop = Dropout(proj_drop, rngs=rngs)
 
-  def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
+  def __call__(self, x: jax.Array, *, train: bool = False, num_queries: int | None = None) -> jax.Array:
     batch, tokens, dim = x.shape
     qkv = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, dim // self.num_heads)
-    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    q, k, v = qkv[:, :num_queries, 0], qkv[:, :, 1], qkv[:, :, 2]
     if train and self.attn_drop.rate > 0:
       out = self._attend_with_dropout(q, k, v)
     else:  # fused path (softmax in float32 inside); it has no dropout on the probabilities
       out = jax.nn.dot_product_attention(q, k, v)
-    return self.proj_drop(self.proj(out.reshape(batch, tokens, dim)), train=train)
+    return self.proj_drop(self.proj(out.reshape(batch, q.shape[1], dim)), train=train)
 
   def _attend_with_dropout(self, q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
     logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
@@ -158,6 +159,7 @@ class Block(nnx.Module):
 
   `post_norm=False` (ViT): x + branch(norm(x)). `post_norm=True` (original Transformer, iTransformer's
   EncoderLayer): norm(x + branch(x)). `drop` is the dropout on each branch output and the Mlp hidden layer.
+  `num_queries` keeps only the first tokens in the output (see Attention), skipping their Mlp and norms.
   """
 
   def __init__(self, dim: int, num_heads: int, mlp_hidden_dim: int, *, post_norm: bool = False,
@@ -172,12 +174,12 @@ class Block(nnx.Module):
     self.mlp = Mlp(dim, mlp_hidden_dim, act=act, drop=drop, **kw)
     self.drop_path = DropPath(drop_path, rngs=rngs)
 
-  def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
-    def branch(f, h):
-      return self.drop_path(f(h, train=train), train=train)
+  def __call__(self, x: jax.Array, *, train: bool = False, num_queries: int | None = None) -> jax.Array:
+    def branch(f, h, **kwargs):
+      return self.drop_path(f(h, train=train, **kwargs), train=train)
 
     if self.post_norm:
-      x = self.norm1(x + branch(self.attn, x))
+      x = self.norm1(x[:, :num_queries] + branch(self.attn, x, num_queries=num_queries))
       return self.norm2(x + branch(self.mlp, x))
-    x = x + branch(self.attn, self.norm1(x))
+    x = x[:, :num_queries] + branch(self.attn, self.norm1(x), num_queries=num_queries)
     return x + branch(self.mlp, self.norm2(x))

@@ -204,3 +204,10 @@ def test_pre_norm_block_is_residual_around_normalised_branches():
   x = jax.random.normal(jax.random.key(0), (2, 5, 16))
   h = x + block.attn(block.norm1(x))
   np.testing.assert_allclose(block(x), h + block.mlp(block.norm2(h)), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("post_norm", [False, True])
+def test_block_with_fewer_queries_equals_the_first_outputs(post_norm):
+  block = Block(16, 2, 32, post_norm=post_norm, rngs=nnx.Rngs(0))
+  x = jax.random.normal(jax.random.key(0), (2, 7, 16))
+  np.testing.assert_allclose(block(x, num_queries=3), block(x)[:, :3], rtol=0, atol=1e-5)

@@ -295,7 +295,8 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
 
   # Restore: resume this workdir if it has a checkpoint, else optionally start from pretrained weights.
   mngr = make_checkpoint_manager(workdir, config)
-  train_iter = iter(train_data)
+  # One reader thread: a batch is a cheap vectorised gather, and more threads only compete with XLA's.
+  train_iter = iter(train_data.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=2)))
   start_step, meta = mngr.latest_step() or 0, {}
   if start_step:
     restored = mngr.restore(start_step, args=ocp.args.Composite(

@@ -170,3 +170,17 @@ def test_eval_cli_writes_table_and_json(tmp_path):
   np.testing.assert_allclose(result["accuracy"], final["test/accuracy"], rtol=1e-6)
   missing = run_cli("eval.py", "--config", "configs/itransformer.py:digits", f"--workdir={tmp_path / 'none'}")
   assert missing.returncode != 0 and "no checkpoint" in missing.stderr
+
+
+def test_init_from_loads_body_and_keeps_fresh_head(tmp_path):
+  source = tmp_path / "source"
+  train.train_and_evaluate(digits_config(total_steps=20), str(source))
+  _, source_params = final_params(source)
+  # lr 0 keeps the loaded values, so the fine-tuned run's params show what init_from loaded
+  frozen = {"optimizer.lr": 0.0, "schedule.name": "constant", "schedule.warmup_steps": 0,
+            "init_from.path": str(source), "init_from.dont_load": ("head/.*",)}
+  train.train_and_evaluate(digits_config(total_steps=2, **frozen), str(tmp_path / "tuned"))
+  _, tuned_params = final_params(tmp_path / "tuned")
+  assert_trees_equal(tuned_params["embed"], source_params["embed"])
+  assert_trees_equal(tuned_params["blocks"], source_params["blocks"])
+  assert not np.allclose(tuned_params["head"]["kernel"], source_params["head"]["kernel"])

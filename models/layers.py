@@ -20,16 +20,24 @@ ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "relu": jax.nn.relu,
 }
 
-
 _THREEFRY_ROTATIONS = ((13, 15, 26, 6), (17, 29, 16, 24))
 
 
-def random_bits(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
-  """Equals `jax.random.bits(key, shape, jnp.uint32)` (threefry2x32 over the flat index), but unrolled.
+def get_activation(name: str) -> Callable[[jax.Array], jax.Array]:
+  if name not in ACTIVATIONS:
+    raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {name!r}")
+  return ACTIVATIONS[name]
 
-  XLA:CPU lowers jax's threefry as a rolled loop that runs 3-9x slower than this single fused kernel, and
-  dropout masks are a tenth of an iTransformer training step on CPU.
+
+def random_bits(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+  """Equals `jax.random.bits(key, shape, jnp.uint32)`, computed as one fused kernel.
+
+  For threefry keys (the default) this is threefry2x32 over the flat element index, unrolled: XLA:CPU lowers
+  jax's own version as a rolled loop that runs 3-9x slower, and dropout masks are a tenth of an iTransformer
+  training step on CPU. Other key implementations go through jax.random.bits.
   """
+  if str(jax.random.key_impl(key)) != "threefry2x32" or math.prod(shape) >= 2**32:
+    return jax.random.bits(key, shape, jnp.uint32)
   k1, k2 = jax.random.key_data(key)
   keys = (k1, k2, k1 ^ k2 ^ np.uint32(0x1BD11BDA))
   x0 = jnp.zeros(shape, jnp.uint32) + keys[0]
@@ -44,13 +52,8 @@ def random_bits(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
 
 
 def _keep_mask(key: jax.Array, shape: tuple[int, ...], keep: float) -> jax.Array:
+  """Bernoulli(keep) from 32 random bits: P(bits < round(keep * 2**32)) = keep to within 2**-32."""
   return random_bits(key, shape) < np.uint32(min(round(keep * 2.0**32), 2**32 - 1))
-
-
-def get_activation(name: str) -> Callable[[jax.Array], jax.Array]:
-  if name not in ACTIVATIONS:
-    raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {name!r}")
-  return ACTIVATIONS[name]
 
 
 def torch_linear(in_features: int, out_features: int, *, use_bias: bool = True, dtype=jnp.float32,

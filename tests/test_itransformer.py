@@ -173,9 +173,10 @@ def test_instance_norm_statistics():
 
 # --- shared layers --------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("shape", [(32, 11, 256), (4, 8, 11, 11), (7,)])
-def test_random_bits_equal_jax_random_bits(shape):
-  key = jax.random.key(42)
+@pytest.mark.parametrize("shape, impl", [((32, 11, 256), "threefry2x32"), ((4, 8, 11, 11), "threefry2x32"),
+                                         ((7,), "threefry2x32"), ((4, 5), "rbg")])
+def test_random_bits_equal_jax_random_bits(shape, impl):
+  key = jax.random.key(42, impl=impl)
   np.testing.assert_array_equal(random_bits(key, shape), jax.random.bits(key, shape, jnp.uint32))
 
 

@@ -67,6 +67,12 @@ def test_digits_training_learns(tmp_path):
   assert any(name.startswith("events") for name in os.listdir(tmp_path / "tensorboard"))
   perf = [m["perf/examples_per_sec"] for m in read_metrics(tmp_path) if "perf/examples_per_sec" in m]
   assert perf and min(perf) > 0
+  # best = first evaluation with the highest validation accuracy; kept with the latest `keep` checkpoints
+  evals = [(m["validation/accuracy"], -m["step"]) for m in read_metrics(tmp_path) if "validation/accuracy" in m]
+  assert final["best_step"] == -max(evals)[1]
+  steps = sorted(int(d) for d in os.listdir(tmp_path / "checkpoints") if d.isdigit())
+  eval_steps = sorted(-s for _, s in evals)
+  assert steps == sorted({*eval_steps[-2:], final["best_step"]})
 
 
 def test_step_decay_is_itransformer_type1():
@@ -160,14 +166,18 @@ def test_eight_devices_match_one(tmp_path):
 
 def test_eval_cli_writes_table_and_json(tmp_path):
   workdir = tmp_path / "run"
-  train.train_and_evaluate(digits_config(total_steps=30), str(workdir))
-  out = run_cli("eval.py", "--config", "configs/itransformer.py:digits", f"--workdir={workdir}",
-                "--checkpoint=latest", "--split=test")
-  assert out.returncode == 0, out.stderr[-3000:]
-  assert "test/accuracy" in out.stdout
-  result = json.loads((workdir / "eval_test_latest.json").read_text())
+  train.train_and_evaluate(digits_config(total_steps=30, eval_every_steps=10), str(workdir))
   final = json.loads((workdir / "final_metrics.json").read_text())
-  np.testing.assert_allclose(result["accuracy"], final["test/accuracy"], rtol=1e-6)
+  for which in ("best", "latest"):
+    out = run_cli("eval.py", "--config", "configs/itransformer.py:digits", f"--workdir={workdir}",
+                  f"--checkpoint={which}", "--split=test")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "test/accuracy" in out.stdout
+  best = json.loads((workdir / "eval_test_best.json").read_text())
+  assert best["checkpoint"] == f"step {final['best_step']}"
+  np.testing.assert_allclose(best["loss"], final["test/loss"], rtol=1e-6)  # the final test used the best step
+  latest = json.loads((workdir / "eval_test_latest.json").read_text())
+  assert latest["checkpoint"] == "step 30"
   missing = run_cli("eval.py", "--config", "configs/itransformer.py:digits", f"--workdir={tmp_path / 'none'}")
   assert missing.returncode != 0 and "no checkpoint" in missing.stderr
 

@@ -195,6 +195,18 @@ def restore_model_items(mngr, step: int, model) -> None:
       nnx.update(model, state)
 
 
+def restore_training(mngr, step: int, model, optimizer, train_iter) -> dict:
+  """Loads everything a run needs to continue exactly from `step`; returns the loop's saved meta."""
+  restored = mngr.restore(step, args=ocp.args.Composite(
+      opt_state=ocp.args.StandardRestore(nnx.to_pure_dict(nnx.state(optimizer))),
+      data_iter=grain.checkpoint.CheckpointRestore(train_iter), meta=ocp.args.JsonRestore()))
+  restore_model_items(mngr, step, model)
+  opt_state = nnx.state(optimizer)
+  nnx.replace_by_pure_dict(opt_state, restored["opt_state"])
+  nnx.update(optimizer, opt_state)
+  return restored["meta"]
+
+
 # ----------------------------------------------------------------------------- logging
 
 class MetricWriter:
@@ -299,14 +311,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
   train_iter = iter(train_data.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=2)))
   start_step, meta = mngr.latest_step() or 0, {}
   if start_step:
-    restored = mngr.restore(start_step, args=ocp.args.Composite(
-        opt_state=ocp.args.StandardRestore(nnx.to_pure_dict(nnx.state(optimizer))),
-        data_iter=grain.checkpoint.CheckpointRestore(train_iter), meta=ocp.args.JsonRestore()))
-    restore_model_items(mngr, start_step, model)
-    opt_state = nnx.state(optimizer)
-    nnx.replace_by_pure_dict(opt_state, restored["opt_state"])
-    nnx.update(optimizer, opt_state)
-    meta = restored["meta"]
+    meta = restore_training(mngr, start_step, model, optimizer, train_iter)
     print(f"Resumed from step {start_step} in {mngr.directory}", flush=True)
   elif config.init_from.path:
     models.load_pretrained(model, config.init_from.path, dont_load=tuple(config.init_from.dont_load))

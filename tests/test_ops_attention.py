@@ -1,0 +1,164 @@
+"""ops.attention: jnp reference vs jax.nn / naive einsum; Pallas kernel (interpret) vs reference."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ops import attention, attention_pallas, attention_reference
+from ops.attention import _check_pallas_supported, attention_pallas_with_lse
+
+HIGHEST = jax.lax.Precision.HIGHEST
+
+
+def _qkv(b, l, h, d, seed=0, lk=None):
+  kq, kk, kv = jax.random.split(jax.random.key(seed), 3)
+  lk = l if lk is None else lk
+  return (jax.random.normal(kq, (b, l, h, d), jnp.float32),
+          jax.random.normal(kk, (b, lk, h, d), jnp.float32),
+          jax.random.normal(kv, (b, lk, h, d), jnp.float32))
+
+
+def _naive(q, k, v, bias, scale, mask=None):
+  s = jnp.einsum("bqhd,bkhd->bhqk", q, k, precision=HIGHEST) * scale + bias
+  if mask is not None:
+    s = jnp.where(mask, s, -jnp.inf)
+  return jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(s, -1), v, precision=HIGHEST)
+
+
+def _close(a, b, tol):
+  np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=tol, rtol=tol)
+
+
+# --- reference ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_reference_matches_jax_nn(causal):
+  q, k, v = _qkv(2, 40, 3, 16)
+  want = jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation="xla")
+  _close(attention_reference(q, k, v, causal=causal), want, 1e-5)
+  _close(attention(q, k, v, causal=causal), want, 1e-5)            # None -> reference on CPU
+  _close(attention(q, k, v, causal=causal, implementation="xla"), want, 1e-5)
+
+
+def test_reference_bias_is_added_after_the_scale():
+  q, k, v = _qkv(2, 24, 2, 8, lk=30)
+  bias = jax.random.normal(jax.random.key(1), (2, 1, 24, 30)) * 3
+  _close(attention_reference(q, k, v, bias=bias, scale=0.3), _naive(q, k, v, bias, 0.3), 1e-5)
+  bias_h = jax.random.normal(jax.random.key(2), (2, 24, 30))       # [H, Lq, Lk], shared over B
+  _close(attention_reference(q, k, v, bias=bias_h), _naive(q, k, v, bias_h[None], 8 ** -0.5),
+         1e-5)
+
+
+def test_reference_segment_ids():
+  q, k, v = _qkv(2, 16, 2, 8)
+  seg = jnp.array([[0] * 6 + [1] * 10, [2] * 16])
+  mask = seg[:, None, :, None] == seg[:, None, None, :]
+  _close(attention_reference(q, k, v, segment_ids=seg), _naive(q, k, v, 0.0, 8 ** -0.5, mask),
+         1e-5)
+
+
+def test_reference_fully_masked_rows_are_zero_and_grads_finite():
+  q, k, v = _qkv(2, 16, 2, 8)
+  q_seg = jnp.array([[0] * 8 + [9] * 8, [1] * 16])                 # id 9 has no keys
+  kv_seg = jnp.array([[0] * 16, [1] * 16])
+  f = lambda q_, k_, v_: attention_reference(q_, k_, v_, segment_ids=(q_seg, kv_seg), causal=True)
+  out = f(q, k, v)
+  np.testing.assert_array_equal(np.asarray(out[0, 8:]), 0.0)
+  mask = (q_seg[:, None, :, None] == kv_seg[:, None, None, :]) & jnp.tril(jnp.ones((16, 16), bool))
+  _close(out[:, :8], _naive(q, k, v, 0.0, 8 ** -0.5, mask)[:, :8], 1e-5)
+  grads = jax.grad(lambda *a: jnp.sum(f(*a) ** 2), argnums=(0, 1, 2))(q, k, v)
+  assert all(np.isfinite(np.asarray(g)).all() for g in grads)
+
+
+# --- Pallas kernel (interpret mode on CPU) --------------------------------------------------------
+
+
+def _loss(fn, do):
+  return lambda q, k, v, bias: jnp.sum(fn(q, k, v, bias) * do)
+
+
+def _compare(q, k, v, bias=None, **kw):
+  do = jax.random.normal(jax.random.key(7), q.shape[:3] + v.shape[3:])
+  ref = lambda q_, k_, v_, b_: attention_reference(q_, k_, v_, bias=b_, **kw)
+  ker = lambda q_, k_, v_, b_: attention(q_, k_, v_, bias=b_, implementation="pallas", **kw)
+  argnums = (0, 1, 2) if bias is None else (0, 1, 2, 3)
+  out_r, g_r = jax.jit(jax.value_and_grad(_loss(ref, do), argnums))(q, k, v, bias)
+  out_k, g_k = jax.jit(jax.value_and_grad(_loss(ker, do), argnums))(q, k, v, bias)
+  _close(jax.jit(ker)(q, k, v, bias), jax.jit(ref)(q, k, v, bias), 1e-5)
+  for a, b in zip(g_k, g_r):
+    assert a.shape == b.shape
+    _close(a, b, 1e-4)
+
+
+@pytest.mark.parametrize("l,d,causal", [(49, 32, False), (49, 64, True), (64, 32, True),
+                                        (64, 64, False), (197, 32, True), (197, 64, False)])
+def test_kernel_matches_reference(l, d, causal):
+  q, k, v = _qkv(1, l, 2, d, seed=l + d)
+  _compare(q, k, v, causal=causal)
+
+
+@pytest.mark.parametrize("shape", [(2, 49, 49), (2, 2, 49, 49), (1, 2, 49, 49)],
+                         ids=["bias_HLL", "bias_per_batch", "bias_shared_over_batch"])
+def test_kernel_bias_and_dbias(shape):
+  q, k, v = _qkv(2, 49, 2, 32, seed=3)
+  bias = jax.random.normal(jax.random.key(4), shape) * 2
+  _compare(q, k, v, bias, scale=0.2)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_kernel_segment_ids_with_fully_masked_row(causal):
+  q, k, v = _qkv(2, 197, 2, 32, seed=5)
+  q_seg = jnp.concatenate([jnp.zeros((2, 100), jnp.int32), jnp.ones((2, 97), jnp.int32)], 1)
+  q_seg = q_seg.at[0, 7].set(5)                                     # row (0, 7) sees no key
+  kv_seg = jnp.concatenate([jnp.zeros((2, 120), jnp.int32), jnp.ones((2, 77), jnp.int32)], 1)
+  out = attention(q, k, v, segment_ids=(q_seg, kv_seg), causal=causal, implementation="pallas")
+  np.testing.assert_array_equal(np.asarray(out[0, 7]), 0.0)
+  _compare(q, k, v, segment_ids=(q_seg, kv_seg), causal=causal)
+  bias = jax.random.normal(jax.random.key(6), (1, 2, 197, 197))
+  _compare(q, k, v, bias, segment_ids=q_seg, causal=causal)
+
+
+def test_kernel_lse():
+  q, k, v = _qkv(1, 49, 2, 32, seed=8)
+  bias = jax.random.normal(jax.random.key(9), (2, 49, 49))
+  _, lse = attention_pallas_with_lse(q, k, v, bias=bias, causal=True)
+  s = jnp.einsum("bqhd,bkhd->bhqk", q, k, precision=HIGHEST) / np.sqrt(32) + bias
+  s = jnp.where(jnp.tril(jnp.ones((49, 49), bool)), s, -jnp.inf)
+  _close(lse, jax.nn.logsumexp(s, -1), 1e-5)
+
+
+def test_kernel_block_sizes_do_not_change_the_result():
+  q, k, v = _qkv(1, 100, 2, 32, seed=10)
+  a = attention_pallas(q, k, v, causal=True, block_q=16, block_k=32)
+  b = attention_pallas(q, k, v, causal=True, block_q=64, block_k=16)
+  _close(a, attention_reference(q, k, v, causal=True), 1e-5)
+  _close(b, attention_reference(q, k, v, causal=True), 1e-5)
+
+
+# --- errors ---------------------------------------------------------------------------------------
+
+
+def test_errors_say_expected_and_given():
+  q, k, v = _qkv(1, 8, 2, 8)
+  with pytest.raises(ValueError, match=r"expected q of rank 4.*got rank 3"):
+    attention(q[0], k, v)
+  with pytest.raises(ValueError, match=r"expected k head dim 8.*got 4"):
+    attention(q, k[..., :4], v)
+  with pytest.raises(ValueError, match=r"expected 2 heads"):
+    attention(q, k[:, :, :1], v)
+  with pytest.raises(ValueError, match=r"expected bias broadcastable to .*\(1, 2, 8, 8\).*got shape \(3, 8, 8\)"):
+    attention(q, k, v, bias=jnp.zeros((3, 8, 8)))
+  with pytest.raises(ValueError, match=r"expected q segment_ids of shape .*\(1, 8\).*got \(1, 7\)"):
+    attention(q, k, v, segment_ids=jnp.zeros((1, 7), jnp.int32))
+  with pytest.raises(ValueError, match=r"single segment_ids array needs q_len == kv_len"):
+    attention(q, k[:, :4], v[:, :4], segment_ids=jnp.zeros((1, 8), jnp.int32))
+  with pytest.raises(ValueError, match=r"expected implementation in .*got 'cudnn'"):
+    attention(q, k, v, implementation="cudnn")
+
+
+def test_pallas_refuses_what_it_cannot_lower():
+  _check_pallas_supported("gpu", False, 64, 64)
+  _check_pallas_supported("cpu", True, 48, 48)
+  with pytest.raises(ValueError, match=r"power-of-two head_dim >= 16.*got 48"):
+    _check_pallas_supported("gpu", False, 48, 48)

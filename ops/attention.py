@@ -10,10 +10,12 @@ broadcastable to ``[B, H, Lq, Lk]``. A query row whose keys are all masked retur
 Implementations:
 
 * ``attention_reference``: jnp, f32 math with ``precision=HIGHEST``. The spec and the CPU path.
-* ``attention_pallas``: a ``pl.pallas_call`` forward kernel (online softmax over key blocks) wrapped
-  in a ``jax.custom_vjp``. Its backward is currently the autodiff of the reference recomputed from
-  the residuals (q, k, v, bias, segment ids); a Pallas backward kernel (dq, dk, dv, dbias reduced over
-  the broadcast axes) is the next step.
+* ``attention_pallas``: a ``pl.pallas_call`` forward kernel (online softmax over key blocks, returns
+  out and the log-sum-exp) wrapped in a ``jax.custom_vjp`` whose backward is two Pallas kernels
+  (dK/dV parallel over key blocks, dQ/dbias parallel over query blocks; P recomputed from the lse;
+  no atomics, deterministic). dbias is written as per-(batch, head) dS tiles and summed in jnp over
+  the axes the bias was broadcast along; reducing over those axes inside the kernel (so that a bias
+  shared over many windows never materializes ``[B, H, Lq, Lk]``) is the next step.
 * ``attention(..., implementation=None | "xla" | "pallas")`` dispatches. ``None`` picks the reference
   on CPU and never runs interpret mode silently; ``"pallas"`` on CPU runs the kernel with
   ``interpret=True``.
@@ -274,6 +276,193 @@ def _pallas_forward(q, k, v, bias, q_seg, kv_seg, causal, scale, block_q, block_
   return jnp.swapaxes(out[:, :, :lq], 1, 2), lse[:, :, :lq]
 
 
+# --------------------------------------------------------------------------------------------------
+# Pallas backward kernels: dK/dV (parallel over key blocks) and dQ/dbias (parallel over query
+# blocks). Deterministic: no atomics. P is recomputed from the log-sum-exp.
+# --------------------------------------------------------------------------------------------------
+
+
+def _bwd_tile(q, kb, vb, do, lse, delta, bias, mask):
+  """Returns (p, ds) for one [bq, bk] tile; q is already scaled."""
+  s = lax.dot_general(q, kb, (((1,), (1,)), ((), ())), precision=_HIGHEST,
+                      preferred_element_type=_F32)
+  if bias is not None:
+    s = s + bias
+  p = jnp.where(mask, jnp.exp(s - lse), 0.0)
+  dp = lax.dot_general(do, vb, (((1,), (1,)), ((), ())), precision=_HIGHEST,
+                       preferred_element_type=_F32)
+  return p, p * (dp - delta)
+
+
+def _tile_mask(q_pos, k_pos, q_len, kv_len, causal, qseg, kseg):
+  mask = (k_pos < kv_len) & (q_pos < q_len)
+  if causal:
+    mask = mask & (q_pos >= k_pos)
+  if qseg is not None:
+    mask = mask & (qseg == kseg)
+  return mask
+
+
+def _dkdv_kernel(*refs, scale, causal, q_len, kv_len, block_q, block_k, num_q_blocks, has_bias,
+                 has_seg):
+  q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *rest = refs
+  bias_ref = rest.pop(0) if has_bias else None
+  qseg_ref, kseg_ref = (rest.pop(0), rest.pop(0)) if has_seg else (None, None)
+  dk_ref, dv_ref = rest
+
+  kj = pl.program_id(2)
+  kb = k_ref[...].astype(_F32)                                       # [bk, D]
+  vb = v_ref[...].astype(_F32)                                       # [bk, Dv]
+  k_pos = kj * block_k + lax.broadcasted_iota(jnp.int32, (1, block_k), 1)
+  kseg = kseg_ref[...][None, :] if has_seg else None
+
+  def body(i, carry):
+    dk, dv = carry
+    start = pl.multiple_of(i * block_q, block_q)
+    q = q_ref[pl.ds(start, block_q), :].astype(_F32) * scale
+    do = do_ref[pl.ds(start, block_q), :].astype(_F32)
+    lse = lse_ref[pl.ds(start, block_q)][:, None]
+    delta = delta_ref[pl.ds(start, block_q)][:, None]
+    bias = bias_ref[pl.ds(start, block_q), :].astype(_F32) if has_bias else None
+    q_pos = start + lax.broadcasted_iota(jnp.int32, (block_q, 1), 0)
+    qseg = qseg_ref[pl.ds(start, block_q)][:, None] if has_seg else None
+    mask = _tile_mask(q_pos, k_pos, q_len, kv_len, causal, qseg, kseg)
+    p, ds = _bwd_tile(q, kb, vb, do, lse, delta, bias, mask)
+    dv = dv + lax.dot_general(p, do, (((0,), (0,)), ((), ())), precision=_HIGHEST,
+                              preferred_element_type=_F32)
+    dk = dk + lax.dot_general(ds, q, (((0,), (0,)), ((), ())), precision=_HIGHEST,
+                              preferred_element_type=_F32)
+    return dk, dv
+
+  lower = (kj * block_k) // block_q if causal else 0  # query blocks entirely above: no work
+  dk, dv = lax.fori_loop(lower, num_q_blocks, body,
+                         (jnp.zeros(dk_ref.shape, _F32), jnp.zeros(dv_ref.shape, _F32)))
+  dk_ref[...] = dk.astype(dk_ref.dtype)  # q was already scaled
+  dv_ref[...] = dv.astype(dv_ref.dtype)
+
+
+def _dq_kernel(*refs, scale, causal, q_len, kv_len, block_q, block_k, num_k_blocks, has_bias,
+               has_seg):
+  q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *rest = refs
+  bias_ref = rest.pop(0) if has_bias else None
+  qseg_ref, kseg_ref = (rest.pop(0), rest.pop(0)) if has_seg else (None, None)
+  dq_ref = rest.pop(0)
+  dbias_ref = rest.pop(0) if has_bias else None
+
+  qi = pl.program_id(2)
+  q = q_ref[...].astype(_F32) * scale
+  do = do_ref[...].astype(_F32)
+  lse = lse_ref[...][:, None]
+  delta = delta_ref[...][:, None]
+  q_pos = qi * block_q + lax.broadcasted_iota(jnp.int32, (block_q, 1), 0)
+  qseg = qseg_ref[...][:, None] if has_seg else None
+  if has_bias:
+    dbias_ref[...] = jnp.zeros(dbias_ref.shape, dbias_ref.dtype)  # blocks skipped by causal
+
+  def body(j, dq):
+    start = pl.multiple_of(j * block_k, block_k)
+    kb = k_ref[pl.ds(start, block_k), :].astype(_F32)
+    vb = v_ref[pl.ds(start, block_k), :].astype(_F32)
+    bias = bias_ref[:, pl.ds(start, block_k)].astype(_F32) if has_bias else None
+    k_pos = start + lax.broadcasted_iota(jnp.int32, (1, block_k), 1)
+    kseg = kseg_ref[pl.ds(start, block_k)][None, :] if has_seg else None
+    mask = _tile_mask(q_pos, k_pos, q_len, kv_len, causal, qseg, kseg)
+    _, ds = _bwd_tile(q, kb, vb, do, lse, delta, bias, mask)
+    if has_bias:
+      dbias_ref[:, pl.ds(start, block_k)] = ds.astype(dbias_ref.dtype)
+    return dq + lax.dot_general(ds, kb, (((1,), (0,)), ((), ())), precision=_HIGHEST,
+                                preferred_element_type=_F32)
+
+  if causal:
+    upper = jnp.minimum(num_k_blocks, ((qi + 1) * block_q + block_k - 1) // block_k)
+  else:
+    upper = num_k_blocks
+  dq = lax.fori_loop(0, upper, body, jnp.zeros(dq_ref.shape, _F32))
+  dq_ref[...] = (dq * scale).astype(dq_ref.dtype)
+
+
+def _pallas_backward(q, k, v, bias, q_seg, kv_seg, out, lse, do, causal, scale, block_q, block_k,
+                     interpret):
+  """dq, dk, dv, dbias (dbias summed over the axes the bias was broadcast along)."""
+  b, lq, h, d = q.shape
+  lk, dv_dim = k.shape[1], v.shape[3]
+  bq, bk = _block_size(lq, block_q), _block_size(lk, block_k)
+  lq_p, lk_p = _round_up(lq, bq), _round_up(lk, bk)
+  pad_l = lambda x, n: jnp.pad(jnp.swapaxes(x, 1, 2), ((0, 0), (0, 0), (0, n), (0, 0)))
+  qt, dot = pad_l(q, lq_p - lq), pad_l(do, lq_p - lq)
+  kt, vt = pad_l(k, lk_p - lk), pad_l(v, lk_p - lk)
+  delta = jnp.sum(out.astype(_F32) * do.astype(_F32), axis=-1)      # [B, Lq, H]
+  delta = jnp.pad(jnp.swapaxes(delta, 1, 2), ((0, 0), (0, 0), (0, lq_p - lq)))
+  lse_p = jnp.pad(lse, ((0, 0), (0, 0), (0, lq_p - lq)))
+
+  has_bias, has_seg = bias is not None, q_seg is not None
+  common = [qt, kt, vt, dot, lse_p, delta]
+  extra, bias_shape = [], None
+  if has_bias:
+    bb, bh = bias.shape[0], bias.shape[1]
+    bias_p = jnp.broadcast_to(bias, (bb, bh, lq, lk))
+    bias_p = jnp.pad(bias_p, ((0, 0), (0, 0), (0, lq_p - lq), (0, lk_p - lk)))
+    extra.append(bias_p)
+  if has_seg:
+    extra += [jnp.pad(q_seg.astype(jnp.int32), ((0, 0), (0, lq_p - lq))),
+              jnp.pad(kv_seg.astype(jnp.int32), ((0, 0), (0, lk_p - lk)))]
+  flags = dict(scale=scale, causal=causal, q_len=lq, kv_len=lk, block_q=bq, block_k=bk,
+               has_bias=has_bias, has_seg=has_seg)
+
+  # dK, dV: one program per key block, looping over query blocks.
+  full_q = lambda dd: pl.BlockSpec((None, None, lq_p, dd), lambda bi, hi, j: (bi, hi, 0, 0))
+  blk_k = lambda dd: pl.BlockSpec((None, None, bk, dd), lambda bi, hi, j: (bi, hi, j, 0))
+  row_q = pl.BlockSpec((None, None, lq_p), lambda bi, hi, j: (bi, hi, 0))
+  specs = [full_q(d), blk_k(d), blk_k(dv_dim), full_q(dv_dim), row_q, row_q]
+  if has_bias:
+    specs.append(pl.BlockSpec((None, None, lq_p, bk),
+                              lambda bi, hi, j: (bi if bb > 1 else 0, hi if bh > 1 else 0, 0, j)))
+  if has_seg:
+    specs += [pl.BlockSpec((None, lq_p), lambda bi, hi, j: (bi, 0)),
+              pl.BlockSpec((None, bk), lambda bi, hi, j: (bi, j))]
+  dk, dv = pl.pallas_call(
+      functools.partial(_dkdv_kernel, num_q_blocks=lq_p // bq, **flags),
+      grid=(b, h, lk_p // bk),
+      in_specs=specs,
+      out_specs=[blk_k(d), blk_k(dv_dim)],
+      out_shape=[jax.ShapeDtypeStruct(kt.shape, k.dtype), jax.ShapeDtypeStruct(vt.shape, v.dtype)],
+      interpret=interpret,
+      name="attention_bwd_dkdv",
+  )(*common, *extra)
+
+  # dQ (and the dS tiles, which are dbias): one program per query block, looping over key blocks.
+  blk_q = lambda dd: pl.BlockSpec((None, None, bq, dd), lambda bi, hi, i: (bi, hi, i, 0))
+  full_k = lambda dd: pl.BlockSpec((None, None, lk_p, dd), lambda bi, hi, i: (bi, hi, 0, 0))
+  row_bq = pl.BlockSpec((None, None, bq), lambda bi, hi, i: (bi, hi, i))
+  specs = [blk_q(d), full_k(d), full_k(dv_dim), blk_q(dv_dim), row_bq, row_bq]
+  out_specs, out_shape = [blk_q(d)], [jax.ShapeDtypeStruct(qt.shape, q.dtype)]
+  if has_bias:
+    specs.append(pl.BlockSpec((None, None, bq, lk_p),
+                              lambda bi, hi, i: (bi if bb > 1 else 0, hi if bh > 1 else 0, i, 0)))
+    out_specs.append(pl.BlockSpec((None, None, bq, lk_p), lambda bi, hi, i: (bi, hi, i, 0)))
+    out_shape.append(jax.ShapeDtypeStruct((b, h, lq_p, lk_p), _F32))
+  if has_seg:
+    specs += [pl.BlockSpec((None, bq), lambda bi, hi, i: (bi, i)),
+              pl.BlockSpec((None, lk_p), lambda bi, hi, i: (bi, 0))]
+  res = pl.pallas_call(
+      functools.partial(_dq_kernel, num_k_blocks=lk_p // bk, **flags),
+      grid=(b, h, lq_p // bq),
+      in_specs=specs,
+      out_specs=out_specs,
+      out_shape=out_shape,
+      interpret=interpret,
+      name="attention_bwd_dq",
+  )(*common, *extra)
+  dq = res[0]
+  unpad = lambda x, n: jnp.swapaxes(x[:, :, :n], 1, 2)
+  dbias = None
+  if has_bias:
+    ds = res[1][:, :, :lq, :lk]
+    axes = tuple(i for i in range(4) if bias.shape[i] == 1 and ds.shape[i] != 1)
+    dbias = jnp.sum(ds, axis=axes, keepdims=True).astype(bias.dtype)
+  return unpad(dq, lq), unpad(dk, lk), unpad(dv, lk), dbias
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9, 10))
 def _pallas_attention(q, k, v, bias, q_seg, kv_seg, causal, scale, block_q, block_k, interpret):
   return _pallas_forward(q, k, v, bias, q_seg, kv_seg, causal, scale, block_q, block_k,
@@ -288,13 +477,9 @@ def _pallas_attention_fwd(q, k, v, bias, q_seg, kv_seg, causal, scale, block_q, 
 
 
 def _pallas_attention_bwd(causal, scale, block_q, block_k, interpret, res, do):
-  # Backward = autodiff of the reference recomputed from the residuals. The Pallas backward
-  # kernel (dq, dk, dv, dbias reduced over broadcast axes, using o and lse) is the next step.
-  q, k, v, bias, q_seg, kv_seg, _, _ = res
-  _, vjp = jax.vjp(
-      lambda q_, k_, v_, b_: _reference(q_, k_, v_, b_, q_seg, kv_seg, causal, scale),
-      q, k, v, bias)
-  dq, dk, dv, dbias = vjp(do)
+  q, k, v, bias, q_seg, kv_seg, out, lse = res
+  dq, dk, dv, dbias = _pallas_backward(q, k, v, bias, q_seg, kv_seg, out, lse, do, causal, scale,
+                                       block_q, block_k, interpret)
   return dq, dk, dv, dbias, None, None
 
 
@@ -309,9 +494,8 @@ def attention_pallas(q, k, v, *, bias=None, segment_ids=None, causal=False, scal
   197) are padded and the padding is masked inside the kernel. ``interpret=None`` means
   ``interpret=True`` on CPU.
 
-  The backward pass is, for now, the autodiff of the jnp reference recomputed from the residuals
-  (q, k, v, bias, segment ids); the residuals also keep the output and log-sum-exp for the Pallas
-  backward kernel (dq, dk, dv, dbias), which is the next step.
+  Residuals are (q, k, v, bias, segment ids, out, lse); the backward is the Pallas dK/dV and dQ/dbias
+  kernels (see the module docstring). On GPU the compiled kernels are not yet validated on a device.
   """
   bias, q_seg, kv_seg = _validate(q, k, v, bias, segment_ids)
   if interpret is None:

@@ -119,6 +119,21 @@ def test_kernel_segment_ids_with_fully_masked_row(causal):
   _compare(q, k, v, bias, segment_ids=q_seg, causal=causal)
 
 
+def test_kernel_cross_attention_and_length_broadcast_bias():
+  q, k, v = _qkv(2, 30, 2, 32, seed=11, lk=49)
+  key_bias = jnp.where(jnp.arange(49) < 40, 0.0, -1e9)[None, None, None, :]  # [1, 1, 1, Lk]
+  _compare(q, k, v, key_bias)
+  _compare(q, k, v, jax.random.normal(jax.random.key(12), (2, 1, 30, 1)), causal=True)
+
+
+def test_kernel_backward_is_deterministic():
+  q, k, v = _qkv(1, 49, 2, 32, seed=13)
+  bias = jax.random.normal(jax.random.key(14), (2, 49, 49))
+  g = jax.jit(jax.grad(lambda *a: jnp.sum(attention_pallas(*a[:3], bias=a[3]) ** 2), (0, 1, 2, 3)))
+  for a, b in zip(g(q, k, v, bias), g(q, k, v, bias)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
 def test_kernel_lse():
   q, k, v = _qkv(1, 49, 2, 32, seed=8)
   bias = jax.random.normal(jax.random.key(9), (2, 49, 49))

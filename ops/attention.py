@@ -13,9 +13,11 @@ Implementations:
 * ``attention_pallas``: a ``pl.pallas_call`` forward kernel (online softmax over key blocks, returns
   out and the log-sum-exp) wrapped in a ``jax.custom_vjp`` whose backward is two Pallas kernels
   (dK/dV parallel over key blocks, dQ/dbias parallel over query blocks; P recomputed from the lse;
-  no atomics, deterministic). dbias is written as per-(batch, head) dS tiles and summed in jnp over
-  the axes the bias was broadcast along; reducing over those axes inside the kernel (so that a bias
-  shared over many windows never materializes ``[B, H, Lq, Lk]``) is the next step.
+  no atomics, deterministic). A per-(batch, head) bias gets its dbias as the dS tiles of the dQ
+  kernel; a bias shared over batch and/or heads (relative-position bias over windows) gets a
+  separate dbias kernel that loops over the sharing (batch, head) pairs, so ``[B, H, Lq, Lk]`` is
+  never materialized (it recomputes the dS tiles, trading FLOPs for memory). Axes of length 1 along
+  Lq/Lk are summed in jnp.
 * ``attention(..., implementation=None | "xla" | "pallas")`` dispatches. ``None`` picks the reference
   on CPU and never runs interpret mode silently; ``"pallas"`` on CPU runs the kernel with
   ``interpret=True``.
@@ -342,12 +344,12 @@ def _dkdv_kernel(*refs, scale, causal, q_len, kv_len, block_q, block_k, num_q_bl
 
 
 def _dq_kernel(*refs, scale, causal, q_len, kv_len, block_q, block_k, num_k_blocks, has_bias,
-               has_seg):
+               has_seg, write_dbias):
   q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *rest = refs
   bias_ref = rest.pop(0) if has_bias else None
   qseg_ref, kseg_ref = (rest.pop(0), rest.pop(0)) if has_seg else (None, None)
   dq_ref = rest.pop(0)
-  dbias_ref = rest.pop(0) if has_bias else None
+  dbias_ref = rest.pop(0) if has_bias and write_dbias else None
 
   qi = pl.program_id(2)
   q = q_ref[...].astype(_F32) * scale
@@ -356,7 +358,7 @@ def _dq_kernel(*refs, scale, causal, q_len, kv_len, block_q, block_k, num_k_bloc
   delta = delta_ref[...][:, None]
   q_pos = qi * block_q + lax.broadcasted_iota(jnp.int32, (block_q, 1), 0)
   qseg = qseg_ref[...][:, None] if has_seg else None
-  if has_bias:
+  if dbias_ref is not None:
     dbias_ref[...] = jnp.zeros(dbias_ref.shape, dbias_ref.dtype)  # blocks skipped by causal
 
   def body(j, dq):
@@ -368,7 +370,7 @@ def _dq_kernel(*refs, scale, causal, q_len, kv_len, block_q, block_k, num_k_bloc
     kseg = kseg_ref[pl.ds(start, block_k)][None, :] if has_seg else None
     mask = _tile_mask(q_pos, k_pos, q_len, kv_len, causal, qseg, kseg)
     _, ds = _bwd_tile(q, kb, vb, do, lse, delta, bias, mask)
-    if has_bias:
+    if dbias_ref is not None:
       dbias_ref[:, pl.ds(start, block_k)] = ds.astype(dbias_ref.dtype)
     return dq + lax.dot_general(ds, kb, (((1,), (0,)), ((), ())), precision=_HIGHEST,
                                 preferred_element_type=_F32)
@@ -379,6 +381,48 @@ def _dq_kernel(*refs, scale, causal, q_len, kv_len, block_q, block_k, num_k_bloc
     upper = num_k_blocks
   dq = lax.fori_loop(0, upper, body, jnp.zeros(dq_ref.shape, _F32))
   dq_ref[...] = (dq * scale).astype(dq_ref.dtype)
+
+
+def _dbias_kernel(*refs, scale, causal, q_len, kv_len, block_q, block_k, num_k_blocks, nb, nh,
+                  has_seg):
+  """dbias for a bias shared over batch and/or heads: one program per (bias row block), looping
+  over the nb x nh (batch, head) pairs that share it, so [B, H, Lq, Lk] is never written."""
+  q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, bias_ref, *rest = refs
+  qseg_ref, kseg_ref = (rest.pop(0), rest.pop(0)) if has_seg else (None, None)
+  (dbias_ref,) = rest
+
+  qi = pl.program_id(2)
+  q_pos = qi * block_q + lax.broadcasted_iota(jnp.int32, (block_q, 1), 0)
+  dbias_ref[...] = jnp.zeros(dbias_ref.shape, dbias_ref.dtype)
+  if causal:
+    upper = jnp.minimum(num_k_blocks, ((qi + 1) * block_q + block_k - 1) // block_k)
+  else:
+    upper = num_k_blocks
+
+  def pair(t, _):
+    bi, hi = t // nh, t % nh
+    q = q_ref[bi, hi].astype(_F32) * scale
+    do = do_ref[bi, hi].astype(_F32)
+    lse = lse_ref[bi, hi][:, None]
+    delta = delta_ref[bi, hi][:, None]
+    qseg = qseg_ref[bi][:, None] if has_seg else None
+
+    def body(j, _):
+      start = pl.multiple_of(j * block_k, block_k)
+      kb = k_ref[bi, hi, pl.ds(start, block_k), :].astype(_F32)
+      vb = v_ref[bi, hi, pl.ds(start, block_k), :].astype(_F32)
+      bias = bias_ref[:, pl.ds(start, block_k)].astype(_F32)
+      k_pos = start + lax.broadcasted_iota(jnp.int32, (1, block_k), 1)
+      kseg = kseg_ref[bi, pl.ds(start, block_k)][None, :] if has_seg else None
+      mask = _tile_mask(q_pos, k_pos, q_len, kv_len, causal, qseg, kseg)
+      _, ds = _bwd_tile(q, kb, vb, do, lse, delta, bias, mask)
+      dbias_ref[:, pl.ds(start, block_k)] += ds.astype(dbias_ref.dtype)
+      return 0
+
+    lax.fori_loop(0, upper, body, 0)
+    return 0
+
+  lax.fori_loop(0, nb * nh, pair, 0)
 
 
 def _pallas_backward(q, k, v, bias, q_seg, kv_seg, out, lse, do, causal, scale, block_q, block_k,
@@ -430,7 +474,9 @@ def _pallas_backward(q, k, v, bias, q_seg, kv_seg, out, lse, do, causal, scale, 
       name="attention_bwd_dkdv",
   )(*common, *extra)
 
-  # dQ (and the dS tiles, which are dbias): one program per query block, looping over key blocks.
+  # dQ (and, when the bias is per batch and head, the dS tiles, which are dbias): one program per
+  # query block, looping over key blocks.
+  shared = has_bias and ((bb == 1 and b > 1) or (bh == 1 and h > 1))
   blk_q = lambda dd: pl.BlockSpec((None, None, bq, dd), lambda bi, hi, i: (bi, hi, i, 0))
   full_k = lambda dd: pl.BlockSpec((None, None, lk_p, dd), lambda bi, hi, i: (bi, hi, 0, 0))
   row_bq = pl.BlockSpec((None, None, bq), lambda bi, hi, i: (bi, hi, i))
@@ -439,13 +485,15 @@ def _pallas_backward(q, k, v, bias, q_seg, kv_seg, out, lse, do, causal, scale, 
   if has_bias:
     specs.append(pl.BlockSpec((None, None, bq, lk_p),
                               lambda bi, hi, i: (bi if bb > 1 else 0, hi if bh > 1 else 0, i, 0)))
-    out_specs.append(pl.BlockSpec((None, None, bq, lk_p), lambda bi, hi, i: (bi, hi, i, 0)))
-    out_shape.append(jax.ShapeDtypeStruct((b, h, lq_p, lk_p), _F32))
+    if not shared:
+      out_specs.append(pl.BlockSpec((None, None, bq, lk_p), lambda bi, hi, i: (bi, hi, i, 0)))
+      out_shape.append(jax.ShapeDtypeStruct((b, h, lq_p, lk_p), _F32))
   if has_seg:
     specs += [pl.BlockSpec((None, bq), lambda bi, hi, i: (bi, i)),
               pl.BlockSpec((None, lk_p), lambda bi, hi, i: (bi, 0))]
+  dq_flags = dict(flags, has_bias=has_bias)
   res = pl.pallas_call(
-      functools.partial(_dq_kernel, num_k_blocks=lk_p // bk, **flags),
+      functools.partial(_dq_kernel, num_k_blocks=lk_p // bk, write_dbias=not shared, **dq_flags),
       grid=(b, h, lq_p // bq),
       in_specs=specs,
       out_specs=out_specs,
@@ -453,6 +501,30 @@ def _pallas_backward(q, k, v, bias, q_seg, kv_seg, out, lse, do, causal, scale, 
       interpret=interpret,
       name="attention_bwd_dq",
   )(*common, *extra)
+  if shared:
+    # dbias reduced in-kernel over the (batch, head) pairs sharing each bias block.
+    nb, nh = (b if bb == 1 else 1), (h if bh == 1 else 1)
+    sel = lambda bi, hi: (bi if bb > 1 else 0, hi if bh > 1 else 0)
+    grp_q = lambda dd: pl.BlockSpec((nb, nh, bq, dd), lambda bi, hi, i: (*sel(bi, hi), i, 0))
+    grp_k = lambda dd: pl.BlockSpec((nb, nh, lk_p, dd), lambda bi, hi, i: (*sel(bi, hi), 0, 0))
+    grp_row = pl.BlockSpec((nb, nh, bq), lambda bi, hi, i: (*sel(bi, hi), i))
+    bias_spec = pl.BlockSpec((None, None, bq, lk_p), lambda bi, hi, i: (bi, hi, i, 0))
+    specs = [grp_q(d), grp_k(d), grp_k(dv_dim), grp_q(dv_dim), grp_row, grp_row, bias_spec]
+    if has_seg:
+      specs += [pl.BlockSpec((nb, bq), lambda bi, hi, i: (sel(bi, hi)[0], i)),
+                pl.BlockSpec((nb, lk_p), lambda bi, hi, i: (sel(bi, hi)[0], 0))]
+    ds = pl.pallas_call(
+        functools.partial(_dbias_kernel, scale=scale, causal=causal, q_len=lq, kv_len=lk,
+                          block_q=bq, block_k=bk, num_k_blocks=lk_p // bk, nb=nb, nh=nh,
+                          has_seg=has_seg),
+        grid=(bb, bh, lq_p // bq),
+        in_specs=specs,
+        out_specs=bias_spec,
+        out_shape=jax.ShapeDtypeStruct((bb, bh, lq_p, lk_p), _F32),
+        interpret=interpret,
+        name="attention_bwd_dbias",
+    )(*common, *extra)
+    res = [res[0], ds]
   dq = res[0]
   unpad = lambda x, n: jnp.swapaxes(x[:, :, :n], 1, 2)
   dbias = None

@@ -134,6 +134,14 @@ def test_kernel_backward_is_deterministic():
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+def test_shared_bias_gradient_is_reduced_in_kernel():
+  q, k, v = _qkv(4, 49, 2, 32, seed=15)
+  bias = jnp.zeros((2, 49, 49))
+  f = lambda b_: jnp.sum(attention_pallas(q, k, v, bias=b_))
+  jaxpr = str(jax.make_jaxpr(jax.grad(f))(bias))
+  assert "attention_bwd_dbias" in jaxpr and "f32[4,2,64,64]" not in jaxpr
+
+
 def test_kernel_lse():
   q, k, v = _qkv(1, 49, 2, 32, seed=8)
   bias = jax.random.normal(jax.random.key(9), (2, 49, 49))

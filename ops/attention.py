@@ -19,8 +19,8 @@ Implementations:
   never materialized (it recomputes the dS tiles, trading FLOPs for memory). Axes of length 1 along
   Lq/Lk are summed in jnp.
 * ``attention(..., implementation=None | "xla" | "pallas")`` dispatches. ``None`` picks the reference
-  on CPU and never runs interpret mode silently; ``"pallas"`` on CPU runs the kernel with
-  ``interpret=True``.
+  (on CPU it never runs interpret mode silently; on devices until the kernel is validated there);
+  ``"pallas"`` on CPU runs the kernel with ``interpret=True``.
 """
 from __future__ import annotations
 
@@ -599,15 +599,16 @@ def attention(q, k, v, *, bias=None, segment_ids=None, causal=False, scale=None,
               implementation=None):
   """Softmax attention, layout ``[B, L, H, D]``; see ``attention_reference`` for the semantics.
 
-  ``implementation``: ``None`` picks the reference ("xla") on CPU and the Pallas kernel elsewhere
-  (never interpret mode); ``"xla"`` is the jnp reference; ``"pallas"`` is the Pallas kernel, run
-  with ``interpret=True`` on CPU.
+  ``implementation``: ``None`` picks the reference ("xla"): on CPU always (never interpret mode), and
+  on GPU/TPU too until the compiled Pallas kernel has been validated and timed on a device;
+  ``"xla"`` is the jnp reference; ``"pallas"`` is the Pallas kernel, run with ``interpret=True`` on
+  CPU, and raising ValueError for cases the compiled kernel cannot lower.
   """
   if implementation not in IMPLEMENTATIONS:
     raise ValueError(
         f"attention: expected implementation in {IMPLEMENTATIONS}, got {implementation!r}")
   if implementation is None:
-    implementation = "xla" if jax.default_backend() == "cpu" else "pallas"
+    implementation = "xla"
   if implementation == "xla":
     return attention_reference(q, k, v, bias=bias, segment_ids=segment_ids, causal=causal,
                                scale=scale)

@@ -142,6 +142,22 @@ def test_shared_bias_gradient_is_reduced_in_kernel():
   assert "attention_bwd_dbias" in jaxpr and "f32[4,2,64,64]" not in jaxpr
 
 
+def test_kernel_bf16_inputs():
+  """bf16 in, f32 math inside both: the kernel and the reference differ by output rounding only."""
+  q, k, v = (x.astype(jnp.bfloat16) for x in _qkv(1, 49, 2, 32, seed=16))
+  bias = jax.random.normal(jax.random.key(17), (2, 49, 49)).astype(jnp.bfloat16)
+  do = jax.random.normal(jax.random.key(18), q.shape).astype(jnp.bfloat16)
+  def run(impl):
+    f = lambda *a: attention(*a[:3], bias=a[3], causal=True, implementation=impl)
+    out, vjp = jax.vjp(f, q, k, v, bias)
+    return (out, *vjp(do))
+  for a, b in zip(run("pallas"), run("xla")):
+    assert a.dtype == b.dtype == jnp.bfloat16
+    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+    tol = 2 * float(jnp.finfo(jnp.bfloat16).eps) * max(np.abs(b).max(), 1.0)
+    np.testing.assert_allclose(a, b, atol=tol, rtol=0)
+
+
 def test_kernel_lse():
   q, k, v = _qkv(1, 49, 2, 32, seed=8)
   bias = jax.random.normal(jax.random.key(9), (2, 49, 49))

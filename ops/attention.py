@@ -569,25 +569,25 @@ def attention_pallas(q, k, v, *, bias=None, segment_ids=None, causal=False, scal
   Residuals are (q, k, v, bias, segment ids, out, lse); the backward is the Pallas dK/dV and dQ/dbias
   kernels (see the module docstring). On GPU the compiled kernels are not yet validated on a device.
   """
-  bias, q_seg, kv_seg = _validate(q, k, v, bias, segment_ids)
-  if interpret is None:
-    interpret = jax.default_backend() == "cpu"
-  _check_pallas_supported(jax.default_backend(), interpret, q.shape[-1], v.shape[-1])
-  return _pallas_attention(q, k, v, bias, q_seg, kv_seg, bool(causal),
-                           _default_scale(scale, q.shape[-1]), int(block_q), int(block_k),
-                           bool(interpret))
+  return _pallas_attention(*_pallas_args(q, k, v, bias, segment_ids, causal, scale, block_q, block_k,
+                                         interpret))
 
 
 def attention_pallas_with_lse(q, k, v, *, bias=None, segment_ids=None, causal=False, scale=None,
                               block_q=64, block_k=64, interpret=None):
   """Forward only: returns ``(out, lse)`` with ``lse`` ``[B, H, Lq]`` f32 (natural log)."""
+  return _pallas_forward(*_pallas_args(q, k, v, bias, segment_ids, causal, scale, block_q, block_k,
+                                       interpret))
+
+
+def _pallas_args(q, k, v, bias, segment_ids, causal, scale, block_q, block_k, interpret) -> tuple:
+  """Validated positional arguments of the Pallas forward/custom_vjp (interpret=None: on CPU only)."""
   bias, q_seg, kv_seg = _validate(q, k, v, bias, segment_ids)
   if interpret is None:
     interpret = jax.default_backend() == "cpu"
   _check_pallas_supported(jax.default_backend(), interpret, q.shape[-1], v.shape[-1])
-  return _pallas_forward(q, k, v, bias, q_seg, kv_seg, bool(causal),
-                         _default_scale(scale, q.shape[-1]), int(block_q), int(block_k),
-                         bool(interpret))
+  return (q, k, v, bias, q_seg, kv_seg, bool(causal), _default_scale(scale, q.shape[-1]), int(block_q),
+          int(block_k), bool(interpret))
 
 
 # --------------------------------------------------------------------------------------------------

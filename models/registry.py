@@ -12,12 +12,15 @@ import dataclasses
 import difflib
 import fnmatch
 import importlib
+import pkgutil
 from typing import Any, Callable
 
 import jax
 from flax import nnx
 
-_FAMILY_MODULES = ("itransformer",)  # imported lazily, so `import models` stays cheap
+# Every other module of `models/` is a family file that registers its variants on import. They are
+# imported lazily (on the first lookup), so `import models` stays cheap.
+_NOT_FAMILIES = frozenset({"registry", "layers", "pretrained", "convert"})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,8 +47,10 @@ def _load_families() -> None:
   global _loaded
   if not _loaded:
     _loaded = True
-    for module in _FAMILY_MODULES:
-      importlib.import_module(f"models.{module}")
+    package = importlib.import_module("models")
+    for module in pkgutil.iter_modules(package.__path__):
+      if module.name not in _NOT_FAMILIES:
+        importlib.import_module(f"models.{module.name}")
 
 
 def list_models(pattern: str = "*") -> list[str]:

@@ -13,18 +13,30 @@ from typing import Callable, Mapping
 
 import numpy as np
 
-CONVERTERS = {  # family -> "module:function"; imported on use, so reading a file never builds every family
-    "itransformer": "models.itransformer:checkpoint_filter_fn",
-}
 _WRAPPER_KEYS = ("state_dict", "model")  # training scripts often save {"model": state_dict, "epoch": ...}
 _TORCH_SUFFIXES = (".pth", ".pt")
 
 
 def get_converter(family: str) -> Callable:
-  if family not in CONVERTERS:
-    raise ValueError(f"no converter for family {family!r}; known: {sorted(CONVERTERS)}")
-  module, function = CONVERTERS[family].split(":")
-  return getattr(importlib.import_module(module), function)
+  """The `checkpoint_filter_fn` of `models/<family>.py`, imported on use (reading a file never
+  builds every family)."""
+  try:
+    module = importlib.import_module(f"models.{family}")
+  except ModuleNotFoundError as e:
+    if e.name != f"models.{family}":
+      raise
+    module = None
+  if module is None or not hasattr(module, "checkpoint_filter_fn"):
+    raise ValueError(f"no converter for family {family!r}; known: {known_families()}")
+  return module.checkpoint_filter_fn
+
+
+def known_families() -> list[str]:
+  """Families (= module names under models/) whose file defines a converter."""
+  from models import registry
+  families = {registry.model_info(name).family for name in registry.list_models()}
+  return sorted(f for f in families
+                if hasattr(importlib.import_module(f"models.{f}"), "checkpoint_filter_fn"))
 
 
 def is_official_checkpoint(path) -> bool:

@@ -169,16 +169,52 @@ def _block_size(length, block):
   return min(block, max(16, 1 << (length - 1).bit_length()))
 
 
-def _check_pallas_supported(backend, interpret, head_dim, v_head_dim):
-  """Raises ValueError for cases the compiled (non-interpret) kernel cannot lower."""
-  if interpret:
-    return
-  if backend == "gpu":
+TARGETS = ("interpret", "gpu", "tpu")
+# Largest block per target (shorter sequences get the next power of two >= 16). Mosaic TPU wants the
+# minor block dim a multiple of 128 lanes unless it spans the whole (padded) length.
+_DEFAULT_BLOCK = {"interpret": 64, "gpu": 64, "tpu": 128}
+
+
+def _default_target() -> str:
+  """The platform's compiled kernel; on CPU the interpreter (the only way a CPU runs Pallas)."""
+  backend = jax.default_backend()
+  return "interpret" if backend == "cpu" else backend
+
+
+def _backend_params(target: str, grid_rank: int) -> dict:
+  """pallas_call keywords for a target. Triton is named explicitly: jax 0.10 lowers a plain
+  pallas_call on GPU with Mosaic GPU, which has no dot_general in this (lane-level) kernel style."""
+  if target == "interpret":
+    return dict(interpret=True)
+  if target == "gpu":
+    from jax.experimental.pallas import triton as pltriton
+    return dict(compiler_params=pltriton.CompilerParams(num_warps=4, num_stages=2))
+  from jax.experimental.pallas import tpu as pltpu
+  return dict(compiler_params=pltpu.CompilerParams(
+      dimension_semantics=("parallel",) * grid_rank))
+
+
+def _check_pallas_supported(target, head_dim, v_head_dim):
+  """Raises ValueError for cases the compiled kernel of `target` cannot lower."""
+  if target not in TARGETS:
+    raise ValueError(f"attention: expected a Pallas target in {TARGETS}, got {target!r}")
+  if target == "gpu":
     for name, d in (("head_dim", head_dim), ("v head_dim", v_head_dim)):
       if d < 16 or d & (d - 1):
         raise ValueError(
             f"attention: implementation='pallas' on GPU expected a power-of-two {name} >= 16 "
             f"(Triton tiles), got {d}; use implementation='xla'")
+
+
+def _div(x, y: int):
+  """Integer division of non-negative program indices. `lax.div` truncates, which equals floor
+  here, and avoids the sign ops of `//` that Mosaic TPU lowers only with a real TPU attached."""
+  return lax.div(x, jnp.int32(y))
+
+
+def _causal_key_blocks(qi, block_q, block_k, num_k_blocks):
+  """Number of key blocks that query block `qi` sees under the causal mask."""
+  return jnp.minimum(num_k_blocks, _div((qi + 1) * block_q + block_k - 1, block_k))
 
 
 def _fwd_kernel(*refs, scale, causal, kv_len, block_q, block_k, num_k_blocks, has_bias, has_seg):
@@ -190,7 +226,7 @@ def _fwd_kernel(*refs, scale, causal, kv_len, block_q, block_k, num_k_blocks, ha
   qi = pl.program_id(2)
   q = q_ref[...].astype(_F32) * scale                               # [bq, D]
   q_pos = qi * block_q + lax.broadcasted_iota(jnp.int32, (block_q, 1), 0)
-  qseg = qseg_ref[...][:, None] if has_seg else None
+  qseg = qseg_ref[...] if has_seg else None                          # [bq, 1]
 
   def body(j, carry):
     m, l, acc = carry
@@ -206,7 +242,7 @@ def _fwd_kernel(*refs, scale, causal, kv_len, block_q, block_k, num_k_blocks, ha
     if causal:
       mask = mask & (q_pos >= k_pos)
     if has_seg:
-      mask = mask & (qseg == kseg_ref[pl.ds(start, block_k)][None, :])
+      mask = mask & (qseg == kseg_ref[:, pl.ds(start, block_k)])
     s = jnp.where(mask, s, _MASK_VALUE)
     m_new = jnp.maximum(m, jnp.max(s, axis=-1, keepdims=True))
     alpha = jnp.exp(m - m_new)
@@ -220,16 +256,24 @@ def _fwd_kernel(*refs, scale, causal, kv_len, block_q, block_k, num_k_blocks, ha
   l0 = jnp.zeros((block_q, 1), _F32)
   acc0 = jnp.zeros((block_q, o_ref.shape[-1]), _F32)
   if causal:  # skip key blocks entirely above the diagonal
-    upper = jnp.minimum(num_k_blocks, ((qi + 1) * block_q + block_k - 1) // block_k)
+    upper = _causal_key_blocks(qi, block_q, block_k, num_k_blocks)
   else:
     upper = num_k_blocks
   m, l, acc = lax.fori_loop(0, upper, body, (m0, l0, acc0))
   empty = l == 0.0
   o_ref[...] = (acc / jnp.where(empty, 1.0, l)).astype(o_ref.dtype)
-  lse_ref[...] = jnp.where(empty, _MASK_VALUE, m + jnp.log(jnp.where(empty, 1.0, l)))[:, 0]
+  lse_ref[...] = jnp.where(empty, _MASK_VALUE, m + jnp.log(jnp.where(empty, 1.0, l)))
 
 
-def _pallas_forward(q, k, v, bias, q_seg, kv_seg, causal, scale, block_q, block_k, interpret):
+def _segment_columns(q_seg, kv_seg, lq_p, lk_p):
+  """Padded segment ids as a [B, Lq, 1] column and a [B, 1, Lk] row: they broadcast into a
+  [bq, bk] tile in the kernel, and their minor dims are full (as TPU blocks require)."""
+  q_col = jnp.pad(q_seg.astype(jnp.int32), ((0, 0), (0, lq_p - q_seg.shape[1])))[:, :, None]
+  kv_row = jnp.pad(kv_seg.astype(jnp.int32), ((0, 0), (0, lk_p - kv_seg.shape[1])))[:, None, :]
+  return [q_col, kv_row]
+
+
+def _pallas_forward(q, k, v, bias, q_seg, kv_seg, causal, scale, block_q, block_k, target):
   """Runs the forward kernel on validated inputs. Returns (out [B,Lq,H,Dv], lse [B,H,Lq] f32)."""
   b, lq, h, d = q.shape
   lk, dv = k.shape[1], v.shape[3]
@@ -256,10 +300,9 @@ def _pallas_forward(q, k, v, bias, q_seg, kv_seg, causal, scale, block_q, block_
         (None, None, bq, lk_p),
         lambda bi, hi, qi: (bi if bb > 1 else 0, hi if bh > 1 else 0, qi, 0)))
   if q_seg is not None:
-    args += [jnp.pad(q_seg.astype(jnp.int32), ((0, 0), (0, lq_p - lq))),
-             jnp.pad(kv_seg.astype(jnp.int32), ((0, 0), (0, lk_p - lk)))]
-    in_specs += [pl.BlockSpec((None, bq), lambda bi, hi, qi: (bi, qi)),
-                 pl.BlockSpec((None, lk_p), lambda bi, hi, qi: (bi, 0))]
+    args += _segment_columns(q_seg, kv_seg, lq_p, lk_p)
+    in_specs += [pl.BlockSpec((None, bq, 1), lambda bi, hi, qi: (bi, qi, 0)),
+                 pl.BlockSpec((None, 1, lk_p), lambda bi, hi, qi: (bi, 0, 0))]
 
   kernel = functools.partial(
       _fwd_kernel, scale=scale, causal=causal, kv_len=lk, block_q=bq, block_k=bk,
@@ -269,13 +312,13 @@ def _pallas_forward(q, k, v, bias, q_seg, kv_seg, causal, scale, block_q, block_
       grid=(b, h, lq_p // bq),
       in_specs=in_specs,
       out_specs=[pl.BlockSpec((None, None, bq, dv), lambda bi, hi, qi: (bi, hi, qi, 0)),
-                 pl.BlockSpec((None, None, bq), lambda bi, hi, qi: (bi, hi, qi))],
+                 pl.BlockSpec((None, None, bq, 1), lambda bi, hi, qi: (bi, hi, qi, 0))],
       out_shape=[jax.ShapeDtypeStruct((b, h, lq_p, dv), q.dtype),
-                 jax.ShapeDtypeStruct((b, h, lq_p), _F32)],
-      interpret=interpret,
+                 jax.ShapeDtypeStruct((b, h, lq_p, 1), _F32)],
+      **_backend_params(target, 3),
       name="attention_fwd",
   )(*args)
-  return jnp.swapaxes(out[:, :, :lq], 1, 2), lse[:, :, :lq]
+  return jnp.swapaxes(out[:, :, :lq], 1, 2), lse[:, :, :lq, 0]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -316,18 +359,18 @@ def _dkdv_kernel(*refs, scale, causal, q_len, kv_len, block_q, block_k, num_q_bl
   kb = k_ref[...].astype(_F32)                                       # [bk, D]
   vb = v_ref[...].astype(_F32)                                       # [bk, Dv]
   k_pos = kj * block_k + lax.broadcasted_iota(jnp.int32, (1, block_k), 1)
-  kseg = kseg_ref[...][None, :] if has_seg else None
+  kseg = kseg_ref[...] if has_seg else None                          # [1, bk]
 
   def body(i, carry):
     dk, dv = carry
     start = pl.multiple_of(i * block_q, block_q)
     q = q_ref[pl.ds(start, block_q), :].astype(_F32) * scale
     do = do_ref[pl.ds(start, block_q), :].astype(_F32)
-    lse = lse_ref[pl.ds(start, block_q)][:, None]
-    delta = delta_ref[pl.ds(start, block_q)][:, None]
+    lse = lse_ref[pl.ds(start, block_q), :]
+    delta = delta_ref[pl.ds(start, block_q), :]
     bias = bias_ref[pl.ds(start, block_q), :].astype(_F32) if has_bias else None
     q_pos = start + lax.broadcasted_iota(jnp.int32, (block_q, 1), 0)
-    qseg = qseg_ref[pl.ds(start, block_q)][:, None] if has_seg else None
+    qseg = qseg_ref[pl.ds(start, block_q), :] if has_seg else None
     mask = _tile_mask(q_pos, k_pos, q_len, kv_len, causal, qseg, kseg)
     p, ds = _bwd_tile(q, kb, vb, do, lse, delta, bias, mask)
     dv = dv + lax.dot_general(p, do, (((0,), (0,)), ((), ())), precision=_HIGHEST,
@@ -336,11 +379,21 @@ def _dkdv_kernel(*refs, scale, causal, q_len, kv_len, block_q, block_k, num_q_bl
                               preferred_element_type=_F32)
     return dk, dv
 
-  lower = (kj * block_k) // block_q if causal else 0  # query blocks entirely above: no work
+  # Query blocks entirely above the diagonal have no work.
+  lower = _div(kj * block_k, block_q) if causal else 0
   dk, dv = lax.fori_loop(lower, num_q_blocks, body,
                          (jnp.zeros(dk_ref.shape, _F32), jnp.zeros(dv_ref.shape, _F32)))
   dk_ref[...] = dk.astype(dk_ref.dtype)  # q was already scaled
   dv_ref[...] = dv.astype(dv_ref.dtype)
+
+
+def _zero_key_blocks(ref, block_k, num_k_blocks):
+  """Zeroes a [bq, Lk] output block one key block at a time (Triton stores power-of-two tiles)."""
+  def body(j, _):
+    ref[:, pl.ds(pl.multiple_of(j * block_k, block_k), block_k)] = jnp.zeros(
+        (ref.shape[0], block_k), ref.dtype)
+    return 0
+  lax.fori_loop(0, num_k_blocks, body, 0)
 
 
 def _dq_kernel(*refs, scale, causal, q_len, kv_len, block_q, block_k, num_k_blocks, has_bias,
@@ -354,12 +407,12 @@ def _dq_kernel(*refs, scale, causal, q_len, kv_len, block_q, block_k, num_k_bloc
   qi = pl.program_id(2)
   q = q_ref[...].astype(_F32) * scale
   do = do_ref[...].astype(_F32)
-  lse = lse_ref[...][:, None]
-  delta = delta_ref[...][:, None]
+  lse = lse_ref[...]
+  delta = delta_ref[...]
   q_pos = qi * block_q + lax.broadcasted_iota(jnp.int32, (block_q, 1), 0)
-  qseg = qseg_ref[...][:, None] if has_seg else None
-  if dbias_ref is not None:
-    dbias_ref[...] = jnp.zeros(dbias_ref.shape, dbias_ref.dtype)  # blocks skipped by causal
+  qseg = qseg_ref[...] if has_seg else None
+  if dbias_ref is not None and causal:
+    _zero_key_blocks(dbias_ref, block_k, num_k_blocks)  # the blocks the causal loop skips
 
   def body(j, dq):
     start = pl.multiple_of(j * block_k, block_k)
@@ -367,7 +420,7 @@ def _dq_kernel(*refs, scale, causal, q_len, kv_len, block_q, block_k, num_k_bloc
     vb = v_ref[pl.ds(start, block_k), :].astype(_F32)
     bias = bias_ref[:, pl.ds(start, block_k)].astype(_F32) if has_bias else None
     k_pos = start + lax.broadcasted_iota(jnp.int32, (1, block_k), 1)
-    kseg = kseg_ref[pl.ds(start, block_k)][None, :] if has_seg else None
+    kseg = kseg_ref[:, pl.ds(start, block_k)] if has_seg else None
     mask = _tile_mask(q_pos, k_pos, q_len, kv_len, causal, qseg, kseg)
     _, ds = _bwd_tile(q, kb, vb, do, lse, delta, bias, mask)
     if dbias_ref is not None:
@@ -376,7 +429,7 @@ def _dq_kernel(*refs, scale, causal, q_len, kv_len, block_q, block_k, num_k_bloc
                                 preferred_element_type=_F32)
 
   if causal:
-    upper = jnp.minimum(num_k_blocks, ((qi + 1) * block_q + block_k - 1) // block_k)
+    upper = _causal_key_blocks(qi, block_q, block_k, num_k_blocks)
   else:
     upper = num_k_blocks
   dq = lax.fori_loop(0, upper, body, jnp.zeros(dq_ref.shape, _F32))
@@ -393,19 +446,20 @@ def _dbias_kernel(*refs, scale, causal, q_len, kv_len, block_q, block_k, num_k_b
 
   qi = pl.program_id(2)
   q_pos = qi * block_q + lax.broadcasted_iota(jnp.int32, (block_q, 1), 0)
-  dbias_ref[...] = jnp.zeros(dbias_ref.shape, dbias_ref.dtype)
+  _zero_key_blocks(dbias_ref, block_k, num_k_blocks)
   if causal:
-    upper = jnp.minimum(num_k_blocks, ((qi + 1) * block_q + block_k - 1) // block_k)
+    upper = _causal_key_blocks(qi, block_q, block_k, num_k_blocks)
   else:
     upper = num_k_blocks
 
   def pair(t, _):
-    bi, hi = t // nh, t % nh
+    # Python-side special case: Triton's lowering of `t % 1` trips over the folded constant.
+    bi, hi = (_div(t, nh), lax.rem(t, jnp.int32(nh))) if nh > 1 else (t, 0)
     q = q_ref[bi, hi].astype(_F32) * scale
     do = do_ref[bi, hi].astype(_F32)
-    lse = lse_ref[bi, hi][:, None]
-    delta = delta_ref[bi, hi][:, None]
-    qseg = qseg_ref[bi][:, None] if has_seg else None
+    lse = lse_ref[bi, hi]
+    delta = delta_ref[bi, hi]
+    qseg = qseg_ref[bi] if has_seg else None
 
     def body(j, _):
       start = pl.multiple_of(j * block_k, block_k)
@@ -413,7 +467,7 @@ def _dbias_kernel(*refs, scale, causal, q_len, kv_len, block_q, block_k, num_k_b
       vb = v_ref[bi, hi, pl.ds(start, block_k), :].astype(_F32)
       bias = bias_ref[:, pl.ds(start, block_k)].astype(_F32)
       k_pos = start + lax.broadcasted_iota(jnp.int32, (1, block_k), 1)
-      kseg = kseg_ref[bi, pl.ds(start, block_k)][None, :] if has_seg else None
+      kseg = kseg_ref[bi, :, pl.ds(start, block_k)] if has_seg else None
       mask = _tile_mask(q_pos, k_pos, q_len, kv_len, causal, qseg, kseg)
       _, ds = _bwd_tile(q, kb, vb, do, lse, delta, bias, mask)
       dbias_ref[:, pl.ds(start, block_k)] += ds.astype(dbias_ref.dtype)
@@ -426,7 +480,7 @@ def _dbias_kernel(*refs, scale, causal, q_len, kv_len, block_q, block_k, num_k_b
 
 
 def _pallas_backward(q, k, v, bias, q_seg, kv_seg, out, lse, do, causal, scale, block_q, block_k,
-                     interpret):
+                     target):
   """dq, dk, dv, dbias (dbias summed over the axes the bias was broadcast along)."""
   b, lq, h, d = q.shape
   lk, dv_dim = k.shape[1], v.shape[3]
@@ -436,8 +490,9 @@ def _pallas_backward(q, k, v, bias, q_seg, kv_seg, out, lse, do, causal, scale, 
   qt, dot = pad_l(q, lq_p - lq), pad_l(do, lq_p - lq)
   kt, vt = pad_l(k, lk_p - lk), pad_l(v, lk_p - lk)
   delta = jnp.sum(out.astype(_F32) * do.astype(_F32), axis=-1)      # [B, Lq, H]
-  delta = jnp.pad(jnp.swapaxes(delta, 1, 2), ((0, 0), (0, 0), (0, lq_p - lq)))
-  lse_p = jnp.pad(lse, ((0, 0), (0, 0), (0, lq_p - lq)))
+  # Per-row statistics as [B, H, Lq, 1] columns (TPU blocks need full or (8, 128)-aligned minor dims).
+  delta = jnp.pad(jnp.swapaxes(delta, 1, 2), ((0, 0), (0, 0), (0, lq_p - lq)))[..., None]
+  lse_p = jnp.pad(lse, ((0, 0), (0, 0), (0, lq_p - lq)))[..., None]
 
   has_bias, has_seg = bias is not None, q_seg is not None
   common = [qt, kt, vt, dot, lse_p, delta]
@@ -448,29 +503,28 @@ def _pallas_backward(q, k, v, bias, q_seg, kv_seg, out, lse, do, causal, scale, 
     bias_p = jnp.pad(bias_p, ((0, 0), (0, 0), (0, lq_p - lq), (0, lk_p - lk)))
     extra.append(bias_p)
   if has_seg:
-    extra += [jnp.pad(q_seg.astype(jnp.int32), ((0, 0), (0, lq_p - lq))),
-              jnp.pad(kv_seg.astype(jnp.int32), ((0, 0), (0, lk_p - lk)))]
+    extra += _segment_columns(q_seg, kv_seg, lq_p, lk_p)
   flags = dict(scale=scale, causal=causal, q_len=lq, kv_len=lk, block_q=bq, block_k=bk,
                has_bias=has_bias, has_seg=has_seg)
 
   # dK, dV: one program per key block, looping over query blocks.
   full_q = lambda dd: pl.BlockSpec((None, None, lq_p, dd), lambda bi, hi, j: (bi, hi, 0, 0))
   blk_k = lambda dd: pl.BlockSpec((None, None, bk, dd), lambda bi, hi, j: (bi, hi, j, 0))
-  row_q = pl.BlockSpec((None, None, lq_p), lambda bi, hi, j: (bi, hi, 0))
+  row_q = pl.BlockSpec((None, None, lq_p, 1), lambda bi, hi, j: (bi, hi, 0, 0))
   specs = [full_q(d), blk_k(d), blk_k(dv_dim), full_q(dv_dim), row_q, row_q]
   if has_bias:
     specs.append(pl.BlockSpec((None, None, lq_p, bk),
                               lambda bi, hi, j: (bi if bb > 1 else 0, hi if bh > 1 else 0, 0, j)))
   if has_seg:
-    specs += [pl.BlockSpec((None, lq_p), lambda bi, hi, j: (bi, 0)),
-              pl.BlockSpec((None, bk), lambda bi, hi, j: (bi, j))]
+    specs += [pl.BlockSpec((None, lq_p, 1), lambda bi, hi, j: (bi, 0, 0)),
+              pl.BlockSpec((None, 1, bk), lambda bi, hi, j: (bi, 0, j))]
   dk, dv = pl.pallas_call(
       functools.partial(_dkdv_kernel, num_q_blocks=lq_p // bq, **flags),
       grid=(b, h, lk_p // bk),
       in_specs=specs,
       out_specs=[blk_k(d), blk_k(dv_dim)],
       out_shape=[jax.ShapeDtypeStruct(kt.shape, k.dtype), jax.ShapeDtypeStruct(vt.shape, v.dtype)],
-      interpret=interpret,
+      **_backend_params(target, 3),
       name="attention_bwd_dkdv",
   )(*common, *extra)
 
@@ -479,7 +533,7 @@ def _pallas_backward(q, k, v, bias, q_seg, kv_seg, out, lse, do, causal, scale, 
   shared = has_bias and ((bb == 1 and b > 1) or (bh == 1 and h > 1))
   blk_q = lambda dd: pl.BlockSpec((None, None, bq, dd), lambda bi, hi, i: (bi, hi, i, 0))
   full_k = lambda dd: pl.BlockSpec((None, None, lk_p, dd), lambda bi, hi, i: (bi, hi, 0, 0))
-  row_bq = pl.BlockSpec((None, None, bq), lambda bi, hi, i: (bi, hi, i))
+  row_bq = pl.BlockSpec((None, None, bq, 1), lambda bi, hi, i: (bi, hi, i, 0))
   specs = [blk_q(d), full_k(d), full_k(dv_dim), blk_q(dv_dim), row_bq, row_bq]
   out_specs, out_shape = [blk_q(d)], [jax.ShapeDtypeStruct(qt.shape, q.dtype)]
   if has_bias:
@@ -489,8 +543,8 @@ def _pallas_backward(q, k, v, bias, q_seg, kv_seg, out, lse, do, causal, scale, 
       out_specs.append(pl.BlockSpec((None, None, bq, lk_p), lambda bi, hi, i: (bi, hi, i, 0)))
       out_shape.append(jax.ShapeDtypeStruct((b, h, lq_p, lk_p), _F32))
   if has_seg:
-    specs += [pl.BlockSpec((None, bq), lambda bi, hi, i: (bi, i)),
-              pl.BlockSpec((None, lk_p), lambda bi, hi, i: (bi, 0))]
+    specs += [pl.BlockSpec((None, bq, 1), lambda bi, hi, i: (bi, i, 0)),
+              pl.BlockSpec((None, 1, lk_p), lambda bi, hi, i: (bi, 0, 0))]
   dq_flags = dict(flags, has_bias=has_bias)
   res = pl.pallas_call(
       functools.partial(_dq_kernel, num_k_blocks=lk_p // bk, write_dbias=not shared, **dq_flags),
@@ -498,7 +552,7 @@ def _pallas_backward(q, k, v, bias, q_seg, kv_seg, out, lse, do, causal, scale, 
       in_specs=specs,
       out_specs=out_specs,
       out_shape=out_shape,
-      interpret=interpret,
+      **_backend_params(target, 3),
       name="attention_bwd_dq",
   )(*common, *extra)
   if shared:
@@ -507,12 +561,12 @@ def _pallas_backward(q, k, v, bias, q_seg, kv_seg, out, lse, do, causal, scale, 
     sel = lambda bi, hi: (bi if bb > 1 else 0, hi if bh > 1 else 0)
     grp_q = lambda dd: pl.BlockSpec((nb, nh, bq, dd), lambda bi, hi, i: (*sel(bi, hi), i, 0))
     grp_k = lambda dd: pl.BlockSpec((nb, nh, lk_p, dd), lambda bi, hi, i: (*sel(bi, hi), 0, 0))
-    grp_row = pl.BlockSpec((nb, nh, bq), lambda bi, hi, i: (*sel(bi, hi), i))
+    grp_row = pl.BlockSpec((nb, nh, bq, 1), lambda bi, hi, i: (*sel(bi, hi), i, 0))
     bias_spec = pl.BlockSpec((None, None, bq, lk_p), lambda bi, hi, i: (bi, hi, i, 0))
     specs = [grp_q(d), grp_k(d), grp_k(dv_dim), grp_q(dv_dim), grp_row, grp_row, bias_spec]
     if has_seg:
-      specs += [pl.BlockSpec((nb, bq), lambda bi, hi, i: (sel(bi, hi)[0], i)),
-                pl.BlockSpec((nb, lk_p), lambda bi, hi, i: (sel(bi, hi)[0], 0))]
+      specs += [pl.BlockSpec((nb, bq, 1), lambda bi, hi, i: (sel(bi, hi)[0], i, 0)),
+                pl.BlockSpec((nb, 1, lk_p), lambda bi, hi, i: (sel(bi, hi)[0], 0, 0))]
     ds = pl.pallas_call(
         functools.partial(_dbias_kernel, scale=scale, causal=causal, q_len=lq, kv_len=lk,
                           block_q=bq, block_k=bk, num_k_blocks=lk_p // bk, nb=nb, nh=nh,
@@ -521,7 +575,7 @@ def _pallas_backward(q, k, v, bias, q_seg, kv_seg, out, lse, do, causal, scale, 
         in_specs=specs,
         out_specs=bias_spec,
         out_shape=jax.ShapeDtypeStruct((bb, bh, lq_p, lk_p), _F32),
-        interpret=interpret,
+        **_backend_params(target, 3),
         name="attention_bwd_dbias",
     )(*common, *extra)
     res = [res[0], ds]
@@ -536,22 +590,19 @@ def _pallas_backward(q, k, v, bias, q_seg, kv_seg, out, lse, do, causal, scale, 
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9, 10))
-def _pallas_attention(q, k, v, bias, q_seg, kv_seg, causal, scale, block_q, block_k, interpret):
-  return _pallas_forward(q, k, v, bias, q_seg, kv_seg, causal, scale, block_q, block_k,
-                         interpret)[0]
+def _pallas_attention(q, k, v, bias, q_seg, kv_seg, causal, scale, block_q, block_k, target):
+  return _pallas_forward(q, k, v, bias, q_seg, kv_seg, causal, scale, block_q, block_k, target)[0]
 
 
-def _pallas_attention_fwd(q, k, v, bias, q_seg, kv_seg, causal, scale, block_q, block_k,
-                          interpret):
-  out, lse = _pallas_forward(q, k, v, bias, q_seg, kv_seg, causal, scale, block_q, block_k,
-                             interpret)
+def _pallas_attention_fwd(q, k, v, bias, q_seg, kv_seg, causal, scale, block_q, block_k, target):
+  out, lse = _pallas_forward(q, k, v, bias, q_seg, kv_seg, causal, scale, block_q, block_k, target)
   return out, (q, k, v, bias, q_seg, kv_seg, out, lse)
 
 
-def _pallas_attention_bwd(causal, scale, block_q, block_k, interpret, res, do):
+def _pallas_attention_bwd(causal, scale, block_q, block_k, target, res, do):
   q, k, v, bias, q_seg, kv_seg, out, lse = res
   dq, dk, dv, dbias = _pallas_backward(q, k, v, bias, q_seg, kv_seg, out, lse, do, causal, scale,
-                                       block_q, block_k, interpret)
+                                       block_q, block_k, target)
   return dq, dk, dv, dbias, None, None
 
 
@@ -559,35 +610,37 @@ _pallas_attention.defvjp(_pallas_attention_fwd, _pallas_attention_bwd)
 
 
 def attention_pallas(q, k, v, *, bias=None, segment_ids=None, causal=False, scale=None,
-                     block_q=64, block_k=64, interpret=None):
+                     block_q=None, block_k=None, target=None):
   """Pallas flash-attention forward (online softmax over key blocks) with a ``custom_vjp``.
 
   Same semantics as ``attention_reference``. Lengths that are not a multiple of the block (49,
-  197) are padded and the padding is masked inside the kernel. ``interpret=None`` means
-  ``interpret=True`` on CPU.
+  197) are padded and the padding is masked inside the kernel. ``target``: ``"interpret"``,
+  ``"gpu"`` (Triton) or ``"tpu"`` (Mosaic); None is the platform's (the interpreter on CPU).
+  ``block_q``/``block_k``: the largest tiles (None: 64 on GPU and in the interpreter, 128 on TPU).
 
   Residuals are (q, k, v, bias, segment ids, out, lse); the backward is the Pallas dK/dV and dQ/dbias
   kernels (see the module docstring). On GPU the compiled kernels are not yet validated on a device.
   """
   return _pallas_attention(*_pallas_args(q, k, v, bias, segment_ids, causal, scale, block_q, block_k,
-                                         interpret))
+                                         target))
 
 
 def attention_pallas_with_lse(q, k, v, *, bias=None, segment_ids=None, causal=False, scale=None,
-                              block_q=64, block_k=64, interpret=None):
+                              block_q=None, block_k=None, target=None):
   """Forward only: returns ``(out, lse)`` with ``lse`` ``[B, H, Lq]`` f32 (natural log)."""
   return _pallas_forward(*_pallas_args(q, k, v, bias, segment_ids, causal, scale, block_q, block_k,
-                                       interpret))
+                                       target))
 
 
-def _pallas_args(q, k, v, bias, segment_ids, causal, scale, block_q, block_k, interpret) -> tuple:
-  """Validated positional arguments of the Pallas forward/custom_vjp (interpret=None: on CPU only)."""
+def _pallas_args(q, k, v, bias, segment_ids, causal, scale, block_q, block_k, target) -> tuple:
+  """Validated positional arguments of the Pallas forward/custom_vjp."""
   bias, q_seg, kv_seg = _validate(q, k, v, bias, segment_ids)
-  if interpret is None:
-    interpret = jax.default_backend() == "cpu"
-  _check_pallas_supported(jax.default_backend(), interpret, q.shape[-1], v.shape[-1])
-  return (q, k, v, bias, q_seg, kv_seg, bool(causal), _default_scale(scale, q.shape[-1]), int(block_q),
-          int(block_k), bool(interpret))
+  target = _default_target() if target is None else target
+  _check_pallas_supported(target, q.shape[-1], v.shape[-1])
+  block_q = _DEFAULT_BLOCK[target] if block_q is None else int(block_q)
+  block_k = _DEFAULT_BLOCK[target] if block_k is None else int(block_k)
+  return (q, k, v, bias, q_seg, kv_seg, bool(causal), _default_scale(scale, q.shape[-1]), block_q,
+          block_k, target)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -197,7 +197,7 @@ def test_errors_say_expected_and_given():
 
 
 def test_pallas_refuses_what_it_cannot_lower():
-  _check_pallas_supported("gpu", False, 64, 64)
-  _check_pallas_supported("cpu", True, 48, 48)
+  _check_pallas_supported("gpu", 64, 64)
+  _check_pallas_supported("interpret", 48, 48)
   with pytest.raises(ValueError, match=r"power-of-two head_dim >= 16.*got 48"):
-    _check_pallas_supported("gpu", False, 48, 48)
+    _check_pallas_supported("gpu", 48, 48)

@@ -2,6 +2,7 @@
 
 A params directory (what `save_params` and the converter CLI write) looks like one step of a training run:
 `DIR/params` is an orbax StandardCheckpointer item holding `nnx.to_pure_dict(nnx.state(model, nnx.Param))`,
+`DIR/model_state` (models with BatchNorm only) holds the batch statistics, as train.py writes them, and
 `DIR/model.json` says which model it belongs to. So `load_pretrained` reads, with one code path, a params
 directory, a training step directory (`workdir/checkpoints/<step>`) and a training workdir (latest step).
 """
@@ -19,6 +20,9 @@ import orbax.checkpoint as ocp
 from flax import nnx, traverse_util
 
 PARAMS_ITEM = "params"  # the item name train.py's CheckpointManager saves the params under
+STATS_ITEM = "model_state"  # ... and the batch statistics under
+# What pretrained weights are: the params and, where a model has BatchNorm, its running statistics.
+WEIGHTS = nnx.Any(nnx.Param, nnx.BatchStat)
 MODEL_JSON = "model.json"
 
 
@@ -29,10 +33,14 @@ def family_of(model: nnx.Module) -> str:
 
 def save_params(model: nnx.Module, path, *, name: str | None = None,
                 kwargs: Mapping[str, Any] | None = None) -> None:
-  """Writes the model's params to `path/params` (orbax) and `path/model.json` (name, family, class, kwargs)."""
+  """Writes the model's params to `path/params` (orbax), its batch statistics (if any) to `path/model_state`
+  and `path/model.json` (name, family, class, kwargs)."""
   path = Path(path).absolute()
   checkpointer = ocp.StandardCheckpointer()
   checkpointer.save(path / PARAMS_ITEM, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+  stats = nnx.to_pure_dict(nnx.state(model, nnx.BatchStat))
+  if jax.tree.leaves(stats):
+    checkpointer.save(path / STATS_ITEM, stats)
   checkpointer.wait_until_finished()
   info = {"name": name, "family": family_of(model), "class": type(model).__name__,
           "kwargs": dict(kwargs) if kwargs is not None else None}
@@ -53,15 +61,16 @@ def load_pretrained(model: nnx.Module, path, dont_load: Iterable[str] = ()) -> n
   if convert.is_official_checkpoint(path):
     params, _, _ = convert.get_converter(family_of(model))(convert.read_state_dict(path))
   else:
-    params = _restore_params(_params_item_dir(Path(path)))
+    params = _restore_weights(_params_item_dir(Path(path)))
   assign_params(model, params, dont_load)
   return model
 
 
 def assign_params(model: nnx.Module, params: Mapping, dont_load: Iterable[str] = ()) -> None:
-  """Copies a nested dict of arrays (keys as in `nnx.to_pure_dict`) into the model's params; see load_pretrained."""
+  """Copies a nested dict of arrays (keys as in `nnx.to_pure_dict`) into the model's params and batch statistics
+  (`WEIGHTS`); see load_pretrained."""
   excluded = [re.compile(p) for p in dont_load]
-  state = nnx.state(model, nnx.Param)
+  state = nnx.state(model, WEIGHTS)
   current = _flatten(nnx.to_pure_dict(state))
   incoming = _flatten(params)
   unused = [p.pattern for p in excluded if not any(p.fullmatch(k) for k in current.keys() | incoming.keys())]
@@ -116,6 +125,15 @@ def _params_item_dir(path: Path) -> Path:
   if not (step_dir / PARAMS_ITEM).is_dir():
     raise ValueError(f"the latest step {step_dir} has no {PARAMS_ITEM!r} item")
   return step_dir / PARAMS_ITEM
+
+
+def _restore_weights(item_dir: Path) -> dict:
+  """The params item merged with the batch statistics saved beside it (models with BatchNorm)."""
+  params = _restore_params(item_dir)
+  if not (item_dir.parent / STATS_ITEM).is_dir():
+    return params
+  stats = _restore_params(item_dir.parent / STATS_ITEM)
+  return traverse_util.unflatten_dict({**traverse_util.flatten_dict(params), **traverse_util.flatten_dict(stats)})
 
 
 def _restore_params(item_dir: Path) -> dict:

@@ -11,16 +11,18 @@ Implementations:
 
 * ``attention_reference``: jnp, f32 math with ``precision=HIGHEST``. The spec and the CPU path.
 * ``attention_pallas``: a ``pl.pallas_call`` forward kernel (online softmax over key blocks, returns
-  out and the log-sum-exp) wrapped in a ``jax.custom_vjp`` whose backward is two Pallas kernels
+  out and the log-sum-exp) wrapped in a ``jax.custom_vjp`` whose backward is Pallas kernels too
   (dK/dV parallel over key blocks, dQ/dbias parallel over query blocks; P recomputed from the lse;
   no atomics, deterministic). A per-(batch, head) bias gets its dbias as the dS tiles of the dQ
   kernel; a bias shared over batch and/or heads (relative-position bias over windows) gets a
-  separate dbias kernel that loops over the sharing (batch, head) pairs, so ``[B, H, Lq, Lk]`` is
-  never materialized (it recomputes the dS tiles, trading FLOPs for memory). Axes of length 1 along
-  Lq/Lk are summed in jnp.
-* ``attention(..., implementation=None | "xla" | "pallas")`` dispatches. ``None`` picks the reference
-  (on CPU it never runs interpret mode silently; on devices until the kernel is validated there);
-  ``"pallas"`` on CPU runs the kernel with ``interpret=True``.
+  separate dbias kernel in which each program sums the dS tiles of a group of (batch, head) pairs,
+  so ``[B, H, Lq, Lk]`` is never materialized; the per-group partials are summed in jnp. Matmuls
+  take bf16/f16 operands as they are (f32 accumulation) and f32 operands at full precision. The
+  same kernel body lowers with Triton on GPU, with Mosaic on TPU (both checked by exporting from a
+  CPU in the tests) and runs in the interpreter on CPU.
+* ``attention(..., implementation=None | "xla" | "pallas" | "cudnn")`` dispatches through
+  ``ops.dispatch``: cuDNN where it serves the case on GPU, else the Pallas kernel; the reference
+  on CPU.
 """
 from __future__ import annotations
 
@@ -32,12 +34,13 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
+from ops import dispatch
+
 _F32 = jnp.float32
 _HIGHEST = lax.Precision.HIGHEST
 # Finite mask value, as in jax's Pallas attention kernels: fully masked rows never produce NaN.
 _MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 
-IMPLEMENTATIONS = (None, "xla", "pallas")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -206,6 +209,15 @@ def _check_pallas_supported(target, head_dim, v_head_dim):
             f"(Triton tiles), got {d}; use implementation='xla'")
 
 
+def _mm(a, b, contract: tuple[int, int]):
+  """2-D tile matmul contracting axis contract[0] of a with contract[1] of b, accumulating in f32.
+  f32 operands run at full precision (the f32 tests are tight); bf16/f16 operands stay in their
+  dtype so they run on tensor cores / the MXU, as in FlashAttention (P and dS are cast down)."""
+  precision = _HIGHEST if a.dtype == _F32 else None
+  return lax.dot_general(a, b, (((contract[0],), (contract[1],)), ((), ())), precision=precision,
+                         preferred_element_type=_F32)
+
+
 def _div(x, y: int):
   """Integer division of non-negative program indices. `lax.div` truncates, which equals floor
   here, and avoids the sign ops of `//` that Mosaic TPU lowers only with a real TPU attached."""
@@ -224,17 +236,16 @@ def _fwd_kernel(*refs, scale, causal, kv_len, block_q, block_k, num_k_blocks, ha
   o_ref, lse_ref = rest
 
   qi = pl.program_id(2)
-  q = q_ref[...].astype(_F32) * scale                               # [bq, D]
+  q = q_ref[...]                                                    # [bq, D]
   q_pos = qi * block_q + lax.broadcasted_iota(jnp.int32, (block_q, 1), 0)
   qseg = qseg_ref[...] if has_seg else None                          # [bq, 1]
 
   def body(j, carry):
     m, l, acc = carry
     start = pl.multiple_of(j * block_k, block_k)
-    kb = k_ref[pl.ds(start, block_k), :].astype(_F32)               # [bk, D]
-    vb = v_ref[pl.ds(start, block_k), :].astype(_F32)               # [bk, Dv]
-    s = lax.dot_general(q, kb, (((1,), (1,)), ((), ())), precision=_HIGHEST,
-                        preferred_element_type=_F32)                # [bq, bk]
+    kb = k_ref[pl.ds(start, block_k), :]                            # [bk, D]
+    vb = v_ref[pl.ds(start, block_k), :]                            # [bk, Dv]
+    s = _mm(q, kb, (1, 1)) * scale                                  # [bq, bk]
     if has_bias:
       s = s + bias_ref[:, pl.ds(start, block_k)].astype(_F32)
     k_pos = start + lax.broadcasted_iota(jnp.int32, (1, block_k), 1)
@@ -248,8 +259,7 @@ def _fwd_kernel(*refs, scale, causal, kv_len, block_q, block_k, num_k_blocks, ha
     alpha = jnp.exp(m - m_new)
     p = jnp.where(mask, jnp.exp(s - m_new), 0.0)
     l = alpha * l + jnp.sum(p, axis=-1, keepdims=True)
-    acc = alpha * acc + lax.dot_general(p, vb, (((1,), (0,)), ((), ())), precision=_HIGHEST,
-                                        preferred_element_type=_F32)
+    acc = alpha * acc + _mm(p.astype(vb.dtype), vb, (1, 0))
     return m_new, l, acc
 
   m0 = jnp.full((block_q, 1), _MASK_VALUE, _F32)
@@ -327,15 +337,13 @@ def _pallas_forward(q, k, v, bias, q_seg, kv_seg, causal, scale, block_q, block_
 # --------------------------------------------------------------------------------------------------
 
 
-def _bwd_tile(q, kb, vb, do, lse, delta, bias, mask):
-  """Returns (p, ds) for one [bq, bk] tile; q is already scaled."""
-  s = lax.dot_general(q, kb, (((1,), (1,)), ((), ())), precision=_HIGHEST,
-                      preferred_element_type=_F32)
+def _bwd_tile(q, kb, vb, do, lse, delta, bias, mask, scale):
+  """Returns (p, ds) for one [bq, bk] tile, in f32 (ds is the gradient of the scaled logits)."""
+  s = _mm(q, kb, (1, 1)) * scale
   if bias is not None:
     s = s + bias
   p = jnp.where(mask, jnp.exp(s - lse), 0.0)
-  dp = lax.dot_general(do, vb, (((1,), (1,)), ((), ())), precision=_HIGHEST,
-                       preferred_element_type=_F32)
+  dp = _mm(do, vb, (1, 1))
   return p, p * (dp - delta)
 
 
@@ -356,34 +364,32 @@ def _dkdv_kernel(*refs, scale, causal, q_len, kv_len, block_q, block_k, num_q_bl
   dk_ref, dv_ref = rest
 
   kj = pl.program_id(2)
-  kb = k_ref[...].astype(_F32)                                       # [bk, D]
-  vb = v_ref[...].astype(_F32)                                       # [bk, Dv]
+  kb = k_ref[...]                                                    # [bk, D]
+  vb = v_ref[...]                                                    # [bk, Dv]
   k_pos = kj * block_k + lax.broadcasted_iota(jnp.int32, (1, block_k), 1)
   kseg = kseg_ref[...] if has_seg else None                          # [1, bk]
 
   def body(i, carry):
     dk, dv = carry
     start = pl.multiple_of(i * block_q, block_q)
-    q = q_ref[pl.ds(start, block_q), :].astype(_F32) * scale
-    do = do_ref[pl.ds(start, block_q), :].astype(_F32)
+    q = q_ref[pl.ds(start, block_q), :]
+    do = do_ref[pl.ds(start, block_q), :]
     lse = lse_ref[pl.ds(start, block_q), :]
     delta = delta_ref[pl.ds(start, block_q), :]
     bias = bias_ref[pl.ds(start, block_q), :].astype(_F32) if has_bias else None
     q_pos = start + lax.broadcasted_iota(jnp.int32, (block_q, 1), 0)
     qseg = qseg_ref[pl.ds(start, block_q), :] if has_seg else None
     mask = _tile_mask(q_pos, k_pos, q_len, kv_len, causal, qseg, kseg)
-    p, ds = _bwd_tile(q, kb, vb, do, lse, delta, bias, mask)
-    dv = dv + lax.dot_general(p, do, (((0,), (0,)), ((), ())), precision=_HIGHEST,
-                              preferred_element_type=_F32)
-    dk = dk + lax.dot_general(ds, q, (((0,), (0,)), ((), ())), precision=_HIGHEST,
-                              preferred_element_type=_F32)
+    p, ds = _bwd_tile(q, kb, vb, do, lse, delta, bias, mask, scale)
+    dv = dv + _mm(p.astype(do.dtype), do, (0, 0))
+    dk = dk + _mm(ds.astype(q.dtype), q, (0, 0))
     return dk, dv
 
   # Query blocks entirely above the diagonal have no work.
   lower = _div(kj * block_k, block_q) if causal else 0
   dk, dv = lax.fori_loop(lower, num_q_blocks, body,
                          (jnp.zeros(dk_ref.shape, _F32), jnp.zeros(dv_ref.shape, _F32)))
-  dk_ref[...] = dk.astype(dk_ref.dtype)  # q was already scaled
+  dk_ref[...] = (dk * scale).astype(dk_ref.dtype)
   dv_ref[...] = dv.astype(dv_ref.dtype)
 
 
@@ -405,8 +411,8 @@ def _dq_kernel(*refs, scale, causal, q_len, kv_len, block_q, block_k, num_k_bloc
   dbias_ref = rest.pop(0) if has_bias and write_dbias else None
 
   qi = pl.program_id(2)
-  q = q_ref[...].astype(_F32) * scale
-  do = do_ref[...].astype(_F32)
+  q = q_ref[...]
+  do = do_ref[...]
   lse = lse_ref[...]
   delta = delta_ref[...]
   q_pos = qi * block_q + lax.broadcasted_iota(jnp.int32, (block_q, 1), 0)
@@ -416,17 +422,16 @@ def _dq_kernel(*refs, scale, causal, q_len, kv_len, block_q, block_k, num_k_bloc
 
   def body(j, dq):
     start = pl.multiple_of(j * block_k, block_k)
-    kb = k_ref[pl.ds(start, block_k), :].astype(_F32)
-    vb = v_ref[pl.ds(start, block_k), :].astype(_F32)
+    kb = k_ref[pl.ds(start, block_k), :]
+    vb = v_ref[pl.ds(start, block_k), :]
     bias = bias_ref[:, pl.ds(start, block_k)].astype(_F32) if has_bias else None
     k_pos = start + lax.broadcasted_iota(jnp.int32, (1, block_k), 1)
     kseg = kseg_ref[:, pl.ds(start, block_k)] if has_seg else None
     mask = _tile_mask(q_pos, k_pos, q_len, kv_len, causal, qseg, kseg)
-    _, ds = _bwd_tile(q, kb, vb, do, lse, delta, bias, mask)
+    _, ds = _bwd_tile(q, kb, vb, do, lse, delta, bias, mask, scale)
     if dbias_ref is not None:
       dbias_ref[:, pl.ds(start, block_k)] = ds.astype(dbias_ref.dtype)
-    return dq + lax.dot_general(ds, kb, (((1,), (0,)), ((), ())), precision=_HIGHEST,
-                                preferred_element_type=_F32)
+    return dq + _mm(ds.astype(kb.dtype), kb, (1, 0))
 
   if causal:
     upper = _causal_key_blocks(qi, block_q, block_k, num_k_blocks)
@@ -444,7 +449,7 @@ def _dbias_kernel(*refs, scale, causal, q_len, kv_len, block_q, block_k, num_k_b
   qseg_ref, kseg_ref = (rest.pop(0), rest.pop(0)) if has_seg else (None, None)
   (dbias_ref,) = rest
 
-  qi = pl.program_id(2)
+  qi = pl.program_id(3)  # grid (groups, bias batch, bias heads, query blocks)
   q_pos = qi * block_q + lax.broadcasted_iota(jnp.int32, (block_q, 1), 0)
   _zero_key_blocks(dbias_ref, block_k, num_k_blocks)
   if causal:
@@ -455,21 +460,21 @@ def _dbias_kernel(*refs, scale, causal, q_len, kv_len, block_q, block_k, num_k_b
   def pair(t, _):
     # Python-side special case: Triton's lowering of `t % 1` trips over the folded constant.
     bi, hi = (_div(t, nh), lax.rem(t, jnp.int32(nh))) if nh > 1 else (t, 0)
-    q = q_ref[bi, hi].astype(_F32) * scale
-    do = do_ref[bi, hi].astype(_F32)
+    q = q_ref[bi, hi]
+    do = do_ref[bi, hi]
     lse = lse_ref[bi, hi]
     delta = delta_ref[bi, hi]
     qseg = qseg_ref[bi] if has_seg else None
 
     def body(j, _):
       start = pl.multiple_of(j * block_k, block_k)
-      kb = k_ref[bi, hi, pl.ds(start, block_k), :].astype(_F32)
-      vb = v_ref[bi, hi, pl.ds(start, block_k), :].astype(_F32)
+      kb = k_ref[bi, hi, pl.ds(start, block_k), :]
+      vb = v_ref[bi, hi, pl.ds(start, block_k), :]
       bias = bias_ref[:, pl.ds(start, block_k)].astype(_F32)
       k_pos = start + lax.broadcasted_iota(jnp.int32, (1, block_k), 1)
       kseg = kseg_ref[bi, :, pl.ds(start, block_k)] if has_seg else None
       mask = _tile_mask(q_pos, k_pos, q_len, kv_len, causal, qseg, kseg)
-      _, ds = _bwd_tile(q, kb, vb, do, lse, delta, bias, mask)
+      _, ds = _bwd_tile(q, kb, vb, do, lse, delta, bias, mask, scale)
       dbias_ref[:, pl.ds(start, block_k)] += ds.astype(dbias_ref.dtype)
       return 0
 
@@ -477,6 +482,15 @@ def _dbias_kernel(*refs, scale, causal, q_len, kv_len, block_q, block_k, num_k_b
     return 0
 
   lax.fori_loop(0, nb * nh, pair, 0)
+
+
+_MAX_PAIRS_PER_PROGRAM = 16
+
+
+def _group_size(batch: int) -> int:
+  """Batch entries per dbias program: the largest divisor of `batch` up to 16. Fewer per program
+  means more parallel programs but more partials to sum (the partials are [groups, H, L, L])."""
+  return max(n for n in range(1, min(batch, _MAX_PAIRS_PER_PROGRAM) + 1) if batch % n == 0)
 
 
 def _pallas_backward(q, k, v, bias, q_seg, kv_seg, out, lse, do, causal, scale, block_q, block_k,
@@ -556,29 +570,34 @@ def _pallas_backward(q, k, v, bias, q_seg, kv_seg, out, lse, do, causal, scale, 
       name="attention_bwd_dq",
   )(*common, *extra)
   if shared:
-    # dbias reduced in-kernel over the (batch, head) pairs sharing each bias block.
-    nb, nh = (b if bb == 1 else 1), (h if bh == 1 else 1)
-    sel = lambda bi, hi: (bi if bb > 1 else 0, hi if bh > 1 else 0)
-    grp_q = lambda dd: pl.BlockSpec((nb, nh, bq, dd), lambda bi, hi, i: (*sel(bi, hi), i, 0))
-    grp_k = lambda dd: pl.BlockSpec((nb, nh, lk_p, dd), lambda bi, hi, i: (*sel(bi, hi), 0, 0))
-    grp_row = pl.BlockSpec((nb, nh, bq, 1), lambda bi, hi, i: (*sel(bi, hi), i, 0))
-    bias_spec = pl.BlockSpec((None, None, bq, lk_p), lambda bi, hi, i: (bi, hi, i, 0))
+    # dbias of a bias shared over batch and/or heads: each program sums the dS tiles of `per_b x nh`
+    # (batch, head) pairs for one bias row block; the `groups` partials are summed below. Exactly
+    # one of `g` (batch groups, when the bias is shared over the batch) and `bi` (per-batch bias)
+    # is nonzero, so `g + bi` is the batch block either way.
+    nh = h if bh == 1 else 1
+    per_b = _group_size(b) if bb == 1 else 1
+    groups = b // per_b if bb == 1 else 1
+    grp_q = lambda dd: pl.BlockSpec((per_b, nh, bq, dd), lambda g, bi, hi, i: (g + bi, hi, i, 0))
+    grp_k = lambda dd: pl.BlockSpec((per_b, nh, lk_p, dd), lambda g, bi, hi, i: (g + bi, hi, 0, 0))
+    grp_row = pl.BlockSpec((per_b, nh, bq, 1), lambda g, bi, hi, i: (g + bi, hi, i, 0))
+    bias_spec = pl.BlockSpec((None, None, bq, lk_p), lambda g, bi, hi, i: (bi, hi, i, 0))
     specs = [grp_q(d), grp_k(d), grp_k(dv_dim), grp_q(dv_dim), grp_row, grp_row, bias_spec]
     if has_seg:
-      specs += [pl.BlockSpec((nb, bq, 1), lambda bi, hi, i: (sel(bi, hi)[0], i, 0)),
-                pl.BlockSpec((nb, 1, lk_p), lambda bi, hi, i: (sel(bi, hi)[0], 0, 0))]
-    ds = pl.pallas_call(
+      specs += [pl.BlockSpec((per_b, bq, 1), lambda g, bi, hi, i: (g + bi, i, 0)),
+                pl.BlockSpec((per_b, 1, lk_p), lambda g, bi, hi, i: (g + bi, 0, 0))]
+    out_spec = pl.BlockSpec((None, None, None, bq, lk_p), lambda g, bi, hi, i: (g, bi, hi, i, 0))
+    partials = pl.pallas_call(
         functools.partial(_dbias_kernel, scale=scale, causal=causal, q_len=lq, kv_len=lk,
-                          block_q=bq, block_k=bk, num_k_blocks=lk_p // bk, nb=nb, nh=nh,
+                          block_q=bq, block_k=bk, num_k_blocks=lk_p // bk, nb=per_b, nh=nh,
                           has_seg=has_seg),
-        grid=(bb, bh, lq_p // bq),
+        grid=(groups, bb, bh, lq_p // bq),
         in_specs=specs,
-        out_specs=bias_spec,
-        out_shape=jax.ShapeDtypeStruct((bb, bh, lq_p, lk_p), _F32),
-        **_backend_params(target, 3),
+        out_specs=out_spec,
+        out_shape=jax.ShapeDtypeStruct((groups, bb, bh, lq_p, lk_p), _F32),
+        **_backend_params(target, 4),
         name="attention_bwd_dbias",
     )(*common, *extra)
-    res = [res[0], ds]
+    res = [res[0], jnp.sum(partials, axis=0)]
   dq = res[0]
   unpad = lambda x, n: jnp.swapaxes(x[:, :, :n], 1, 2)
   dbias = None
@@ -648,21 +667,59 @@ def _pallas_args(q, k, v, bias, segment_ids, causal, scale, block_q, block_k, ta
 # --------------------------------------------------------------------------------------------------
 
 
+_PREFERENCE = {"cpu": ("xla",), "gpu": ("cudnn", "pallas", "xla"), "tpu": ("pallas", "xla")}
+_CUDNN_DTYPES = (jnp.float16, jnp.bfloat16)
+
+
+def _cudnn_reason(q, k, v, bias, segment_ids) -> str | None:
+  """Why ``jax.nn.dot_product_attention(implementation="cudnn")`` cannot serve the call."""
+  if dispatch.platform() != "gpu":
+    return f"cuDNN needs an NVIDIA GPU, the platform is {dispatch.platform()}"
+  if q.dtype not in _CUDNN_DTYPES:
+    return f"cuDNN needs float16/bfloat16 inputs, got {q.dtype}"
+  d, dv = q.shape[-1], v.shape[-1]
+  if d != dv or d % 8 or d > 256:
+    return f"cuDNN needs equal q/v head dims, a multiple of 8 and <= 256, got {d} and {dv}"
+  if segment_ids is not None:
+    return "cuDNN takes no segment ids here"
+  if bias is not None and (q.shape[1] % 2 or k.shape[1] % 2):
+    return (f"cuDNN's bias gradient needs even lengths, got q_len {q.shape[1]}, "
+            f"kv_len {k.shape[1]}")
+  return None
+
+
+def _pallas_reason(q, v) -> str | None:
+  try:
+    _check_pallas_supported(_default_target(), q.shape[-1], v.shape[-1])
+  except ValueError as e:
+    return str(e)
+  return None
+
+
 def attention(q, k, v, *, bias=None, segment_ids=None, causal=False, scale=None,
               implementation=None):
   """Softmax attention, layout ``[B, L, H, D]``; see ``attention_reference`` for the semantics.
 
-  ``implementation``: ``None`` picks the reference ("xla"): on CPU always (never interpret mode), and
-  on GPU/TPU too until the compiled Pallas kernel has been validated and timed on a device;
-  ``"xla"`` is the jnp reference; ``"pallas"`` is the Pallas kernel, run with ``interpret=True`` on
-  CPU, and raising ValueError for cases the compiled kernel cannot lower.
+  ``implementation``:
+
+  * ``None``: the best that serves the call on this platform (``ops.dispatch``): on GPU cuDNN
+    (through ``jax.nn.dot_product_attention``) when it supports the case (bf16/f16, head dim a
+    multiple of 8 up to 256, no segment ids, even lengths with a bias), else the Pallas kernel,
+    else the reference; on TPU the Pallas kernel; on CPU the reference (never interpret mode).
+  * ``"xla"``: the jnp reference. ``"pallas"``: the Pallas kernel (interpret mode on CPU).
+    ``"cudnn"``: cuDNN. A named implementation that cannot serve the call raises ValueError.
   """
-  if implementation not in IMPLEMENTATIONS:
-    raise ValueError(
-        f"attention: expected implementation in {IMPLEMENTATIONS}, got {implementation!r}")
-  if implementation is None:
-    implementation = "xla"
-  if implementation == "xla":
+  reasons = {
+      "xla": lambda: None,
+      "pallas": lambda: _pallas_reason(q, v),
+      "cudnn": lambda: _cudnn_reason(q, k, v, bias, segment_ids),
+  }
+  chosen = dispatch.choose("attention", implementation, reasons, _PREFERENCE)
+  if chosen == "cudnn":
+    bias, _, _ = _validate(q, k, v, bias, None)
+    return jax.nn.dot_product_attention(q, k, v, bias=bias, scale=scale, is_causal=causal,
+                                        implementation="cudnn")
+  if chosen == "xla":
     return attention_reference(q, k, v, bias=bias, segment_ids=segment_ids, causal=causal,
                                scale=scale)
   return attention_pallas(q, k, v, bias=bias, segment_ids=segment_ids, causal=causal,

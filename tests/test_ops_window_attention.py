@@ -1,0 +1,72 @@
+"""ops.window_attention: the MaxViT bias convention, the invariants of the issue, kernel vs reference."""
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import ops
+
+
+def _windows(n, window, h, d, seed=0):
+  tokens = window[0] * window[1]
+  keys = jax.random.split(jax.random.key(seed), 4)
+  q, k, v = (jax.random.normal(kk, (n, tokens, h, d)) for kk in keys[:3])
+  table = jax.random.normal(keys[3], (h, 2 * window[0] - 1, 2 * window[1] - 1))
+  return q, k, v, table
+
+
+def _close(a, b, tol):
+  np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("window", [(2, 3), (7, 7)])
+def test_bias_is_indexed_key_minus_query(window):
+  """bias[h, q, k] = table[h, k_row - q_row + wh - 1, k_col - q_col + ww - 1], spelled out."""
+  wh, ww = window
+  table = np.asarray(_windows(1, window, 2, 4)[3])
+  want = np.zeros((2, wh * ww, wh * ww), np.float32)
+  for (qr, qc), (kr, kc) in itertools.product(itertools.product(range(wh), range(ww)), repeat=2):
+    want[:, qr * ww + qc, kr * ww + kc] = table[:, kr - qr + wh - 1, kc - qc + ww - 1]
+  np.testing.assert_array_equal(np.asarray(ops.relative_position_bias(table, window)), want)
+
+
+def test_one_window_equals_attention_with_the_gathered_bias():
+  q, k, v, table = _windows(1, (7, 7), 4, 32, seed=1)
+  bias = ops.relative_position_bias(table, (7, 7))
+  want = ops.attention(q, k, v, bias=bias)
+  _close(ops.window_attention(q, k, v, table, window=(7, 7)), want, 1e-6)
+  _close(ops.window_attention(q, k, v, table, window=(7, 7), implementation="pallas"), want, 1e-5)
+
+
+@pytest.mark.parametrize("window,n", [((7, 7), 12), ((8, 8), 6), ((3, 5), 5)])
+def test_kernel_matches_reference_with_table_gradient(window, n):
+  """Outputs and the gradients wrt q, k, v and the *table* (through the gather's transpose) of the
+  kernel path equal autodiff of the reference; many windows share one table."""
+  q, k, v, table = _windows(n, window, 2, 32, seed=n)
+  do = jax.random.normal(jax.random.key(99), q.shape)
+  def grads(impl):
+    loss = lambda *a: jnp.sum(ops.window_attention(*a, window=window, implementation=impl) * do)
+    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3)))(q, k, v, table)
+  (val_k, g_k), (val_r, g_r) = grads("pallas"), grads("xla")
+  _close(val_k, val_r, 1e-4)
+  for a, b in zip(g_k, g_r):
+    _close(a, b, 1e-4)
+
+
+def test_without_table_is_plain_attention():
+  q, k, v, _ = _windows(3, (8, 8), 2, 16, seed=3)
+  _close(ops.window_attention(q, k, v, None, window=(8, 8)), ops.attention(q, k, v), 1e-6)
+
+
+def test_errors_say_expected_and_given():
+  q, k, v, table = _windows(2, (7, 7), 2, 8)
+  with pytest.raises(ValueError, match=r"expected q of shape \[batch \* windows, 64, .*got \(2, 49"):
+    ops.window_attention(q, k, v, table, window=(8, 8))
+  with pytest.raises(ValueError, match=r"expected rel_pos_table of shape \[heads, 13, 13\].*\(2, 11, 11\)"):
+    ops.window_attention(q, k, v, table[:, 1:-1, 1:-1], window=(7, 7))
+  with pytest.raises(ValueError, match=r"expected rel_pos_table with 2 heads.*\(3, 13, 13\)"):
+    ops.window_attention(q, k, v, jnp.zeros((3, 13, 13)), window=(7, 7))
+  with pytest.raises(ValueError, match=r"expected window as \(height, width\)"):
+    ops.window_attention(q, k, v, table, window=49)

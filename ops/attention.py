@@ -124,16 +124,21 @@ def _reference(q, k, v, bias, q_seg, kv_seg, causal, scale):
   if bias is not None:
     s = s + bias.astype(_F32)
   lq, lk = q.shape[1], k.shape[1]
-  mask = jnp.ones((1, 1, lq, lk), bool)
-  if causal:
-    mask = mask & jnp.tril(jnp.ones((lq, lk), bool))[None, None]
-  if q_seg is not None:
-    mask = mask & (q_seg[:, None, :, None] == kv_seg[:, None, None, :])
-  s = jnp.where(mask, s, _MASK_VALUE)
-  m = jnp.max(s, axis=-1, keepdims=True)
-  p = jnp.where(mask, jnp.exp(s - lax.stop_gradient(m)), 0.0)
-  l = jnp.sum(p, axis=-1, keepdims=True)
-  p = p / jnp.where(l == 0.0, 1.0, l)
+  if not causal and q_seg is None:
+    # Unmasked (windows, encoders): nothing to guard, so no selects to pay for on the CPU path.
+    p = jnp.exp(s - lax.stop_gradient(jnp.max(s, axis=-1, keepdims=True)))
+    p = p / jnp.sum(p, axis=-1, keepdims=True)
+  else:
+    mask = jnp.ones((1, 1, lq, lk), bool)
+    if causal:
+      mask = mask & jnp.tril(jnp.ones((lq, lk), bool))[None, None]
+    if q_seg is not None:
+      mask = mask & (q_seg[:, None, :, None] == kv_seg[:, None, None, :])
+    s = jnp.where(mask, s, _MASK_VALUE)
+    m = jnp.max(s, axis=-1, keepdims=True)
+    p = jnp.where(mask, jnp.exp(s - lax.stop_gradient(m)), 0.0)
+    l = jnp.sum(p, axis=-1, keepdims=True)
+    p = p / jnp.where(l == 0.0, 1.0, l)
   out = jnp.einsum("bhqk,bkhd->bqhd", p, vf, precision=_HIGHEST)
   return out.astype(dtype)
 

@@ -1,0 +1,263 @@
+"""Benchmarks of the attention ops: forward, backward and forward+backward, side by side.
+
+    python benchmarks/ops.py --suite window_cpu      # CPU: the zoo's window attention vs the naive code
+    python benchmarks/ops.py --suite attention       # GPU/TPU: Pallas vs XLA vs cuDNN, dense and biased
+    python benchmarks/ops.py --suite window          # GPU/TPU: 49-token windows, Pallas vs XLA vs cuDNN
+
+Every row is measured in this run on this machine; ratios are against the other implementations of
+the same row. Timing follows specs/kernels.md §4.5: jit, one call to compile (left out), >= 3 warm-up
+calls, then >= 10 repetitions of >= 25 ms each; median with p10/p90. Wall clock with
+`block_until_ready` (CUPTI needs a GPU and Mosaic GPU's profiler; on a GPU pass --cupti).
+FLOPs are logical (4 B H Lq Lk D forward, 2.5x that backward; half when causal); bytes are the
+minimum HBM traffic (q, k, v, o forward; + do, dq, dk, dv backward; + the bias once).
+`--json PATH` writes the rows with the device, versions and block sizes.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import ops  # noqa: E402
+from ops import attention as attention_fn  # noqa: E402
+from ops import window_attention  # noqa: E402
+from ops.attention import _DEFAULT_BLOCK, _default_target  # noqa: E402
+
+# Dense bf16 peak (TFLOP/s, no sparsity) and HBM bandwidth (TB/s) by device kind (spec sheets).
+PEAKS = {
+    "NVIDIA H100 80GB HBM3": (989.4, 3.35),      # SXM5
+    "NVIDIA H100 PCIe": (756.0, 2.0),
+    "NVIDIA H100 NVL": (835.0, 3.9),
+    "NVIDIA H200": (989.4, 4.8),
+    "NVIDIA A100-SXM4-80GB": (312.0, 2.039),
+    "NVIDIA A100-SXM4-40GB": (312.0, 1.555),
+    "NVIDIA A100 80GB PCIe": (312.0, 1.935),
+    "TPU v4": (275.0, 1.2),
+    "TPU v5 lite": (197.0, 0.819),
+    "TPU v5p": (459.0, 2.765),
+    "TPU v6 lite": (918.0, 1.64),
+}
+
+
+def time_fn(fn, *args, min_reps=10, min_rep_seconds=0.025):
+  """Median, p10, p90 seconds per call of a jitted fn (compile and warm-up left out)."""
+  jax.block_until_ready(fn(*args))
+  start, warm = time.perf_counter(), 0
+  while warm < 3 or time.perf_counter() - start < 0.025:
+    jax.block_until_ready(fn(*args))
+    warm += 1
+  per_call = (time.perf_counter() - start) / warm
+  inner = max(1, int(np.ceil(min_rep_seconds / max(per_call, 1e-9))))
+  samples = []
+  for _ in range(min_reps):
+    t0 = time.perf_counter()
+    for _ in range(inner):
+      out = fn(*args)
+    jax.block_until_ready(out)
+    samples.append((time.perf_counter() - t0) / inner)
+  q10, q90 = np.percentile(samples, [10, 90])
+  return statistics.median(samples), float(q10), float(q90)
+
+
+def temp_bytes(fn, *args) -> int | None:
+  """Scratch memory XLA allocates for one call (None where the backend does not report it)."""
+  analysis = jax.jit(fn).lower(*args).compile().memory_analysis()
+  return None if analysis is None else int(analysis.temp_size_in_bytes)
+
+
+def naive_window_attention(q, k, v, table, window):
+  """The obvious code a user would write: einsum, gathered bias, softmax, einsum (native dtype)."""
+  logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) * q.shape[-1] ** -0.5
+  logits = logits + ops.relative_position_bias(table, window)[None]
+  return jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(logits, axis=-1), v)
+
+
+def _inputs(shape, dtype, seed=0, lk=None):
+  b, lq, h, d = shape
+  keys = jax.random.split(jax.random.key(seed), 4)
+  q = jax.random.normal(keys[0], shape, dtype)
+  k = jax.random.normal(keys[1], (b, lk or lq, h, d), dtype)
+  v = jax.random.normal(keys[2], (b, lk or lq, h, d), dtype)
+  return q, k, v, keys[3]
+
+
+def _passes(f, args):
+  """Jitted forward, backward alone and forward+backward of f(*args) with a random cotangent."""
+  out = f(*args)
+  do = jax.random.normal(jax.random.key(9), out.shape, out.dtype)
+  fwd = jax.jit(f)
+  _, vjp = jax.vjp(f, *args)
+  bwd = jax.jit(lambda ct: vjp(ct))
+  both = jax.jit(lambda *a: jax.vjp(f, *a)[1](do))
+  return {"fwd": (fwd, args), "bwd": (bwd, (do,)), "fwd+bwd": (both, args)}
+
+
+def _row(case, impl, pass_name, seconds, flops, bytes_, peaks, extra=None):
+  med, p10, p90 = seconds
+  row = dict(case=case, implementation=impl, passes=pass_name, median_ms=med * 1e3,
+             p10_ms=p10 * 1e3, p90_ms=p90 * 1e3, tflops=flops / med / 1e12,
+             gbps=bytes_ / med / 1e9)
+  if peaks:
+    row["pct_peak_flops"] = 100 * row["tflops"] / peaks[0]
+    row["pct_peak_hbm"] = 100 * row["gbps"] / (peaks[1] * 1e3)
+  row.update(extra or {})
+  return row
+
+
+def _attention_cost(b, lq, lk, h, d, causal, itemsize, bias_bytes):
+  fwd = 4.0 * b * h * lq * lk * d * (0.5 if causal else 1.0)
+  io = itemsize * b * h * d * (2 * lq + 2 * lk)                     # q, o, k, v
+  return {"fwd": (fwd, io + bias_bytes), "bwd": (2.5 * fwd, 2 * io + 2 * bias_bytes),
+          "fwd+bwd": (3.5 * fwd, 3 * io + 2 * bias_bytes)}
+
+
+def suite_window_cpu(args):
+  """The zoo's XLA window attention vs the naive einsum + softmax, MaxViT-T stage 1-3 shapes."""
+  rows = []
+  # (case, windows = batch x windows per image, heads, head dim): MaxViT-T at 224, batch 8.
+  for case, n, h, d in (("stage1 56x56 C64", 8 * 64, 2, 32), ("stage2 28x28 C128", 8 * 16, 4, 32),
+                        ("stage3 14x14 C256", 8 * 4, 8, 32)):
+    q, k, v, key = _inputs((n, 49, h, d), jnp.float32)
+    table = jax.random.normal(key, (h, 13, 13))
+    impls = {
+        "zoo (xla)": lambda q, k, v, t: window_attention(q, k, v, t, window=(7, 7),
+                                                         implementation="xla"),
+        "naive einsum": lambda q, k, v, t: naive_window_attention(q, k, v, t, (7, 7)),
+    }
+    cost = _attention_cost(n, 49, 49, h, d, False, 4, 4 * h * 13 * 13)
+    for impl, f in impls.items():
+      for pass_name, (fn, fargs) in _passes(f, (q, k, v, table)).items():
+        memory = temp_bytes(fn, *fargs)
+        rows.append(_row(case, impl, pass_name, time_fn(fn, *fargs), *cost[pass_name], None,
+                         {"temp_mib": None if memory is None else memory / 2 ** 20}))
+  return rows
+
+
+def _implementations():
+  impls = ["xla", "pallas"]
+  if jax.default_backend() == "gpu":
+    impls.append("cudnn")
+  return impls
+
+
+def suite_attention(args):
+  """Dense attention at 16k tokens per batch (FA grid), bf16: no bias, causal, shared bias."""
+  rows, dtype = [], jnp.bfloat16
+  for lq, d in ((1024, 128), (4096, 128), (4096, 64)):
+    h = 2048 // d
+    b = max(1, 16384 // lq)
+    for variant in ("plain", "causal", "bias [1,H,L,L]"):
+      q, k, v, key = _inputs((b, lq, h, d), dtype)
+      bias = (jax.random.normal(key, (1, h, lq, lq), dtype) if variant.startswith("bias")
+              else None)
+      causal = variant == "causal"
+      cost = _attention_cost(b, lq, lq, h, d, causal, 2, 0 if bias is None else bias.nbytes)
+      for impl in _implementations():
+        f = (lambda q, k, v, impl=impl: attention_fn(q, k, v, bias=bias, causal=causal,
+                                                     implementation=impl))
+        rows += _measure(f"L{lq} hd{d} B{b} H{h} {variant}", impl, f, (q, k, v), cost)
+  return rows
+
+
+def suite_window(args):
+  """MaxViT windows: 49 tokens, head dim 32, a [H, 13, 13] table, bf16, many windows."""
+  rows, dtype = [], jnp.bfloat16
+  for n, h in ((32 * 64, 2), (32 * 16, 4)):  # MaxViT-T stage 1 / 2 at 224, batch 32
+    q, k, v, key = _inputs((n, 49, h, 32), dtype)
+    table = jax.random.normal(key, (h, 13, 13), dtype)
+    cost = _attention_cost(n, 49, 49, h, 32, False, 2, 2 * h * 13 * 13)
+    for impl in _implementations():
+      f = (lambda q, k, v, t, impl=impl: window_attention(q, k, v, t, window=(7, 7),
+                                                          implementation=impl))
+      rows += _measure(f"windows {n}x49 H{h} hd32", impl, f, (q, k, v, table), cost)
+  return rows
+
+
+def _measure(case, impl, f, fargs, cost):
+  peaks = PEAKS.get(jax.devices()[0].device_kind)
+  rows = []
+  try:
+    passes = _passes(f, fargs)
+  except ValueError as e:  # this implementation cannot serve the case: say why, keep going
+    return [dict(case=case, implementation=impl, skipped=str(e))]
+  for pass_name, (fn, a) in passes.items():
+    rows.append(_row(case, impl, pass_name, time_fn(fn, *a), *cost[pass_name], peaks))
+  return rows
+
+
+def environment() -> dict:
+  device = jax.devices()[0]
+  env = dict(device_kind=device.device_kind, platform=device.platform,
+             device_count=jax.device_count(), jax=jax.__version__,
+             jaxlib=jax.lib.__version__ if hasattr(jax.lib, "__version__") else None,
+             python=platform.python_version(), machine=platform.processor() or platform.machine(),
+             pallas_target=_default_target(), pallas_max_block=_DEFAULT_BLOCK[_default_target()])
+  try:
+    import jaxlib
+    env["jaxlib"] = jaxlib.__version__
+  except ImportError:
+    pass
+  if device.platform == "gpu":
+    from jax._src.lib import cuda_versions
+    if cuda_versions is not None:
+      env["cuda_runtime"] = cuda_versions.cuda_runtime_get_version()
+      env["cudnn"] = cuda_versions.cudnn_get_version()
+  return env
+
+
+def print_table(rows):
+  keys = ["case", "implementation", "passes", "median_ms", "p10_ms", "p90_ms", "tflops", "gbps"]
+  keys += [k for k in ("pct_peak_flops", "pct_peak_hbm", "temp_mib", "speedup")
+           if any(k in r for r in rows)]
+  print("| " + " | ".join(keys) + " |")
+  print("|" + "---|" * len(keys))
+  for r in rows:
+    if "skipped" in r:
+      print(f"| {r['case']} | {r['implementation']} | skipped: {r['skipped']} |")
+      continue
+    cells = [f"{r[k]:.3g}" if isinstance(r.get(k), float) else str(r.get(k, "")) for k in keys]
+    print("| " + " | ".join(cells) + " |")
+
+
+def add_ratios(rows, baseline):
+  """speedup: the baseline implementation's median over this row's (same case and pass)."""
+  base = {(r["case"], r["passes"]): r["median_ms"] for r in rows
+          if r.get("implementation") == baseline and "median_ms" in r}
+  for r in rows:
+    if "median_ms" in r and (r["case"], r["passes"]) in base:
+      r["speedup"] = base[(r["case"], r["passes"])] / r["median_ms"]
+
+
+SUITES = {"window_cpu": (suite_window_cpu, "naive einsum"), "attention": (suite_attention, "xla"),
+          "window": (suite_window, "xla")}
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--suite", choices=sorted(SUITES), required=True)
+  parser.add_argument("--json", type=Path, help="write the rows and the environment here")
+  args = parser.parse_args(argv)
+  suite, baseline = SUITES[args.suite]
+  env = environment()
+  print(json.dumps(env))
+  print(f"speedup = median of {baseline!r} / median of the row (same case and pass)")
+  rows = suite(args)
+  add_ratios(rows, baseline)
+  print_table(rows)
+  if args.json:
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(dict(environment=env, suite=args.suite, baseline=baseline,
+                                         rows=rows), indent=1))
+
+
+if __name__ == "__main__":
+  main()

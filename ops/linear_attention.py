@@ -18,7 +18,7 @@ Paths:
   ``S = lambda^C S + (K * lambda^(C-1-c))^T V`` carried by ``lax.scan``; linear in L.
 * ``"pallas"``: the same sweep as a Pallas kernel, one program per (batch, head, value-column
   block) looping over the sequence blocks with the state in registers/VMEM (Lightning
-  Attention-2's forward). Run with ``interpret=True`` on CPU.
+  Attention-2's forward); in the interpreter on CPU.
 
 Both paths share one ``jax.custom_vjp`` whose backward is the paper's: the intra-block left products
 and inter-block state recurrences of dQ, dK, dV, each of which is itself a sweep of the same kind::
@@ -47,12 +47,14 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from ops.attention import _block_size, _round_up, attention
+from ops import dispatch
+from ops.attention import _backend_params, _block_size, _default_target, _round_up, attention
 
 _F32 = jnp.float32
 _HIGHEST = lax.Precision.HIGHEST
 
-IMPLEMENTATIONS = (None, "xla", "pallas")
+# The Pallas kernel runs only when named until it has been validated and timed on a device.
+_PREFERENCE = {"cpu": ("xla",), "gpu": ("xla",), "tpu": ("xla",)}
 # Sequence block of the chunked sweep. XLA: the inter-block scan costs a sequential step per block,
 # so a longer block (more intra-block work per step) is faster on CPU; the Pallas kernel keeps
 # Lightning Attention-2's 64-token tiles.
@@ -94,12 +96,6 @@ def _decay_vector(decay, heads, name):
         f"{name}: expected decay of shape [heads] = ({heads},) or a scalar, got shape "
         f"{tuple(decay.shape)}")
   return jnp.broadcast_to(decay.reshape(-1), (heads,))
-
-
-def _check_implementation(implementation, name):
-  if implementation not in IMPLEMENTATIONS:
-    raise ValueError(
-        f"{name}: expected implementation in {IMPLEMENTATIONS}, got {implementation!r}")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -240,7 +236,7 @@ def _value_block(e, widest):
   return e
 
 
-def _sweep_pallas(q, k, v, decay, block, interpret):
+def _sweep_pallas(q, k, v, decay, block, target):
   b, length, h, d = q.shape
   e = v.shape[-1]
   c = _block_size(length, block)
@@ -263,21 +259,24 @@ def _sweep_pallas(q, k, v, decay, block, interpret):
       in_specs=in_specs,
       out_specs=seq(be, lambda j: j),
       out_shape=jax.ShapeDtypeStruct((b, padded, h, e), q.dtype),
-      interpret=interpret,
       name="lightning_attention_sweep",
+      **_backend_params(target, 3),
   )(*args)
   return out[:, :length]
 
 
-def _check_pallas_supported(interpret, head_dim, v_head_dim):
-  """Raises ValueError for cases the compiled (non-interpret) GPU kernel cannot lower."""
-  if interpret or jax.default_backend() != "gpu":
-    return
-  for name, dim in (("head_dim", head_dim), ("v head_dim", v_head_dim)):
-    if dim < 16 or dim & (dim - 1):
-      raise ValueError(
-          f"lightning_attention: implementation='pallas' on GPU expected a power-of-two {name} "
-          f">= 16 (Triton tiles), got {dim}; use implementation='xla'")
+def _pallas_reason(head_dim, v_head_dim) -> str | None:
+  """Why the kernel cannot be compiled for this platform's target (None: it can, or it runs in
+  the interpreter)."""
+  target = _default_target()
+  if target == "tpu":
+    return ("its blocks index [B, L, H, D] with the head axis squeezed, which Mosaic TPU cannot "
+            "tile")
+  if target == "gpu":
+    for name, dim in (("head_dim", head_dim), ("v head_dim", v_head_dim)):
+      if dim < 16 or dim & (dim - 1):
+        return f"Triton tiles need a power-of-two {name} >= 16, got {dim}"
+  return None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -290,7 +289,7 @@ class _Sweep:
   """Static choice of the sweep implementation (hashable: a nondiff argument of the custom_vjp)."""
   implementation: str
   block: int
-  interpret: bool = False
+  target: str = ""  # the Pallas target ("interpret", "gpu"); unused by "xla"
 
   def __call__(self, q, k, v, decay, *, reverse=False):
     """Causal sweep, or anti-causal (``o_t = sum_{s >= t} ...``) with ``reverse``, which is the
@@ -298,7 +297,7 @@ class _Sweep:
     if reverse:
       q, k, v = (x[:, ::-1] for x in (q, k, v))
     if self.implementation == "pallas":
-      out = _sweep_pallas(q, k, v, decay, self.block, self.interpret)
+      out = _sweep_pallas(q, k, v, decay, self.block, self.target)
     else:
       out = _sweep_xla(q, k, v, decay, self.block)
     return out[:, ::-1] if reverse else out
@@ -324,11 +323,10 @@ def _lightning_bwd(sweep, residuals, do):
 _lightning.defvjp(_lightning_fwd, _lightning_bwd)
 
 
-def _make_sweep(implementation, head_dim, v_head_dim):
-  if implementation == "pallas":
-    interpret = jax.default_backend() == "cpu"
-    _check_pallas_supported(interpret, head_dim, v_head_dim)
-    return _Sweep("pallas", _PALLAS_BLOCK, interpret)
+def _make_sweep(implementation, head_dim, v_head_dim, name):
+  reasons = {"xla": lambda: None, "pallas": lambda: _pallas_reason(head_dim, v_head_dim)}
+  if dispatch.choose(name, implementation, reasons, _PREFERENCE) == "pallas":
+    return _Sweep("pallas", _PALLAS_BLOCK, _default_target())
   return _Sweep("xla", _XLA_BLOCK)
 
 
@@ -338,14 +336,15 @@ def lightning_attention(q, k, v, *, decay=None, implementation=None):
   ``o_t = sum_{s <= t} exp(-decay_h)^(t-s) (q_t . k_s) v_s``. ``decay``: per-head rates ``>= 0``
   (shape ``[H]`` or a scalar), or None for no decay. Any L (the last block is zero-padded).
 
-  ``implementation``: ``None`` picks the chunked jnp path ("xla"), on CPU always (never interpret
-  mode silently) and on devices until the Pallas kernel has been validated there; ``"pallas"`` runs
-  the kernel (``interpret=True`` on CPU). Both differentiate with the paper's backward (module
+  ``implementation`` (``ops.dispatch``): ``None`` picks the chunked jnp path ("xla"), on CPU always
+  (never interpret mode silently) and on devices until the Pallas kernel has been validated there;
+  ``"pallas"`` runs the kernel (in the interpreter on CPU, Triton on GPU), raising ValueError where
+  it cannot be compiled. Both differentiate with the paper's backward (module
   docstring); no gradient reaches ``decay``. Output in ``q.dtype``; math and state in f32.
   """
-  _check_implementation(implementation, "lightning_attention")
   decay = _validate(q, k, v, decay)
-  return _lightning(q, k, v, decay, _make_sweep(implementation, q.shape[-1], v.shape[-1]))
+  sweep = _make_sweep(implementation, q.shape[-1], v.shape[-1], "lightning_attention")
+  return _lightning(q, k, v, decay, sweep)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -369,7 +368,6 @@ def lightning_prefill(q, k, v, state, *, decay=None, implementation=None):
   ``out_t = lightning_t + lambda^(t+1) q_t S`` and ``S' = lambda^L S + sum_s lambda^(L-1-s) k_s v_s^T``
   (f32, exponents <= 0).
   """
-  _check_implementation(implementation, "lightning_prefill")
   decay_h = _validate(q, k, v, decay, "lightning_prefill")
   _check_state(state, q, v, "lightning_prefill")
   length = q.shape[1]
@@ -419,6 +417,12 @@ def lightning_decode_step(q, k, v, state, decay=None):
 # --------------------------------------------------------------------------------------------------
 
 
+def _xla_only(implementation, name, why):
+  """For the cases with no kernel: "pallas" cannot serve them (and says why)."""
+  reasons = {"xla": lambda: None, "pallas": lambda: f"{why}, no Pallas kernel"}
+  dispatch.choose(name, implementation, reasons, _PREFERENCE)
+
+
 def simple_rms_norm(x, eps=1e-8):
   """TransNormer's SimpleRMSNorm over the last axis: ``x / (||x||_2 / sqrt(d) + eps)``, eps outside
   the root, no parameters; statistics in f32, result in ``x.dtype``."""
@@ -441,14 +445,11 @@ def norm_attention(q, k, v, *, causal, eps=1e-8, implementation=None):
   linear time); ``implementation`` as there. Bidirectional: ``q (k^T v)`` (two einsums in f32; only
   the "xla" form exists). Returns ``[B, L, H, E]`` in ``q.dtype``.
   """
-  _check_implementation(implementation, "norm_attention")
   _validate(q, k, v, None, "norm_attention")
   if causal:
     out = lightning_attention(q, k, v, implementation=implementation)
   else:
-    if implementation == "pallas":
-      raise ValueError("norm_attention: the bidirectional form is two einsums and has no Pallas "
-                       "kernel; use implementation=None or 'xla'")
+    _xla_only(implementation, "norm_attention", "the bidirectional form is two einsums")
     kv = jnp.einsum("bkhd,bkhe->bhde", k.astype(_F32), v.astype(_F32), precision=_HIGHEST)
     out = jnp.einsum("bqhd,bhde->bqhe", q.astype(_F32), kv, precision=_HIGHEST).astype(q.dtype)
   return _norm_heads(out, eps)
@@ -465,7 +466,6 @@ def diag_attention(q, k, v, *, block_size=64, causal, softmax, eps=1e-8, impleme
   ``causal`` masks later tokens inside the block. As in the official code, L is zero-padded to a
   whole block: bidirectional softmax therefore also weighs the padded (zero) keys of the last block.
   """
-  _check_implementation(implementation, "diag_attention")
   _validate(q, k, v, None, "diag_attention")
   b, length, h, d = q.shape
   e = v.shape[-1]
@@ -477,9 +477,7 @@ def diag_attention(q, k, v, *, block_size=64, causal, softmax, eps=1e-8, impleme
     out = attention(q, k, v, segment_ids=block_ids, causal=causal, scale=1.0,
                     implementation=implementation)
     return out[:, :length]
-  if implementation == "pallas":
-    raise ValueError("diag_attention: the ReLU form is one blocked einsum and has no Pallas "
-                     "kernel; use implementation=None or 'xla'")
+  _xla_only(implementation, "diag_attention", "the ReLU form is one blocked einsum")
   n = padded // block_size
   qb, kb, vb = (x.astype(_F32).reshape(b, n, block_size, h, x.shape[-1]) for x in (q, k, v))
   scores = jax.nn.relu(jnp.einsum("bnqhd,bnkhd->bnhqk", qb, kb, precision=_HIGHEST))

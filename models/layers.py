@@ -157,6 +157,21 @@ class DropPath(Dropout):
     return jnp.where(mask, x / keep, jnp.zeros_like(x))
 
 
+class LayerScale(nnx.Module):
+  """Learnable per-channel scale of a residual branch (CaiT, ConvNeXt, HorNet): x * gamma, last axis.
+
+  A small `init_value` (1e-6 in HorNet) starts each branch near zero, a deep net near the identity.
+  """
+
+  def __init__(self, dim: int, init_value: float = 1e-5, *, dtype=jnp.float32,
+               param_dtype=jnp.float32):
+    self.gamma = nnx.Param(jnp.full((dim,), init_value, param_dtype))
+    self.dtype = dtype
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return jnp.asarray(x, self.dtype) * jnp.asarray(self.gamma[...], self.dtype)
+
+
 class Block(nnx.Module):
   """Transformer encoder layer: self-attention and Mlp branches, each added back to the residual stream.
 

@@ -148,10 +148,11 @@ def make_eval_step(task, graphdef):
   return eval_step
 
 
-def evaluate(eval_step, model_state, split, batch_size: int, mesh) -> dict[str, float]:
+def evaluate(eval_step, model_state, split, input_config, mesh) -> dict[str, float]:
   """Metrics over every example of a split (the last batch padded and masked)."""
   sums = None
-  for batch in data.eval_batches(split, batch_size, process_index=jax.process_index(),
+  for batch in data.eval_batches(split, input_config.eval_batch_size, input_config=input_config,
+                                 process_index=jax.process_index(),
                                  process_count=jax.process_count()):
     out = eval_step(model_state, put_batch(batch, mesh))
     sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
@@ -296,7 +297,8 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
   eval_every = config.eval_every_steps or steps_per_epoch
   checkpoint_every = config.checkpoint.every_steps or eval_every
   train_data = data.train_batches(train_split, micro_batch, seed=config.seed,
-                                  process_index=jax.process_index(), process_count=jax.process_count())
+                                  input_config=config.input, process_index=jax.process_index(),
+                                  process_count=jax.process_count())
 
   # Model and optimizer.
   schedule = make_schedule(config, steps_per_epoch / accum, total_steps // accum)
@@ -307,8 +309,11 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
 
   # Restore: resume this workdir if it has a checkpoint, else optionally start from pretrained weights.
   mngr = make_checkpoint_manager(workdir, config)
-  # One reader thread: a batch is a cheap vectorised gather, and more threads only compete with XLA's.
-  train_iter = iter(train_data.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=2)))
+  # One reader thread by default: a batch is a cheap vectorised gather, and more threads only
+  # compete with XLA's; decoding and augmenting images may want more (config.input.num_threads).
+  read_options = grain.ReadOptions(num_threads=config.input.num_threads,
+                                   prefetch_buffer_size=max(2, config.input.num_threads))
+  train_iter = iter(train_data.to_iter_dataset(read_options))
   start_step, meta = mngr.latest_step() or 0, {}
   if start_step:
     meta = restore_training(mngr, start_step, model, optimizer, train_iter)
@@ -366,8 +371,8 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
       if is_eval:
         model_state = nnx.state(nnx.merge(graphdef, state)[0])
         metrics = {f"{name}/{k}": v for name in config.eval_splits
-                   for k, v in evaluate(eval_step, model_state, eval_splits[name],
-                                        config.input.eval_batch_size, mesh).items()}
+                   for k, v in evaluate(eval_step, model_state, eval_splits[name], config.input,
+                                        mesh).items()}
         metrics["epoch"] = step / steps_per_epoch
         improved = early_stopping.update(step, metrics)
         stopped = early_stopping.should_stop
@@ -396,7 +401,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
            "wall_time_sec": time.time() - t_start}
   for name in config.final_eval_splits:
     final |= {f"{name}/{k}": v for k, v in evaluate(eval_step, model_state, eval_splits[name],
-                                                      config.input.eval_batch_size, mesh).items()}
+                                                      config.input, mesh).items()}
   writer.write(step, {k: v for k, v in final.items() if "/" in k})
   writer.close()
   mngr.close()

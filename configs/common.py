@@ -52,6 +52,32 @@ def base_config() -> ml_collections.ConfigDict:
   c.input = ml_collections.ConfigDict()
   c.input.batch_size = 32         # global batch (per optimizer update)
   c.input.eval_batch_size = 256
+  c.input.num_threads = 1         # grain threads making training batches (decoding, augmenting)
+  # Image classification (data/augment.py). The defaults serve the stored pixels / pixel_max as they
+  # are; a vision recipe sets image_size, mean/std and the augmentation.
+  c.input.image_size = 0          # square model input side; 0 = as stored (no resize or crop)
+  c.input.channels = 0            # 0 = as stored; 3 = grey repeated to RGB; 1 = RGB to grey (luma)
+  c.input.mean = (0.0,)           # (pixel / pixel_max - mean) / std: one value or one per channel
+  c.input.std = (1.0,)
+  c.input.interpolation = "bicubic"  # bicubic | bilinear | nearest | lanczos | box | hamming
+  c.input.crop_pct = 0.875        # eval: short side -> floor(image_size / crop_pct), center crop
+  c.input.train_crop = "random_resized"  # random_resized | center (the eval crop) | resize (whole)
+  c.input.crop_scale = (0.08, 1.0)       # random_resized: area fraction ~ U(crop_scale)
+  c.input.crop_ratio = (3 / 4, 4 / 3)    # random_resized: aspect w/h ~ log-uniform in crop_ratio
+  c.input.hflip = 0.0             # probability of a horizontal flip
+  c.input.randaugment = ml_collections.ConfigDict()
+  c.input.randaugment.num_layers = 0     # ops per image; 0 = off (MaxViT: 2; timm rand-m9: 2)
+  c.input.randaugment.magnitude = 10.0   # 0..10 scale, more allowed (MaxViT: 15; timm rand-m9: 9)
+  c.input.randaugment.magnitude_std = 0.0  # timm 'mstd': magnitude ~ N(magnitude, std) per op
+  c.input.randaugment.prob = 1.0         # chance each picked op is applied (TF: 1.0; timm: 0.5)
+  c.input.randaugment.increasing = False  # timm 'inc1' variants of Posterize/Solarize/enhance ops
+  c.input.randaugment.exclude_ops = ()   # e.g. ('Cutout',): timm's op set (data/randaugment.OPS)
+  c.input.mixup = ml_collections.ConfigDict()
+  c.input.mixup.mixup_alpha = 0.0        # lam ~ Beta(a, a); 0 = no Mixup
+  c.input.mixup.cutmix_alpha = 0.0       # 0 = no CutMix
+  c.input.mixup.switch_prob = 0.5        # both set: chance of CutMix instead of Mixup
+  c.input.mixup.prob = 1.0               # chance a batch is mixed at all
+  c.input.label_smoothing = 0.0   # training targets (1 - s) one-hot + s / num_classes
 
   c.optimizer = ml_collections.ConfigDict()
   c.optimizer.name = "adamw"      # adam | adamw | sgd

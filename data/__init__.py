@@ -4,16 +4,19 @@
 
   split = data.load(config.data, "train")          # ForecastingSplit | ClassificationSplit
   len(split); split.gather(np.arange(32)); split.spec; split.meta
-  data.train_batches(split, batch_size, seed)      # grain.MapDataset: element e = batch of step e
-  data.eval_batches(split, batch_size)             # every example once, padded last batch + 'mask'
+  data.train_batches(split, batch_size, seed, input_config=config.input)   # element e = step e
+  data.eval_batches(split, batch_size, input_config=config.input)   # each example once, + 'mask'
 
-Dataset names: `data.DATASETS` (and 'custom' for any CSV of the iTransformer custom protocol).
+Image splits are augmented (training) or resized and center-cropped (evaluation) as config.input
+says: see data/augment.py. Dataset names: `data.DATASETS`, and 'custom' for any CSV of the
+iTransformer custom protocol, 'image_folder' for any class-per-subfolder tree of JPEG/PNG images.
 """
-from data.catalog import CUSTOM, DATASETS
+from data.catalog import CUSTOM, DATASETS, IMAGE_FOLDER
 from data.errors import DataError
 from data.loading import load
 from data.pipeline import eval_batches, steps_per_epoch, train_batches
-from data.splits import ClassificationSplit, ForecastingSplit
+from data.splits import ClassificationSplit, EncodedImageSplit, ForecastingSplit
 
-__all__ = ["CUSTOM", "DATASETS", "ClassificationSplit", "DataError", "ForecastingSplit", "eval_batches",
-           "load", "steps_per_epoch", "train_batches"]
+__all__ = ["CUSTOM", "DATASETS", "IMAGE_FOLDER", "ClassificationSplit", "DataError",
+           "EncodedImageSplit", "ForecastingSplit", "eval_batches", "load", "steps_per_epoch",
+           "train_batches"]

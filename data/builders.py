@@ -8,17 +8,20 @@ always prepared with `file_format='array_record'` (the default tfrecord writer n
   variates, float64 as in the file), `date` (ISO text, for files with timestamps). TFDS splits hold
   each split's target rows, in row order (`disable_shuffling=True`: TFDS would shuffle otherwise).
 - `zoo_fashion_mnist`, `zoo_digits`: `image` uint8 [H, W, 1] and `label`, in file order.
+- `zoo_imagenet2012`, `zoo_image_folder/<name>`: `image` = the image file's bytes as they are
+  (JPEG or PNG, decoded with PIL when read: no TensorFlow), `label` and `file_name`, in file order.
 """
 from __future__ import annotations
 
 import dataclasses
 import os
+import pathlib
 
 import numpy as np
 import sklearn.datasets
 import tensorflow_datasets as tfds
 
-from data import catalog, protocols, raw_files
+from data import catalog, image_files, protocols, raw_files
 
 VERSION = tfds.core.Version("1.0.0")
 
@@ -122,6 +125,55 @@ class ZooDigits(_ImageClassification, tfds.core.GeneratorBasedBuilder):
     return {split: self._generate_examples(images[idx], labels[idx]) for split, idx in parts.items()}
 
 
+class _EncodedImageClassification:
+  """What the builders of encoded images share: features and records passed through as read."""
+
+  def _encoded_info(self, class_names) -> tfds.core.DatasetInfo:
+    return tfds.core.DatasetInfo(
+        builder=self, disable_shuffling=True, supervised_keys=("image", "label"),
+        features=tfds.features.FeaturesDict({
+            # The file's bytes: an Image feature would re-encode them, and encoding needs TF.
+            "image": tfds.features.Tensor(shape=(), dtype=np.object_),
+            "label": tfds.features.ClassLabel(names=class_names),
+            "file_name": tfds.features.Text()}))
+
+  def _generate_examples(self, examples):
+    yield from examples
+
+
+class ZooImagenet2012(_EncodedImageClassification, tfds.core.GeneratorBasedBuilder):
+  """ILSVRC2012 from the user's tars or extracted folders (train 1,281,167, validation 50,000)."""
+  VERSION = VERSION
+  MANUAL_DOWNLOAD_INSTRUCTIONS = f"Put in manual_dir, from {catalog.IMAGENET_SOURCE}."
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    return self._encoded_info(image_files.imagenet_class_names())
+
+  def _split_generators(self, dl_manager):
+    return {split: self._generate_examples(image_files.imagenet_examples(source, split))
+            for split, source in image_files.imagenet_sources(str(dl_manager.manual_dir)).items()}
+
+
+@dataclasses.dataclass(eq=False)
+class ImageFolderConfig(tfds.core.BuilderConfig):
+  tree: image_files.ImageFolderTree | None = dataclasses.field(default=None, repr=False)
+
+
+class ZooImageFolder(_EncodedImageClassification, tfds.core.GeneratorBasedBuilder):
+  """A class-per-subfolder tree of JPEG/PNG images; one config per tree, made when it is used."""
+  VERSION = VERSION
+  MANUAL_DOWNLOAD_INSTRUCTIONS = f"manual_dir is the tree: {catalog.IMAGE_FOLDER_SOURCE}."
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    return self._encoded_info(self.builder_config.tree.class_names)
+
+  def _split_generators(self, dl_manager):
+    del dl_manager   # the tree was listed from the dataset's root when the config was made
+    tree = self.builder_config.tree
+    return {split: self._generate_examples(image_files.image_folder_examples(tree, split))
+            for split in tree.splits}
+
+
 def resolve_data_dir(data_dir: str) -> str:
   """'' means $TFDS_DATA_DIR, else ~/tensorflow_datasets (as TFDS itself)."""
   return os.path.expanduser(data_dir or os.environ.get("TFDS_DATA_DIR") or "~/tensorflow_datasets")
@@ -134,7 +186,22 @@ def make_builder(dataset: catalog.SeriesDataset | catalog.ImageDataset,
   if isinstance(dataset, catalog.SeriesDataset):
     registered = dataset.name in catalog.DATASETS   # a `custom` file gets a config made on the fly
     return ZooSeries(config=dataset.name if registered else series_config(dataset), **kwargs)
-  return {"fashion_mnist": ZooFashionMnist, "digits": ZooDigits}[dataset.name](**kwargs)
+  if dataset.layout == "image_folder":
+    return _image_folder_builder(dataset, **kwargs)
+  return {"fashion_mnist": ZooFashionMnist, "digits": ZooDigits,
+          "imagenet2012": ZooImagenet2012}[dataset.name](**kwargs)
+
+
+def _image_folder_builder(dataset: catalog.ImageDataset, data_dir: str,
+                          file_format: str) -> tfds.core.DatasetBuilder:
+  """A prepared tree is read from its directory (the tree itself may be gone since); else the tree
+  is listed (and checked) now, so that a bad tree is refused before TFDS creates anything."""
+  prepared = pathlib.Path(data_dir) / ZooImageFolder.name / dataset.name / str(VERSION)
+  if (prepared / "dataset_info.json").is_file():
+    return tfds.builder_from_directory(str(prepared))
+  tree = image_files.read_image_folder(dataset.root, dataset.validation_fraction)
+  config = ImageFolderConfig(name=dataset.name, description=f"images of {tree.root}", tree=tree)
+  return ZooImageFolder(config=config, data_dir=data_dir, file_format=file_format)
 
 
 def is_prepared(builder: tfds.core.DatasetBuilder) -> bool:
@@ -146,14 +213,23 @@ def raw_file_names(dataset: catalog.SeriesDataset | catalog.ImageDataset) -> tup
   return (dataset.file,) if isinstance(dataset, catalog.SeriesDataset) else dataset.files
 
 
-def prepare(name: str, manual_dir: str = "", data_dir: str = "", file: str = "") -> tfds.core.DatasetBuilder:
+def prepare(name: str, manual_dir: str = "", data_dir: str = "", file: str = "",
+            validation_fraction: float = 0.0) -> tfds.core.DatasetBuilder:
   """Prepares dataset `name` unless it already is; returns its builder."""
-  dataset = catalog.lookup(name, file)
+  dataset = catalog.lookup(name, file, manual_dir, validation_fraction)
   builder = make_builder(dataset, data_dir)
   if is_prepared(builder):
     return builder
-  for raw in raw_file_names(dataset):   # refuse before TFDS creates anything
-    raw_files.raw_file(manual_dir, raw, name, dataset.source)
+  _check_raw_files(dataset, name, manual_dir)   # refuse before TFDS creates anything
   manual_dir = os.path.expanduser(manual_dir) if manual_dir else None
   builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
   return builder
+
+
+def _check_raw_files(dataset: catalog.SeriesDataset | catalog.ImageDataset, name: str,
+                     manual_dir: str) -> None:
+  if isinstance(dataset, catalog.ImageDataset) and dataset.layout == "imagenet":
+    image_files.imagenet_sources(manual_dir)   # tars or extracted folders
+  elif not (isinstance(dataset, catalog.ImageDataset) and dataset.layout == "image_folder"):
+    for raw in raw_file_names(dataset):          # (an image folder was checked when it was listed)
+      raw_files.raw_file(manual_dir, raw, name, dataset.source)

@@ -18,6 +18,11 @@ ETT_SOURCE = "https://github.com/zhouhaoyi/ETDataset (folder ETT-small)"
 BUNDLE_SOURCE = ("the Autoformer/iTransformer Google-Drive dataset bundle linked from the READMEs of "
                  "https://github.com/thuml/iTransformer and https://github.com/thuml/Autoformer")
 FASHION_MNIST_SOURCE = "https://github.com/zalandoresearch/fashion-mnist (folder data/fashion)"
+IMAGENET_SOURCE = ("https://image-net.org (ILSVRC2012, after registration): "
+                   "ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar, or their extracted "
+                   "folders train/<wnid>/ and val/")
+IMAGE_FOLDER_SOURCE = ("your own images: DIR/train/<class>/*.jpg|png, optionally DIR/val/ and "
+                       "DIR/test/ alike")
 ETT_COLUMNS = ("date", "HUFL", "HULL", "MUFL", "MULL", "LUFL", "LULL", "OT")
 
 
@@ -40,6 +45,15 @@ class ImageDataset:
   source: str
   pixel_max: int           # images are served as pixel / pixel_max, in [0, 1]
   task: str = "classification"
+  # 'arrays': pixels stored as uint8 tensors of one shape (small sets, read into memory);
+  # 'image_folder' | 'imagenet': the image files' bytes stored as they are, decoded when read.
+  layout: str = "arrays"
+  root: str = ""                     # image_folder: the tree it was listed from (its manual_dir)
+  validation_fraction: float = 0.0   # image_folder without val/: share of train/ held out
+
+  @property
+  def encoded(self) -> bool:
+    return self.layout != "arrays"
 
 
 def _ett(name: str, file: str, protocol: protocols.Protocol, num_rows: int) -> SeriesDataset:
@@ -70,16 +84,24 @@ DATASETS: dict[str, SeriesDataset | ImageDataset] = {d.name: d for d in [
                  FASHION_MNIST_SOURCE, pixel_max=255),
     ImageDataset("digits", (), "scikit-learn (sklearn.datasets.load_digits), installed with the zoo",
                  pixel_max=16),
+    ImageDataset("imagenet2012", ("ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar"),
+                 IMAGENET_SOURCE, pixel_max=255, layout="imagenet"),
 ]}
 CUSTOM = "custom"   # any CSV of the iTransformer `custom` protocol; the user names the file
+IMAGE_FOLDER = "image_folder"   # any class-per-subfolder tree of JPEG/PNG images (manual_dir)
 
 
-def lookup(name: str, file: str = "") -> SeriesDataset | ImageDataset:
-  """The catalog entry of a zoo dataset name; `custom` needs `file` (a CSV in manual_dir)."""
+def lookup(name: str, file: str = "", manual_dir: str = "",
+           validation_fraction: float = 0.0) -> SeriesDataset | ImageDataset:
+  """The catalog entry of a zoo dataset name; `custom` needs `file` (a CSV in manual_dir),
+  `image_folder` needs `manual_dir` (the tree's root)."""
   if name == CUSTOM:
     return custom_dataset(file)
+  if name == IMAGE_FOLDER:
+    return image_folder_dataset(manual_dir, validation_fraction)
   if name not in DATASETS:
-    raise DataError(f"unknown dataset {name!r}{_suggestion(name)}; known: {', '.join([*DATASETS, CUSTOM])}")
+    known = ", ".join([*DATASETS, CUSTOM, IMAGE_FOLDER])
+    raise DataError(f"unknown dataset {name!r}{_suggestion(name)}; known: {known}")
   return DATASETS[name]
 
 
@@ -87,7 +109,7 @@ def _suggestion(name: str) -> str:
   def squeeze(s):   # 'ETTh1' and 'ett_h1' are the same name to a reader
     return re.sub(r"[^a-z0-9]", "", s.lower())
   same = [known for known in DATASETS if squeeze(known) == squeeze(name)]
-  close = same or difflib.get_close_matches(name, [*DATASETS, CUSTOM], n=1)
+  close = same or difflib.get_close_matches(name, [*DATASETS, CUSTOM, IMAGE_FOLDER], n=1)
   return f" (did you mean {close[0]!r}?)" if close else ""
 
 
@@ -99,3 +121,19 @@ def custom_dataset(file: str) -> SeriesDataset:
   stem = re.sub(r"[^a-z0-9]+", "_", pathlib.Path(file).stem.lower()).strip("_")
   return SeriesDataset(f"{CUSTOM}_{stem}", file, protocols.CUSTOM,
                        source="your own file (a CSV with a `date` column and the target column `OT`)")
+
+
+def image_folder_dataset(manual_dir: str, validation_fraction: float = 0.0) -> ImageDataset:
+  """A user's image tree, prepared as `image_folder_<folder name>` (+ `_val<fraction>`)."""
+  if not manual_dir:
+    raise DataError("dataset 'image_folder' needs the tree's root: `python -m data.prepare "
+                    "image_folder --manual_dir DIR` (config: data.manual_dir=DIR) with "
+                    "DIR/train/<class>/*.jpg|png")
+  folder_name = pathlib.Path(manual_dir).expanduser().resolve().name
+  stem = re.sub(r"[^a-z0-9]+", "_", folder_name.lower()).strip("_")
+  name = f"{IMAGE_FOLDER}_{stem or 'root'}"
+  if validation_fraction:
+    name += "_val" + f"{validation_fraction:g}".replace(".", "p")
+  return ImageDataset(name, ("train/",), IMAGE_FOLDER_SOURCE, pixel_max=255, layout="image_folder",
+                      root=str(pathlib.Path(manual_dir).expanduser()),
+                      validation_fraction=validation_fraction)

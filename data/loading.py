@@ -12,18 +12,21 @@ def load(config_data: Mapping[str, Any], split: str) -> ForecastingSplit | Class
   """Split 'train' | 'validation' | 'test' of dataset `config_data.name`.
 
   config_data (an ml_collections ConfigDict or a dict): name, data_dir ('' = $TFDS_DATA_DIR or
-  ~/tensorflow_datasets), manual_dir ('' = none; if set, a dataset not yet prepared is prepared from it),
-  file (dataset 'custom' only); forecasting: seq_len, pred_len, freq ('h'), time_marks (default: whether
-  the dataset has timestamps), scale (True).
+  ~/tensorflow_datasets), manual_dir ('' = none; if set, a dataset not yet prepared is prepared from
+  it; 'image_folder' always needs it: it names the tree), file (dataset 'custom' only),
+  validation_fraction ('image_folder' without val/ only, 0.0); forecasting: seq_len, pred_len, freq
+  ('h'), time_marks (default: whether the dataset has timestamps), scale (True).
   """
   name, file = config_data.get("name", ""), config_data.get("file", "")
-  dataset = catalog.lookup(name, file)
+  manual_dir = config_data.get("manual_dir", "")
+  validation_fraction = config_data.get("validation_fraction", 0.0)
+  dataset = catalog.lookup(name, file, manual_dir, validation_fraction)
   builder = builders.make_builder(dataset, config_data.get("data_dir", ""))
   if not builders.is_prepared(builder):
-    manual_dir = config_data.get("manual_dir", "")
     if builders.raw_file_names(dataset) and not manual_dir:   # digits needs no files
       raise DataError(_not_prepared_message(dataset, name, file, builder.data_dir_root))
-    builder = builders.prepare(name, manual_dir, config_data.get("data_dir", ""), file)
+    builder = builders.prepare(name, manual_dir, config_data.get("data_dir", ""), file,
+                               validation_fraction)
   dataset_dir = str(builder.data_path)
   if isinstance(dataset, catalog.ImageDataset):
     return images.load_split(dataset_dir, dataset, split)

@@ -1,6 +1,6 @@
 """Build a zoo dataset once from its raw files: TFDS ArrayRecord in data_dir, read later by `data.load`.
 
-  python -m data.prepare NAME --manual_dir DIR [--data_dir D] [--file F]
+  python -m data.prepare NAME --manual_dir DIR [--data_dir D] [--file F] [--validation_fraction F]
 
 A missing or malformed raw file is refused with a message that says what is wrong and where to get the
 file (exit status 2).
@@ -21,8 +21,11 @@ def _catalog_text() -> str:
     lines.append(f"  {dataset.name}: {files}")
   lines += [f"  {catalog.CUSTOM}: --file F, any CSV with a `date` column and the target `OT` "
             "(prepared as custom_<file stem>)",
+            f"  {catalog.IMAGE_FOLDER}: --manual_dir DIR is the tree, DIR/train/<class>/*.jpg|png, "
+            "optionally DIR/val/ (or --validation_fraction F of train/) and DIR/test/ (prepared as "
+            "image_folder_<DIR name>)",
             f"sources: ETT: {catalog.ETT_SOURCE}; Fashion-MNIST: {catalog.FASHION_MNIST_SOURCE}; "
-            f"the others: {catalog.BUNDLE_SOURCE}."]
+            f"ImageNet: {catalog.IMAGENET_SOURCE}; the others: {catalog.BUNDLE_SOURCE}."]
   return "\n".join(lines)
 
 
@@ -33,9 +36,12 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--manual_dir", default="", help="folder holding the raw file(s)")
   parser.add_argument("--data_dir", default="", help="TFDS data dir ('' = $TFDS_DATA_DIR or ~/tensorflow_datasets)")
   parser.add_argument("--file", default="", help="the CSV of dataset 'custom' (in --manual_dir)")
+  parser.add_argument("--validation_fraction", type=float, default=0.0,
+                      help="image_folder without val/: hold out this share of train/")
   args = parser.parse_args(argv)
   try:
-    builder = builders.prepare(args.name, args.manual_dir, args.data_dir, args.file)
+    builder = builders.prepare(args.name, args.manual_dir, args.data_dir, args.file,
+                               args.validation_fraction)
   except DataError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

@@ -1,13 +1,17 @@
-"""In-memory splits that the pipelines gather batches from: `len`, `gather(idx)`, `spec`, `meta`.
+"""Splits that the pipelines take batches from: `len`, `gather(idx)`, `spec`, `meta`.
 
 `gather` is vectorised (one fancy-indexing op per key), so a batch costs no Python loop per example.
+Image splits also have `read(idx)` -> (uint8 images, labels) and `pixel_max`, the input of the
+per-image preprocessing of data.augment; encoded ones (`EncodedImageSplit`) have only that.
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+import io
+from typing import Any, Sequence
 
 import numpy as np
+from PIL import Image
 
 from data.errors import DataError
 
@@ -77,6 +81,7 @@ class ForecastingSplit:
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class ClassificationSplit:
+  """Images held in memory as one array (small datasets: Fashion-MNIST, digits)."""
   images: np.ndarray   # [n, H, W, C] uint8
   labels: np.ndarray   # [n] int
   pixel_max: int       # images are served as float32 pixel / pixel_max, in [0, 1]
@@ -86,10 +91,47 @@ class ClassificationSplit:
     return len(self.labels)
 
   def gather(self, idx) -> dict[str, np.ndarray]:
+    """The stored pixels / pixel_max, vectorised (no augmentation: see data.augment for that)."""
     idx = checked_indices(idx, len(self))
     return {"image": self.images[idx].astype(np.float32) / np.float32(self.pixel_max),
             "label": self.labels[idx].astype(np.int32)}
 
+  def read(self, idx) -> tuple[np.ndarray, np.ndarray]:
+    """(uint8 images [k, H, W, C], int32 labels [k]): what data.augment preprocesses."""
+    idx = checked_indices(idx, len(self))
+    return self.images[idx], self.labels[idx].astype(np.int32)
+
   @property
   def spec(self) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
     return {"image": (self.images.shape[1:], np.dtype(np.float32)), "label": ((), np.dtype(np.int32))}
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class EncodedImageSplit:
+  """Images kept encoded (JPEG/PNG bytes) in a random-access source and decoded when read.
+
+  For datasets too large for memory (ImageNet) or of images of different sizes (image folders):
+  batches always go through data.augment, which crops them to one size.
+  """
+  source: Sequence[dict[str, Any]]   # record i -> {'image': encoded bytes, 'label': int, ...}
+  meta: dict[str, Any]
+  pixel_max: int = 255
+
+  def __len__(self) -> int:
+    return len(self.source)
+
+  def read(self, idx) -> tuple[list[np.ndarray], np.ndarray]:
+    """(decoded uint8 RGB images [H_i, W_i, 3], int32 labels [k])."""
+    idx = checked_indices(idx, len(self))
+    records = self.source.__getitems__(idx.tolist())
+    return ([decode_image(r["image"], r.get("file_name", "")) for r in records],
+            np.array([r["label"] for r in records], np.int32))
+
+
+def decode_image(encoded: bytes, name: str = "") -> np.ndarray:
+  """JPEG/PNG bytes -> uint8 RGB [H, W, 3] (grey, CMYK and palette images converted, as TFDS)."""
+  try:
+    with Image.open(io.BytesIO(encoded)) as image:
+      return np.asarray(image.convert("RGB"))
+  except (OSError, ValueError, Image.DecompressionBombError) as e:
+    raise DataError(f"cannot decode image {name or '(unnamed)'}: {e}") from e

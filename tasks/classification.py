@@ -1,4 +1,9 @@
-"""Classification: batch {image [B,H,W,C] float, label [B] int}, softmax cross-entropy."""
+"""Classification: batch {image [B,H,W,C] float, label [B] int}, softmax cross-entropy.
+
+A training batch may also carry 'soft_label' [B, num_classes] (rows summing to 1: Mixup/CutMix and
+label smoothing, made by data/augment.py); the loss is then the cross-entropy with those targets,
+and training accuracy still compares the argmax with the hard 'label'. Evaluation uses hard labels.
+"""
 import jax.numpy as jnp
 import optax
 
@@ -12,8 +17,11 @@ class Classification:
 
   def loss(self, model, batch):
     logits = self._logits(model, batch, train=True)
-    loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
-    return loss, {"accuracy": jnp.mean(jnp.argmax(logits, -1) == batch["label"])}
+    if "soft_label" in batch:
+      losses = optax.softmax_cross_entropy(logits, batch["soft_label"])
+    else:
+      losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
+    return losses.mean(), {"accuracy": jnp.mean(jnp.argmax(logits, -1) == batch["label"])}
 
   def eval_sums(self, model, batch):
     logits = self._logits(model, batch, train=False)

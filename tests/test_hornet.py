@@ -270,7 +270,7 @@ def test_bfloat16_compute_stays_close_to_float32():
   logits = _logits(model, _nhwc(arrays["input"]))
   assert logits.dtype == jnp.bfloat16
   ref = arrays["logits"]
-  assert _max_diff(logits, ref) <= 0.1 * np.abs(ref).max()
+  assert _max_diff(logits, ref) <= 0.05 * np.abs(ref).max()  # measured: 1.3% (bfloat16 rounding)
 
 
 def test_drop_path_drops_whole_branches_per_sample_only_in_training():

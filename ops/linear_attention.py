@@ -455,34 +455,45 @@ def norm_attention(q, k, v, *, causal, eps=1e-8, implementation=None):
   return _norm_heads(out, eps)
 
 
-def diag_attention(q, k, v, *, block_size=64, causal, softmax, eps=1e-8, implementation=None):
+def diag_attention(q, k, v, *, block_size=64, causal, softmax, eps=1e-8, dropout=None,
+                   implementation=None):
   """TransNormer's DiagAttention: attention inside non-overlapping blocks of ``block_size`` tokens
   aligned at absolute positions 0, block, 2 block, ... (a token sees only its own block).
 
-  ``softmax=True`` (T2): ``softmax(q k^T) v`` per block (q already scaled), through
-  ``ops.attention`` with block ids as segment ids; ``implementation`` is passed on.
+  ``softmax=True`` (T2): ``softmax(q k^T) v`` per block (q already scaled), no norm.
   ``softmax=False`` (T1): ``ReLU(q k^T) v`` per block without normalisation, then SimpleRMSNorm
-  over the concatenated heads; one blocked einsum (only the "xla" form exists).
-  ``causal`` masks later tokens inside the block. As in the official code, L is zero-padded to a
-  whole block: bidirectional softmax therefore also weighs the padded (zero) keys of the last block.
+  over the concatenated heads. ``causal`` masks later tokens inside the block. As in the official
+  code, L is zero-padded to a whole block: bidirectional softmax therefore also weighs the padded
+  (zero) keys of the last block.
+
+  ``dropout``: a function applied to the per-block probabilities (attention dropout while
+  training). The softmax form without it runs ``ops.attention`` with the block ids as segment ids
+  (``implementation`` is passed on); the other cases are one blocked einsum (only "xla").
   """
   _validate(q, k, v, None, "diag_attention")
-  b, length, h, d = q.shape
+  b, length, h, _ = q.shape
   e = v.shape[-1]
   padded = _round_up(length, block_size)
   pad = ((0, 0), (0, padded - length), (0, 0), (0, 0))
   q, k, v = (jnp.pad(x, pad) for x in (q, k, v))
-  if softmax:
+  if softmax and dropout is None:
     block_ids = jnp.broadcast_to(jnp.arange(padded) // block_size, (b, padded))
     out = attention(q, k, v, segment_ids=block_ids, causal=causal, scale=1.0,
                     implementation=implementation)
     return out[:, :length]
-  _xla_only(implementation, "diag_attention", "the ReLU form is one blocked einsum")
+  _xla_only(implementation, "diag_attention",
+            "attention dropout needs the probabilities" if softmax
+            else "the ReLU form is one blocked einsum")
   n = padded // block_size
   qb, kb, vb = (x.astype(_F32).reshape(b, n, block_size, h, x.shape[-1]) for x in (q, k, v))
-  scores = jax.nn.relu(jnp.einsum("bnqhd,bnkhd->bnhqk", qb, kb, precision=_HIGHEST))
-  if causal:
-    scores = scores * _decay_mask(None, block_size, block_size)
-  out = jnp.einsum("bnhqk,bnkhe->bnqhe", scores, vb, precision=_HIGHEST)
+  scores = jnp.einsum("bnqhd,bnkhd->bnhqk", qb, kb, precision=_HIGHEST)
+  mask = _decay_mask(None, block_size, block_size) if causal else 1.0
+  if softmax:  # the official -1e8 fill: a finite mask, as ops.attention's
+    probs = jax.nn.softmax(jnp.where(mask > 0, scores, -1e8), axis=-1)
+  else:
+    probs = jax.nn.relu(scores) * mask
+  if dropout is not None:
+    probs = dropout(probs)
+  out = jnp.einsum("bnhqk,bnkhe->bnqhe", probs, vb, precision=_HIGHEST)
   out = out.reshape(b, padded, h, e)[:, :length].astype(q.dtype)
-  return _norm_heads(out, eps)
+  return out if softmax else _norm_heads(out, eps)

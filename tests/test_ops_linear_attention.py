@@ -266,6 +266,10 @@ def test_diag_attention_matches_the_official_blocking(causal, softmax):
   _close(got, want, 1e-5)
   if softmax:
     _close(diag(q, k, v, causal=causal, softmax=True, implementation="pallas"), want, 1e-5)
+  # the explicit path that attention dropout takes (here an identity) computes the same
+  explicit = jax.jit(lambda *a: diag_attention(*a, causal=causal, softmax=softmax,
+                                               dropout=lambda p: p))
+  _close(explicit(q, k, v), want, 1e-5)
   # a token at position 64 sees no earlier token: changing tokens 0..63 leaves it unchanged
   other = diag(q.at[:, :64].set(0.5), k.at[:, :64].set(-0.3), v, causal=causal, softmax=softmax)
   np.testing.assert_allclose(other[:, 64:], got[:, 64:], atol=1e-6)

@@ -78,6 +78,13 @@ def layer_norm(dim: int, *, eps: float = 1e-5, dtype=jnp.float32, param_dtype=jn
                        rngs=rngs)
 
 
+class Buffer(nnx.Variable):
+  """A fixed tensor that is part of a model's weights but never trained, like torch's
+  `nn.Parameter(requires_grad=False)` (TransNormer's URPE Householder vector): converters fill it,
+  checkpoints save it (train.py's model_state, `pretrained.WEIGHTS`), optimizers (wrt=nnx.Param) and
+  `count_params` leave it out."""
+
+
 class Mlp(nnx.Module):
   """fc1 -> act -> dropout -> fc2 -> dropout (timm's Mlp; the Conv1d(k=1) pair of the official iTransformer)."""
 

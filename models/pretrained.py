@@ -2,7 +2,7 @@
 
 A params directory (what `save_params` and the converter CLI write) looks like one step of a training run:
 `DIR/params` is an orbax StandardCheckpointer item holding `nnx.to_pure_dict(nnx.state(model, nnx.Param))`,
-`DIR/model_state` (models with BatchNorm only) holds the batch statistics, as train.py writes them, and
+`DIR/model_state` (models with BatchNorm statistics or fixed `Buffer`s only) holds those, as train.py writes them, and
 `DIR/model.json` says which model it belongs to. So `load_pretrained` reads, with one code path, a params
 directory, a training step directory (`workdir/checkpoints/<step>`) and a training workdir (latest step).
 """
@@ -19,10 +19,14 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx, traverse_util
 
+from models.layers import Buffer
+
 PARAMS_ITEM = "params"  # the item name train.py's CheckpointManager saves the params under
 STATS_ITEM = "model_state"  # ... and the batch statistics under
-# What pretrained weights are: the params and, where a model has BatchNorm, its running statistics.
-WEIGHTS = nnx.Any(nnx.Param, nnx.BatchStat)
+# What pretrained weights are: the params and, where a model has them, BatchNorm's running statistics and
+# fixed buffers.
+WEIGHTS = nnx.Any(nnx.Param, nnx.BatchStat, Buffer)
+_NOT_TRAINED = nnx.Any(nnx.BatchStat, Buffer)
 MODEL_JSON = "model.json"
 
 
@@ -38,7 +42,7 @@ def save_params(model: nnx.Module, path, *, name: str | None = None,
   path = Path(path).absolute()
   checkpointer = ocp.StandardCheckpointer()
   checkpointer.save(path / PARAMS_ITEM, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
-  stats = nnx.to_pure_dict(nnx.state(model, nnx.BatchStat))
+  stats = nnx.to_pure_dict(nnx.state(model, _NOT_TRAINED))
   if jax.tree.leaves(stats):
     checkpointer.save(path / STATS_ITEM, stats)
   checkpointer.wait_until_finished()

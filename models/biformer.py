@@ -263,15 +263,32 @@ class BiFormer(nnx.Module):
             f"not divisible by n_win={self.n_win} (use sides that are multiples of "
             f"{32 * self.n_win}, e.g. 224, or auto_pad=True)")
 
-  def forward_features(self, x: jax.Array, *, train: bool = False) -> jax.Array:
-    """[B, H, W, C] images -> [B, H/32, W/32, embed_dims[-1]] after the final BatchNorm."""
+  def _stage_outputs(self, x: jax.Array, *, train: bool, routes: dict | None = None):
+    """Yields every stage's output; fills `routes` (if given) with each routed block's regions."""
     self._check_images(x)
     x = x.astype(self.dtype)
-    for downsample, stage in zip(self.downsample_layers, self.stages):
+    for s, (downsample, stage) in enumerate(zip(self.downsample_layers, self.stages)):
       x = downsample(x, train=train)
-      for block in stage:
+      for b, block in enumerate(stage):
+        if routes is not None and isinstance(block.attn, BiLevelRoutingAttention):
+          routes[f"stages.{s}.{b}"] = block.attn.routes(block.attention_input(x))
         x = block(x, train=train)
+      yield x
+
+  def forward_features(self, x: jax.Array, *, train: bool = False) -> jax.Array:
+    """[B, H, W, C] images -> [B, H/32, W/32, embed_dims[-1]] after the final BatchNorm."""
+    *_, x = self._stage_outputs(x, train=train)
     return self.norm(x, use_running_average=not train)
+
+  def forward_intermediates(self, x: jax.Array) -> tuple[list[jax.Array], dict[str, jax.Array]]:
+    """Inference pass that also returns what the routing chose.
+
+    Returns every stage's output (NHWC, before the final norm) and, per routed block
+    (`"stages.<s>.<b>"`, the official module names), its routed key regions: int32
+    `[B, n_win**2, topk]`, region `p` at row `p // n_win`, column `p % n_win` of the map.
+    """
+    routes = {}
+    return list(self._stage_outputs(x, train=False, routes=routes)), routes
 
   def forward_head(self, x: jax.Array, *, pre_logits: bool = False) -> jax.Array:
     x = jnp.mean(x.astype(jnp.float32), axis=(1, 2)).astype(self.dtype)

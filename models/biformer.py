@@ -360,6 +360,7 @@ def _infer_kwargs(sd: Mapping[str, np.ndarray]) -> dict:
 
 
 def _official_shapes(kwargs: Mapping) -> dict[str, tuple[int, ...]]:
+  """Every key of the official state_dict with its shape, for constructor `kwargs`."""
   dims, qk_dims = kwargs["embed_dims"], kwargs.get("qk_dims") or kwargs["embed_dims"]
   shapes = {}
 
@@ -374,9 +375,9 @@ def _official_shapes(kwargs: Mapping) -> dict[str, tuple[int, ...]]:
   conv_bn("downsample_layers.0", 3, 4, dims[0] // 2, dims[0])
   for i in range(1, len(dims)):
     conv_bn(f"downsample_layers.{i}", 0, 1, dims[i - 1], dims[i])
-  side, cpe = kwargs.get("side_dwconv", 5), kwargs.get("before_attn_dwconv", 3)
+  side, cpe = kwargs["side_dwconv"], kwargs["before_attn_dwconv"]
   for s, (depth, dim) in enumerate(zip(kwargs["depths"], dims)):
-    hidden = int(kwargs.get("mlp_ratios", (3,) * len(dims))[s] * dim)
+    hidden = int(kwargs["mlp_ratios"][s] * dim)
     for b in range(depth):
       p = f"stages.{s}.{b}."
       shapes.update({f"{p}pos_embed.weight": (dim, 1, cpe, cpe), f"{p}pos_embed.bias": (dim,),

@@ -18,6 +18,7 @@ ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     # PyTorch's F.gelu is the exact erf form; jax.nn.gelu defaults to the tanh approximation.
     "gelu": functools.partial(jax.nn.gelu, approximate=False),
     "relu": jax.nn.relu,
+    "silu": jax.nn.silu,
 }
 
 _THREEFRY_ROTATIONS = ((13, 15, 26, 6), (17, 29, 16, 24))
@@ -98,6 +99,67 @@ class Mlp(nnx.Module):
   def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
     x = self.drop(self.act(self.fc1(x)), train=train)
     return self.drop(self.fc2(x), train=train)
+
+
+def prefix_dense(layer: nnx.Linear, x: jax.Array, *, outputs: int | None = None,
+                 inputs: int | None = None) -> jax.Array:
+  """`layer(x)` restricted to its first `outputs` output units or its first `inputs` input units.
+
+  The kernel and bias are sliced statically before the matmul, so the compute shrinks with the
+  slice. An output slice slices the bias too; an input slice keeps the whole bias.
+  """
+  kernel = layer.kernel[...][:inputs, :outputs]
+  bias = None if layer.bias is None else layer.bias[...][:outputs]
+  x, kernel, bias = layer.promote_dtype((x, kernel, bias), dtype=layer.dtype)
+  y = jnp.dot(x, kernel, precision=layer.precision)
+  return y if bias is None else y + bias
+
+
+class NestedMlp(nnx.Module):
+  """An Mlp whose first `width` hidden units form a smaller Mlp (MatFormer's nested FFN).
+
+  Plain: `fc2(act(fc1(x)))`; gated: `fc2(act(fc1_g(x)) * fc1_x(x))` (timm's SwiGLU names). A call
+  with `width=m` uses hidden units `[:m]` only: the first m columns of the input layers' kernels
+  (and biases), the first m rows of fc2's kernel; fc2's bias is shared by every width, never
+  sliced. `width` is static: each width is its own compilation, and the compute is proportional
+  to it. Dropout as in `Mlp`. Any transformer of the zoo can take it in place of `Mlp`.
+  """
+
+  def __init__(self, dim: int, hidden_dim: int, *, gated: bool = False,
+               act: Callable = ACTIVATIONS["gelu"], drop: float = 0.0,
+               linear: Callable[..., nnx.Module] = torch_linear, dtype=jnp.float32,
+               param_dtype=jnp.float32, rngs: nnx.Rngs):
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.hidden_dim = hidden_dim
+    self.gated = gated
+    if gated:
+      self.fc1_g = linear(dim, hidden_dim, **kw)
+      self.fc1_x = linear(dim, hidden_dim, **kw)
+    else:
+      self.fc1 = linear(dim, hidden_dim, **kw)
+    self.fc2 = linear(hidden_dim, dim, **kw)
+    self.act = act
+    self.drop = Dropout(drop, rngs=rngs)
+
+  def check_width(self, width: int | None) -> int:
+    """`width` (None: all hidden units) as an int, or ValueError if it is not in 1..hidden_dim."""
+    if width is None:
+      return self.hidden_dim
+    if isinstance(width, bool) or not isinstance(width, (int, np.integer)) or not (
+        1 <= width <= self.hidden_dim):
+      raise ValueError(f"width must be an int in 1..{self.hidden_dim} (hidden units used), "
+                       f"got {width!r}")
+    return int(width)
+
+  def __call__(self, x: jax.Array, *, width: int | None = None, train: bool = False) -> jax.Array:
+    width = self.check_width(width)
+    if self.gated:
+      hidden = (self.act(prefix_dense(self.fc1_g, x, outputs=width))
+                * prefix_dense(self.fc1_x, x, outputs=width))
+    else:
+      hidden = self.act(prefix_dense(self.fc1, x, outputs=width))
+    hidden = self.drop(hidden, train=train)
+    return self.drop(prefix_dense(self.fc2, hidden, inputs=width), train=train)
 
 
 class Attention(nnx.Module):

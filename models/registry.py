@@ -20,7 +20,7 @@ from flax import nnx
 
 # Every other module of `models/` is a family file that registers its variants on import. They are
 # imported lazily (on the first lookup), so `import models` stays cheap.
-_NOT_FAMILIES = frozenset({"registry", "layers", "pretrained", "convert"})
+_NOT_FAMILIES = frozenset({"registry", "layers", "pretrained", "convert", "generation"})
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,25 +1,25 @@
 """TransNormer (v1): "The Devil in Linear Transformer" (Qin et al., EMNLP 2022).
 
-A port of the official fairseq code (github.com/OpenNLPLab/fairseq-evo @ 38fa81f2: `NormAttentionDecoder/
-EncoderLayer`, `NormLinearAttention`, `NormLocalAttention`, `Urpe`, `GLU`, `SimpleRMSNorm`), exactly as it
-behaves rather than as the paper describes it:
+A port of the official fairseq code (github.com/OpenNLPLab/fairseq-evo @ 38fa81f2:
+`NormAttentionDecoder/EncoderLayer`, `NormLinearAttention`, `NormLocalAttention`, `Urpe`, `GLU`,
+`SimpleRMSNorm`), exactly as it behaves rather than as the paper describes it:
 
-* The first half of the layers use DiagAttention (attention inside absolute-aligned blocks of 64 tokens),
-  the second half NormAttention (linear attention + SimpleRMSNorm over all heads).
-* T1: NormAttention kernel ``elu`` (signed features), DiagAttention ``ReLU(q k^T) v`` + SimpleRMSNorm.
-  T2: kernel ``1 + elu``, DiagAttention softmax without norm.
-* URPE on q and k: a fixed random Householder reflection (stored in checkpoints: a `Buffer` here) then a
-  rotary rotation with learned frequencies; absolute positions in NormAttention, positions inside the
-  block in DiagAttention.
-* The FFN is an activation-free bilinear GLU ``l3(l1 x * l2 x)``: the configs ask for "swish", which the
-  official helper does not know and maps to the identity.
+* The first half of the layers use DiagAttention (attention inside absolute-aligned blocks of 64
+  tokens), the second half NormAttention (linear attention + SimpleRMSNorm over all heads).
+* T1: NormAttention kernel ``elu`` (signed features), DiagAttention ``ReLU(q k^T) v`` +
+  SimpleRMSNorm. T2: kernel ``1 + elu``, DiagAttention softmax without norm.
+* URPE on q and k: a fixed random Householder reflection (stored in checkpoints: a `Buffer` here)
+  then a rotary rotation with learned frequencies; absolute positions in NormAttention, positions
+  inside the block in DiagAttention.
+* The FFN is an activation-free bilinear GLU ``l3(l1 x * l2 x)``: the configs ask for "swish",
+  which the official helper does not know and maps to the identity.
 * SimpleRMSNorm ``x / (||x|| / sqrt(d) + 1e-8)`` (no parameters) for the sub-layer norms.
 
-Two model classes: the causal LM (`transnormer_t1/t2`: fairseq `base_lm_architecture`, pre-norm, sqrt(d)
-scaled embedding + sinusoidal positions, final SimpleRMSNorm, tied output) and the bidirectional masked LM
-(`roberta_transnormer_t1/t2`: RoBERTa-base, post-norm, learned positions, LayerNorm on the embedding,
-RoBERTa's LM head). Token padding follows fairseq: positions skip the pad token (id 1); attention does not
-mask padding, as in the official layers.
+Two model classes: the causal LM (`transnormer_t1/t2`: fairseq `base_lm_architecture`, pre-norm,
+sqrt(d)-scaled embedding + sinusoidal positions, final SimpleRMSNorm, tied output) and the
+bidirectional masked LM (`roberta_transnormer_t1/t2`: RoBERTa-base, post-norm, learned positions,
+LayerNorm on the embedding, RoBERTa's LM head). Token padding follows fairseq: positions skip the
+pad token (id 1); attention does not mask padding, as in the official layers.
 """
 from __future__ import annotations
 
@@ -51,8 +51,8 @@ def _xavier(gain: float = 1.0):
 
 def _linear(din: int, dout: int, init: str, *, gain: float = 1.0, zero_bias: bool = False, dtype,
             param_dtype, rngs: nnx.Rngs) -> nnx.Module:
-  """A Linear with the official init: "fairseq" (the LM): xavier_uniform(gain) weights, torch's default
-  or zero biases; "bert" (RoBERTa's init_bert_params): N(0, 0.02) weights, zero biases."""
+  """A Linear with the official init: "fairseq" (the LM): xavier_uniform(gain) weights, torch's
+  default or zero biases; "bert" (RoBERTa's init_bert_params): N(0, 0.02) weights, zero biases."""
   layer = torch_linear(din, dout, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
   if init == "bert":
     layer.kernel[...] = nnx.initializers.normal(0.02)(rngs.params(), (din, dout), param_dtype)
@@ -67,8 +67,8 @@ def _linear(din: int, dout: int, init: str, *, gain: float = 1.0, zero_bias: boo
 class Urpe(nnx.Module):
   """Unitary relative positional encoding (URPE, `core_matrix=1`, `p_matrix=3`): a reflection
   ``x - 2 (x.v) v`` by a fixed random unit vector, then a rotary rotation of the pairs
-  ``(x_2i, x_2i+1)`` by ``theta_i * position`` with learned ``theta`` (init ``10000^(-2i/head_dim)``).
-  An odd head dim leaves its last feature unrotated."""
+  ``(x_2i, x_2i+1)`` by ``theta_i * position`` with learned ``theta`` (init
+  ``10000^(-2i/head_dim)``). An odd head dim leaves its last feature unrotated."""
 
   def __init__(self, head_dim: int, *, param_dtype=jnp.float32, rngs: nnx.Rngs):
     self.theta = nnx.Param(jnp.asarray(10000.0 ** (-2.0 / head_dim * np.arange(head_dim // 2)),
@@ -150,12 +150,14 @@ class NormAttention(_Attention):
 
 
 class DiagAttention(_Attention):
-  """`NormLocalAttention` (group_type "chunk"): attention inside absolute-aligned blocks of 64 tokens,
-  q scaled by ``head_dim^-0.5``, URPE at the position inside the block; T1 ``ReLU`` + SimpleRMSNorm,
-  T2 ``softmax`` (``softmax=True``). Attention dropout on the block probabilities while training."""
+  """`NormLocalAttention` (group_type "chunk"): attention inside absolute-aligned blocks of 64
+  tokens, q scaled by ``head_dim^-0.5``, URPE at the position inside the block; T1 ``ReLU`` +
+  SimpleRMSNorm, T2 ``softmax`` (``softmax=True``). Attention dropout on the block probabilities
+  while training."""
 
-  def __init__(self, dim: int, num_heads: int, *, softmax: bool, causal: bool, attn_drop: float = 0.0,
-               init: str = "fairseq", attn_implementation: str | None = None, dtype=jnp.float32,
+  def __init__(self, dim: int, num_heads: int, *, softmax: bool, causal: bool,
+               attn_drop: float = 0.0, init: str = "fairseq",
+               attn_implementation: str | None = None, dtype=jnp.float32,
                param_dtype=jnp.float32, rngs: nnx.Rngs):
     super().__init__(dim, num_heads, init, qkv_gain=1.0, dtype=dtype, param_dtype=param_dtype,
                      rngs=rngs)
@@ -251,15 +253,16 @@ class TransNormerLayer(nnx.Module):
 
 
 def _layers(depth: int, dim: int, num_heads: int, **kw) -> nnx.List:
-  """DiagAttention in the first half, NormAttention in the second (`[2] * (L // 2) + [1] * (L // 2)`)."""
+  """DiagAttention in the first half, NormAttention in the second ([2] * (L//2) + [1] * (L//2))."""
   if depth % 2:
     raise ValueError(f"depth must be even (half Diag, half Norm layers), got {depth}")
-  return nnx.List([TransNormerLayer(dim, num_heads, diag=i < depth // 2, **kw) for i in range(depth)])
+  return nnx.List([TransNormerLayer(dim, num_heads, diag=i < depth // 2, **kw)
+                   for i in range(depth)])
 
 
 def fairseq_positions(tokens: jax.Array, pad_token_id: int, start=0) -> jax.Array:
-  """fairseq `make_positions`: non-pad tokens count from ``pad + 1`` (after ``start`` earlier non-pad
-  tokens per row), pad tokens get ``pad``."""
+  """fairseq `make_positions`: non-pad tokens count from ``pad + 1`` (after ``start`` earlier
+  non-pad tokens per row), pad tokens get ``pad``."""
   real = (tokens != pad_token_id).astype(jnp.int32)
   return (jnp.cumsum(real, axis=1) + jnp.reshape(start, (-1, 1))) * real + pad_token_id
 
@@ -292,17 +295,19 @@ def _embedding(vocab_size: int, dim: int, std: float, pad_token_id: int, **kw) -
 class TransNormerLM(nnx.Module):
   """Causal LM (fairseq `norm_attention_lm`): ``m(tokens [B, T]) -> logits [B, T, vocab]`` (f32).
 
-  ``sqrt(d) * embed + sinusoidal positions`` -> dropout -> pre-norm layers -> SimpleRMSNorm -> tied head.
-  Generation: ``cache = m.init_cache(batch, max_len)``; ``logits, cache = m.decode_step(tokens, cache)``
-  runs the tokens one by one: NormAttention layers carry their linear-attention state, DiagAttention
-  layers the keys and values of the current 64-token block, so memory does not grow with the length.
-  ``attn_implementation`` goes to the causal NormAttention (Lightning) and the softmax DiagAttention.
+  ``sqrt(d) * embed + sinusoidal positions`` -> dropout -> pre-norm layers -> SimpleRMSNorm -> tied
+  head. Generation: ``cache = m.init_cache(batch, max_len)``; ``logits, cache =
+  m.decode_step(tokens, cache)`` runs the tokens one by one: NormAttention layers carry their
+  linear-attention state, DiagAttention layers the keys and values of the current 64-token block,
+  so memory does not grow with the length. ``attn_implementation`` goes to the causal NormAttention
+  (Lightning) and the softmax DiagAttention.
   """
 
   def __init__(self, vocab_size: int = 267744, dim: int = 512, depth: int = 6, num_heads: int = 8,
                kernel: str = "elu", diag_softmax: bool = False, dropout: float = 0.1,
-               attn_drop: float = 0.0, pad_token_id: int = 1, attn_implementation: str | None = None,
-               *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+               attn_drop: float = 0.0, pad_token_id: int = 1,
+               attn_implementation: str | None = None, *, dtype=jnp.float32,
+               param_dtype=jnp.float32, rngs: nnx.Rngs):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.dim, self.pad_token_id, self.dtype = dim, pad_token_id, dtype
     self.embed_tokens = _embedding(vocab_size, dim, dim ** -0.5, pad_token_id, **kw)
@@ -312,7 +317,7 @@ class TransNormerLM(nnx.Module):
                           attn_implementation=attn_implementation, **kw)
 
   def embed(self, tokens: jax.Array, start=0) -> jax.Array:
-    """``sqrt(d) * embedding + sinusoidal(fairseq positions)`` (``start``: earlier non-pad tokens)."""
+    """``sqrt(d) * embedding + sinusoidal(fairseq positions)``; ``start``: earlier non-pads."""
     positions = fairseq_positions(tokens, self.pad_token_id, start)
     h = math.sqrt(self.dim) * self.embed_tokens(tokens).astype(jnp.float32)
     return (h + sinusoidal_embedding(positions, self.dim, self.pad_token_id)).astype(self.dtype)
@@ -359,8 +364,9 @@ class TransNormerMLM(nnx.Module):
   """Bidirectional masked LM (fairseq `roberta_norm_attention`, RoBERTa-base defaults):
   ``m(tokens [B, T]) -> logits [B, T, vocab]`` (f32).
 
-  ``embed + learned positions`` -> LayerNorm -> dropout -> post-norm layers (no final norm) -> RoBERTa's
-  LM head ``LayerNorm(gelu(dense(h))) @ embed^T + bias``. Weights initialised as `init_bert_params`.
+  ``embed + learned positions`` -> LayerNorm -> dropout -> post-norm layers (no final norm) ->
+  RoBERTa's LM head ``LayerNorm(gelu(dense(h))) @ embed^T + bias``. Weights initialised as
+  `init_bert_params`.
   """
 
   def __init__(self, vocab_size: int = 50265, dim: int = 768, depth: int = 12, num_heads: int = 12,
@@ -395,7 +401,7 @@ class TransNormerMLM(nnx.Module):
     return (self.embed_tokens.attend(h) + self.lm_head_bias[...]).astype(jnp.float32)
 
 
-# --- variants ---------------------------------------------------------------------------------------------
+# --- variants -------------------------------------------------------------------------------------
 
 _VARIANTS = {  # name: (class, kwargs, paper metric)
     # fairseq LM on WikiText-103 (word-level vocabulary of 267,744 entries): 156 M params.
@@ -410,7 +416,7 @@ _VARIANTS = {  # name: (class, kwargs, paper metric)
 }
 
 
-# --- fairseq state_dict -> zoo params --------------------------------------------------------------------
+# --- fairseq state_dict -> zoo params -------------------------------------------------------------
 
 _LM_PREFIX = "decoder."
 _MLM_PREFIX = "encoder.sentence_encoder."
@@ -423,11 +429,12 @@ def _dense(sd: Mapping[str, np.ndarray], name: str) -> dict:
 
 
 def layer_params(sd: Mapping[str, np.ndarray], prefix: str) -> dict:
-  """One fairseq `NormAttention*Layer` (keys ``{prefix}self_attn.*``, ``{prefix}glu.*``) -> zoo layer."""
+  """One fairseq `NormAttention*Layer` (keys ``{prefix}self_attn.*``, ``{prefix}glu.*``) -> zoo
+  layer params (the URPE vector included)."""
   attn = f"{prefix}self_attn."
-  theta = sd[f"{attn}urpe.theta"]
-  return {"attn": {**{p: _dense(sd, f"{attn}{p}") for p in ("q_proj", "k_proj", "v_proj", "out_proj")},
-                   "urpe": {"theta": theta.reshape(-1), "v": sd[f"{attn}urpe.v"]}},
+  projections = {p: _dense(sd, f"{attn}{p}") for p in ("q_proj", "k_proj", "v_proj", "out_proj")}
+  urpe = {"theta": sd[f"{attn}urpe.theta"].reshape(-1), "v": sd[f"{attn}urpe.v"]}
+  return {"attn": {**projections, "urpe": urpe},
           "glu": {n: _dense(sd, f"{prefix}glu.{n}") for n in ("l1", "l2", "l3")}}
 
 
@@ -443,12 +450,12 @@ def _layer_shapes(prefix: str, dim: int, num_heads: int) -> dict[str, tuple[int,
 
 
 def checkpoint_filter_fn(state_dict: Mapping[str, np.ndarray], **known_kwargs):
-  """Official fairseq checkpoint (LM `decoder.*` or RoBERTa `encoder.sentence_encoder.*`) -> (zoo params,
-  TransNormerLM or TransNormerMLM, constructor kwargs).
+  """Official fairseq checkpoint (LM `decoder.*` or RoBERTa `encoder.sentence_encoder.*`) -> (zoo
+  params, TransNormerLM or TransNormerMLM, constructor kwargs).
 
-  Sizes come from the shapes; the head count (from the URPE vector: dim / head_dim) too. T1 and T2 have
-  the same keys: pass ``kernel`` and ``diag_softmax`` (or the registered variant's defaults); T1 is assumed
-  otherwise. Missing, unexpected and mis-shaped keys raise one ValueError.
+  Sizes come from the shapes; the head count too (dim / the URPE vector's length). T1 and T2 have
+  the same keys: pass ``kernel`` and ``diag_softmax`` (or the registered variant's defaults); T1 is
+  assumed otherwise. Missing, unexpected and mis-shaped keys raise one ValueError.
   """
   sd = {k: v for k, v in state_dict.items() if not _IGNORED.fullmatch(k)}
   mlm = any(k.startswith(_MLM_PREFIX) for k in sd)
@@ -457,7 +464,8 @@ def checkpoint_filter_fn(state_dict: Mapping[str, np.ndarray], **known_kwargs):
     raise ValueError(f"expected a fairseq TransNormer checkpoint with {_LM_PREFIX}* (LM) or "
                      f"{_MLM_PREFIX}* (RoBERTa) keys, got e.g. {sorted(sd)[:5]}")
   vocab, dim = sd[f"{prefix}embed_tokens.weight"].shape
-  layers = {int(m.group(1)) for k in sd if (m := re.match(re.escape(prefix) + r"layers\.(\d+)\.", k))}
+  layer_key = re.compile(re.escape(prefix) + r"layers\.(\d+)\.")
+  layers = {int(m.group(1)) for k in sd if (m := layer_key.match(k))}
   head_dim = sd[f"{prefix}layers.0.self_attn.urpe.v"].shape[0]
   kwargs = {"vocab_size": vocab, "dim": dim, "depth": len(layers), "num_heads": dim // head_dim,
             **known_kwargs}
@@ -467,10 +475,11 @@ def checkpoint_filter_fn(state_dict: Mapping[str, np.ndarray], **known_kwargs):
   if mlm:
     kwargs["max_positions"] = sd[f"{prefix}embed_positions.weight"].shape[0] - 2
     shapes |= {f"{prefix}embed_positions.weight": (kwargs["max_positions"] + 2, dim),
-               f"{prefix}layernorm_embedding.weight": (dim,), f"{prefix}layernorm_embedding.bias": (dim,),
+               f"{prefix}layernorm_embedding.weight": (dim,),
+               f"{prefix}layernorm_embedding.bias": (dim,),
                "encoder.lm_head.dense.weight": (dim, dim), "encoder.lm_head.dense.bias": (dim,),
-               "encoder.lm_head.layer_norm.weight": (dim,), "encoder.lm_head.layer_norm.bias": (dim,),
-               "encoder.lm_head.bias": (vocab,)}
+               "encoder.lm_head.layer_norm.weight": (dim,),
+               "encoder.lm_head.layer_norm.bias": (dim,), "encoder.lm_head.bias": (vocab,)}
   check_state_dict(sd, shapes)
   params = {"embed_tokens": {"embedding": sd[f"{prefix}embed_tokens.weight"]},
             "layers": {i: layer_params(sd, f"{prefix}layers.{i}.") for i in range(kwargs["depth"])}}
@@ -485,7 +494,7 @@ def checkpoint_filter_fn(state_dict: Mapping[str, np.ndarray], **known_kwargs):
   return params, TransNormerMLM, kwargs
 
 
-# --- registrations ---------------------------------------------------------------------------------------
+# --- registrations --------------------------------------------------------------------------------
 
 for _name, (_cls, _kwargs, _metric) in _VARIANTS.items():
   register_model(_name, _cls, family="transnormer", paper_metric=_metric, **_kwargs)

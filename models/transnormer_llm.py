@@ -4,12 +4,12 @@ A port of the released Hugging Face code (`modeling_transnormer.py`, OpenNLPLab/
 
     h = sqrt(d) * embed(tokens)
     h = h + GLA(SRMSNorm(h));  h = h + SGLU(SRMSNorm(h))          (per layer, pre-norm)
-    logits = lm_head(SRMSNorm(h))                                  (tied to the embedding by default)
+    logits = lm_head(SRMSNorm(h))                        (tied to the embedding by default)
 
-GLA (gated linear attention, the "token mixer"): one fused ``qkvu`` projection; silu on q and k only;
-LRPE (``[x cos(theta p), x sin(theta p)]``, doubling the q/k width) in the layers of ``lrpe_layers``
-(the released models: the first); causal linear attention with a fixed per-head decay
-(``ops.lightning_attention``); SRMSNorm over all heads; times the gate u; out projection.
+GLA (gated linear attention, the "token mixer"): one fused ``qkvu`` projection; silu on q and k
+only; LRPE (``[x cos(theta p), x sin(theta p)]``, doubling the q/k width) in the layers of
+``lrpe_layers`` (the released models: the first); causal linear attention with a fixed per-head
+decay (``ops.lightning_attention``); SRMSNorm over all heads; times the gate u; out projection.
 SGLU (the "channel mixer"): ``l3(l1(x) * l2(x))`` with no activation. No biases, no dropout, no
 absolute positions; SRMSNorm has no parameters (``x * rsqrt(mean(x^2) + 1e-6)`` in f32).
 
@@ -277,7 +277,7 @@ def _check_tokens(tokens: jax.Array) -> None:
                      f"{tuple(tokens.shape)} and dtype {tokens.dtype}")
 
 
-# --- variants ----------------------------------------------------------------------------------------
+# --- variants -------------------------------------------------------------------------------------
 # Released configs [TNL-HF] (385M: the config defaults; 1B, 7B: dims matching the README's parameter
 # counts, config.json not retrieved) and TransNormerLLM3-15B (model card: d 5120, 42 layers, 40
 # heads; its glu_dim, hidden_dim and vocabulary are not public: LLaMA-13B's 13824, d, and a ~100K
@@ -292,7 +292,7 @@ _VARIANTS = {  # name: (vocab, dim, depth, heads, glu_dim, paper metric)
 }
 
 
-# --- HF state_dict -> zoo params -----------------------------------------------------------------------
+# --- HF state_dict -> zoo params ------------------------------------------------------------------
 
 _LAYER = "model.layers.{}."
 _IGNORED = re.compile(r"(.*\.)?version$")  # metaseq's decoder.version (HF ignores it on load)
@@ -374,7 +374,7 @@ def checkpoint_filter_fn(state_dict: Mapping[str, np.ndarray], **known_kwargs):
   return params, TransNormerLLM, kwargs
 
 
-# --- registrations -----------------------------------------------------------------------------------
+# --- registrations --------------------------------------------------------------------------------
 
 for _name, (_vocab, _dim, _depth, _heads, _glu, _metric) in _VARIANTS.items():
   register_model(f"transnormer_llm_{_name}", TransNormerLLM, family="transnormer_llm",

@@ -365,8 +365,8 @@ def lightning_prefill(q, k, v, state, *, decay=None, implementation=None):
 
   ``state`` [B, H, D, E] f32 is the recurrence ``S_t = lambda S_{t-1} + k_t v_t^T`` after the
   tokens before the chunk (zeros for none). Returns ``(out [B, L, H, E] in q.dtype, new state)``:
-  ``out_t = lightning_t + lambda^(t+1) q_t S`` and ``S' = lambda^L S + sum_s lambda^(L-1-s) k_s v_s^T``
-  (f32, exponents <= 0).
+  ``out_t = lightning_t + lambda^(t+1) q_t S`` and
+  ``S' = lambda^L S + sum_s lambda^(L-1-s) k_s v_s^T`` (f32, exponents <= 0).
   """
   decay_h = _validate(q, k, v, decay, "lightning_prefill")
   _check_state(state, q, v, "lightning_prefill")
@@ -391,8 +391,8 @@ def lightning_decode_step(q, k, v, state, decay=None):
   """One token of the recurrence in f32: ``S = lambda S + k v^T``, ``o = q S``.
 
   ``q, k`` [B, H, D], ``v`` [B, H, E], ``state`` [B, H, D, E]; ``decay`` as in
-  ``lightning_attention``. Returns ``(o [B, H, E] in q.dtype, new state f32)``. This is TransNormerLLM's
-  "robust inference" form: no ``lambda^(+-t)`` factors, stable for any length.
+  ``lightning_attention``. Returns ``(o [B, H, E] in q.dtype, new state f32)``. This is
+  TransNormerLLM's "robust inference" form: no ``lambda^(+-t)`` factors, stable for any length.
   """
   for name, x, rank in (("q", q, 3), ("k", k, 3), ("v", v, 3), ("state", state, 4)):
     if x.ndim != rank:

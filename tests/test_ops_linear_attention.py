@@ -99,7 +99,7 @@ def test_large_decay_underflows_to_the_diagonal_term(impl):
   assert all(np.isfinite(np.asarray(g)).all() for g in grads)
 
 
-# --- gradients ---------------------------------------------------------------------------------------
+# --- gradients ------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -124,7 +124,7 @@ def test_backward_is_deterministic():
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
-# --- bf16: error-ratio rule (FlashAttention tests) --------------------------------------------------
+# --- bf16: error-ratio rule (FlashAttention tests) ------------------------------------------------
 
 
 def _quadratic_bf16(q, k, v, decay):
@@ -161,7 +161,7 @@ def test_bf16_error_ratio(impl):
     assert_error_ratio(got, want, lowp, factor=GRADIENT_FACTOR, name=f"d{name}")
 
 
-# --- state: prefill and decode -----------------------------------------------------------------------
+# --- state: prefill and decode --------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("decay", [None, DECAY3], ids=["no_decay", "decay"])
@@ -210,7 +210,7 @@ def test_prefill_gradient_flows_through_the_state():
     _close(got, want, 1e-4)
 
 
-# --- TransNormer v1 ----------------------------------------------------------------------------------
+# --- TransNormer v1 -------------------------------------------------------------------------------
 
 
 def test_simple_rms_norm_puts_eps_outside_the_root():
@@ -275,7 +275,7 @@ def test_diag_attention_matches_the_official_blocking(causal, softmax):
   np.testing.assert_allclose(other[:, 64:], got[:, 64:], atol=1e-6)
 
 
-# --- input validation --------------------------------------------------------------------------------
+# --- input validation -----------------------------------------------------------------------------
 
 
 def test_rejects_bad_inputs():

@@ -49,7 +49,7 @@ def _assert_close(actual, reference):
 _call = nnx.jit(lambda module, x: module(x))
 
 
-# --- parity with the official layers -------------------------------------------------------------------
+# --- parity with the official layers --------------------------------------------------------------
 
 
 @pytest.mark.parametrize("name", FIXTURES)
@@ -142,7 +142,7 @@ def test_converter_errors():
     checkpoint_filter_fn({"model.embed_tokens.weight": np.zeros((3, 4))})
 
 
-# --- the causal LM: decoding ----------------------------------------------------------------------------
+# --- the causal LM: decoding ----------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("variant", ["transnormer_t1", "transnormer_t2"])
@@ -184,15 +184,17 @@ def test_dropout_only_when_training():
   _assert_close(train(quiet, tokens), _call(quiet, tokens))
 
 
-# --- URPE, positions ---------------------------------------------------------------------------------
+# --- URPE, positions ------------------------------------------------------------------------------
 
 
 def test_urpe_is_relative_and_its_householder_vector_is_a_saved_buffer(tmp_path):
   urpe = Urpe(8, rngs=nnx.Rngs(0))
   urpe.theta[...] = jax.random.normal(jax.random.key(1), (4,))
   q, k = jax.random.normal(jax.random.key(2), (2, 1, 5, 1, 8))
-  dots = lambda shift: jnp.sum(urpe(q, jnp.arange(5) + shift) * urpe(k, jnp.arange(5)[::-1] + shift),
-                               axis=-1)
+
+  def dots(shift):
+    return jnp.sum(urpe(q, jnp.arange(5) + shift) * urpe(k, jnp.arange(5)[::-1] + shift), axis=-1)
+
   np.testing.assert_allclose(dots(0), dots(37), rtol=1e-4, atol=1e-5)  # depends on p - s only
   np.testing.assert_allclose(jnp.linalg.norm(urpe(q, jnp.arange(5)), axis=-1),
                              jnp.linalg.norm(q, axis=-1), rtol=1e-5)  # orthogonal
@@ -218,11 +220,11 @@ def test_sinusoidal_positions_match_fairseq():
   tokens = jnp.array([[5, 1, 6, 7], [1, 1, 8, 9]])
   positions = fairseq_positions(tokens, pad)
   np.testing.assert_array_equal(positions, [[2, 1, 3, 4], [1, 1, 2, 3]])
-  np.testing.assert_allclose(sinusoidal_embedding(positions, dim, pad), table[np.asarray(positions)],
-                             atol=1e-6)
+  np.testing.assert_allclose(sinusoidal_embedding(positions, dim, pad),
+                             table[np.asarray(positions)], atol=1e-6)
 
 
-# --- sizes, inputs ---------------------------------------------------------------------------------------
+# --- sizes, inputs --------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("name,expected", [("transnormer_t1", 155_988_156),

@@ -49,7 +49,7 @@ _step = nnx.jit(lambda m, tokens, cache: m.decode_step(tokens, cache))
 _layer = nnx.jit(lambda layer, x: layer(x))
 
 
-# --- parity with the released code ---------------------------------------------------------------------
+# --- parity with the released code ----------------------------------------------------------------
 
 
 @pytest.mark.parametrize("name", ["tnl_custom_d64_l3", "tnl_custom_d64_l3_t300"])
@@ -99,7 +99,7 @@ def test_cache_size_does_not_grow():
   assert [s.shape for s in cache["states"]] == sizes
 
 
-# --- decay ladder (the released code, not the paper's formula) ------------------------------------------
+# --- decay ladder (the released code, not the paper's formula) ------------------------------------
 
 
 def test_decay_ladder_follows_the_released_code():
@@ -116,7 +116,7 @@ def test_decay_ladder_follows_the_released_code():
                              rtol=2e-5)
 
 
-# --- sizes -----------------------------------------------------------------------------------------------
+# --- sizes ----------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("name,expected", [
@@ -135,7 +135,7 @@ def test_parameter_counts(name, expected):
   assert models.count_params(model) == expected
 
 
-# --- implementations and dtypes -------------------------------------------------------------------------
+# --- implementations and dtypes -------------------------------------------------------------------
 
 
 def test_pallas_kernel_gives_the_same_logits_and_gradients():
@@ -170,11 +170,11 @@ def test_padding_row_starts_at_zero():
   assert 0.015 < table[1:].std() < 0.025
 
 
-# --- converter -------------------------------------------------------------------------------------------
+# --- converter ------------------------------------------------------------------------------------
 
 
 def _hf_state_dict(model_kwargs, tie=True, seed=0):
-  """A random HF-layout state_dict for a config (lm_head omitted when tied, as safetensors saves)."""
+  """A random HF-layout state_dict (lm_head omitted when tied, as safetensors saves it)."""
   rng = np.random.default_rng(seed)
   v, d, h, glu = (model_kwargs[k] for k in ("vocab_size", "dim", "num_heads", "glu_dim"))
   sd = {"model.embed_tokens.weight": rng.normal(size=(v, d)).astype(np.float32)}
@@ -218,7 +218,7 @@ def test_converter_errors():
     checkpoint_filter_fn(sd)
 
 
-# --- input validation ------------------------------------------------------------------------------------
+# --- input validation -----------------------------------------------------------------------------
 
 
 def test_rejects_bad_inputs():

@@ -44,6 +44,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 
@@ -95,6 +96,12 @@ def _decay_vector(decay, heads, name):
     raise ValueError(
         f"{name}: expected decay of shape [heads] = ({heads},) or a scalar, got shape "
         f"{tuple(decay.shape)}")
+  try:  # concrete rates can be checked; traced ones are the caller's responsibility
+    negative = bool((np.asarray(decay) < 0).any())
+  except jax.errors.TracerArrayConversionError:
+    negative = False
+  if negative:
+    raise ValueError(f"{name}: expected decay rates >= 0 (lambda = exp(-rate) <= 1), got {decay}")
   return jnp.broadcast_to(decay.reshape(-1), (heads,))
 
 

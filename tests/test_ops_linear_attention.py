@@ -286,6 +286,8 @@ def test_rejects_bad_inputs():
     lightning_attention(q, k[:, :9], v)
   with pytest.raises(ValueError, match=r"decay of shape \[heads\] = \(2,\)"):
     lightning_attention(q, k, v, decay=jnp.ones(3))
+  with pytest.raises(ValueError, match="expected decay rates >= 0"):
+    lightning_attention(q, k, v, decay=jnp.array([0.1, -0.1]))
   with pytest.raises(ValueError, match="expected implementation in"):
     lightning_attention(q, k, v, implementation="cudnn")
   with pytest.raises(ValueError, match=r"state \[batch, heads, head_dim, v_head_dim\] = "

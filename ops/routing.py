@@ -25,20 +25,21 @@ Implementations:
   regions' K/V into ``[B, heads, regions, topk * w^2, d]`` as the official code does. The spec.
 * ``routing_attention_pallas``: a ``pl.pallas_call`` forward kernel, one program per (batch, head,
   query region), that reads the routed K/V regions by index inside the kernel (the top-k table is an
-  input block; each loop step concatenates ``group`` routed region tiles into one key tile of about
-  ``block_k`` rows, e.g. the 16 routed 2x2 regions of BiFormer stage 3 into one 64-row tile) with an
-  online softmax, so the gathered ``topk``-fold K/V never exists in memory. A ``custom_vjp`` whose
-  backward is two Pallas kernels: dQ per query region (the same loop over routed regions), and
-  dK/dV per *key* region over an inverse routing table (the query regions that routed to it, in
-  ascending order). Each dK/dV tile is written by exactly one program, summing in a fixed order:
-  deterministic without atomics, and without the ``topk``-fold partial sums that per-(query region,
-  slot) outputs would need. P is recomputed from the log-sum-exp.
-* ``routing_attention(..., implementation=None | "xla" | "pallas")`` dispatches. ``None`` is the
-  reference (on CPU interpret mode is never picked silently; on devices until the compiled kernel is
-  validated there); ``"pallas"`` runs the kernel, with ``interpret=True`` on CPU.
-
-On TPU the top-k table would go through ``PrefetchScalarGridSpec`` so that index maps fetch only
-the routed regions; that variant is not written yet.
+  input block) with an online softmax, so the gathered ``topk``-fold K/V never exists in memory. In
+  the interpreter each loop step concatenates ``group`` routed region tiles into one key tile of
+  about ``block_k`` rows (e.g. the 16 routed 2x2 regions of BiFormer stage 3 into one 64-row tile);
+  the Triton kernel takes one region per step. A ``custom_vjp`` whose backward is two Pallas
+  kernels: dQ per query region (the same loop over routed regions), and dK/dV per *key* region over
+  an inverse routing table (the query regions that routed to it, in ascending order). Each dK/dV
+  tile is written by exactly one program, summing in a fixed order: deterministic without atomics,
+  and without the ``topk``-fold partial sums that per-(query region, slot) outputs would need. P is
+  recomputed from the log-sum-exp. Matmuls as in ``ops.attention``: bf16 operands as they are (f32
+  accumulation), f32 at full precision. The kernels lower with Triton on GPU (checked by exporting
+  from a CPU in the tests) and run in the interpreter on CPU. On TPU the top-k table would go
+  through ``PrefetchScalarGridSpec`` so that index maps fetch only the routed regions; that variant
+  is not written yet.
+* ``routing_attention(..., implementation=None | "xla" | "pallas")`` dispatches through
+  ``ops.dispatch``: the kernel on GPU where it lowers, else the reference; the reference on CPU.
 """
 from __future__ import annotations
 
@@ -50,12 +51,16 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
+from ops import dispatch
+# The attention kernels' conventions: targets, per-target pallas_call keywords, tile matmuls.
+from ops.attention import TARGETS, _backend_params, _default_target, _mm
+
 _F32 = jnp.float32
 _HIGHEST = lax.Precision.HIGHEST
 # Finite mask value, as in jax's Pallas attention kernels: a fully masked tile never produces NaN.
 _MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 
-IMPLEMENTATIONS = (None, "xla", "pallas")
+IMPLEMENTATIONS = (None, "xla", "pallas")  # what `implementation=` takes
 
 
 # --------------------------------------------------------------------------------------------------
@@ -183,7 +188,8 @@ def routing_attention_reference(q, k, v, *, num_heads, n_win, topk, scale=None):
 # --------------------------------------------------------------------------------------------------
 # Pallas kernels. Layout: [B, heads, regions, padded tokens, d], one region per tile; the tokens of
 # a region are padded to a power of two and masked. Each kernel loops over region ids read from an
-# index table, and gathers `group` region tiles into one tile per step.
+# index table and gathers `group` region tiles into one tile per step (one per step on GPU: Triton
+# concatenates nothing but pairs of [..., 1] arrays).
 # --------------------------------------------------------------------------------------------------
 
 
@@ -191,63 +197,66 @@ def _next_pow2(n):
   return 1 << (n - 1).bit_length()
 
 
-def _round_up(x, m):
-  return (x + m - 1) // m * m
-
-
-def _group(block_k, padded, count):
+def _group(target, block_k, padded, count):
   """Region tiles per loop step: about ``block_k`` rows, no more than the regions there are."""
+  if target == "gpu":
+    return 1
   return min(max(1, block_k // padded), _next_pow2(count))
 
 
 def _gather_tiles(ref, ids):
-  """Concatenates ``ref[i]`` for the traced region ids along the token axis (in-kernel gather)."""
-  return jnp.concatenate([ref[i] for i in ids], axis=0)
+  """``ref[i]`` for the traced region ids, concatenated along the token axis (in-kernel gather)."""
+  return ref[ids[0]] if len(ids) == 1 else jnp.concatenate([ref[i] for i in ids], axis=0)
 
 
-def _dot(a, b, contract):
-  return lax.dot_general(a, b, (contract, ((), ())), precision=_HIGHEST,
-                         preferred_element_type=_F32)
-
-
-def _check_pallas_supported(backend, interpret, padded, head_dim, v_head_dim):
-  """Raises ValueError for cases the compiled (non-interpret) kernel cannot lower."""
-  if interpret or backend != "gpu":
-    return
-  for name, d in (("qk head_dim", head_dim), ("v head_dim", v_head_dim)):
-    if d < 16 or d & (d - 1):
-      raise ValueError(
-          f"routing_attention: implementation='pallas' on GPU expected a power-of-two {name} >= 16 "
-          f"(GPU matmul tiles), got {d}; use implementation='xla'")
-  if padded < 16:
+def _check_pallas_supported(target, padded, head_dim, v_head_dim):
+  """Raises ValueError for cases the kernel of ``target`` cannot lower."""
+  if target not in TARGETS:
+    raise ValueError(f"routing_attention: expected a Pallas target in {TARGETS}, got {target!r}")
+  if target == "tpu":
     raise ValueError(
-        f"routing_attention: implementation='pallas' on GPU expected regions of >= 16 tokens "
-        f"(query tile rows), got {padded}; use implementation='xla'")
+        "routing_attention: implementation='pallas' on TPU needs the top-k table in SMEM "
+        "(PrefetchScalarGridSpec), which is not written yet; use implementation='xla'")
+  if target == "gpu":
+    for name, d in (("qk head_dim", head_dim), ("v head_dim", v_head_dim)):
+      if d < 16 or d & (d - 1):
+        raise ValueError(
+            f"routing_attention: implementation='pallas' on GPU expected a power-of-two {name} "
+            f">= 16 (Triton tiles), got {d}; use implementation='xla'")
+    if padded < 16:
+      raise ValueError(
+          f"routing_attention: implementation='pallas' on GPU expected regions of >= 16 tokens "
+          f"(Triton tile rows), got {padded}; use implementation='xla'")
+
+
+def _split_index(index, padded):
+  """(slot, token) of a row of gathered tiles: ``index // padded, index % padded`` (power of 2)."""
+  shift = padded.bit_length() - 1
+  return lax.shift_right_logical(index, jnp.int32(shift)), index & (padded - 1)
 
 
 def _fwd_kernel(routes_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, scale, tokens, topk, group):
   padded = q_ref.shape[0]
-  q = q_ref[...].astype(_F32) * scale                               # [padded, d]
-  col = lax.broadcasted_iota(jnp.int32, (1, group * padded), 1)
-  col_slot, col_token = col // padded, col % padded
+  q = q_ref[...]                                                    # [padded, d]
+  col_slot, col_token = _split_index(
+      lax.broadcasted_iota(jnp.int32, (1, group * padded), 1), padded)
 
   def body(step, carry):
     m, l, acc = carry
-    ids = [routes_ref[step * group + g] for g in range(group)]
-    kb = _gather_tiles(k_ref, ids).astype(_F32)                     # [group * padded, d]
-    vb = _gather_tiles(v_ref, ids).astype(_F32)
+    kb = _gather_tiles(k_ref, [routes_ref[step * group + g] for g in range(group)])
+    vb = _gather_tiles(v_ref, [routes_ref[step * group + g] for g in range(group)])
     mask = (step * group + col_slot < topk) & (col_token < tokens)
-    s = jnp.where(mask, _dot(q, kb, ((1,), (1,))), _MASK_VALUE)
+    s = jnp.where(mask, _mm(q, kb, (1, 1)) * scale, _MASK_VALUE)   # [padded, group * padded]
     m_new = jnp.maximum(m, jnp.max(s, axis=-1, keepdims=True))
     alpha = jnp.exp(m - m_new)
     p = jnp.where(mask, jnp.exp(s - m_new), 0.0)
     l = alpha * l + jnp.sum(p, axis=-1, keepdims=True)
-    acc = alpha * acc + _dot(p, vb, ((1,), (0,)))
+    acc = alpha * acc + _mm(p.astype(vb.dtype), vb, (1, 0))
     return m_new, l, acc
 
   init = (jnp.full((padded, 1), _MASK_VALUE, _F32), jnp.zeros((padded, 1), _F32),
           jnp.zeros((padded, o_ref.shape[-1]), _F32))
-  m, l, acc = lax.fori_loop(0, routes_ref.shape[0] // group, body, init)
+  m, l, acc = lax.fori_loop(0, -(-topk // group), body, init)
   # l > 0: slot 0 is a routed region with at least one real token.
   o_ref[...] = (acc / l).astype(o_ref.dtype)
   lse_ref[...] = (m + jnp.log(l))[:, 0]
@@ -256,23 +265,20 @@ def _fwd_kernel(routes_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, scale, token
 def _dq_kernel(routes_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, *, scale,
                tokens, topk, group):
   padded = q_ref.shape[0]
-  q = q_ref[...].astype(_F32) * scale
-  do = do_ref[...].astype(_F32)
-  lse = lse_ref[...][:, None]
-  delta = delta_ref[...][:, None]
-  col = lax.broadcasted_iota(jnp.int32, (1, group * padded), 1)
-  col_slot, col_token = col // padded, col % padded
+  q, do = q_ref[...], do_ref[...]
+  lse, delta = lse_ref[...][:, None], delta_ref[...][:, None]
+  col_slot, col_token = _split_index(
+      lax.broadcasted_iota(jnp.int32, (1, group * padded), 1), padded)
 
   def body(step, dq):
-    ids = [routes_ref[step * group + g] for g in range(group)]
-    kb = _gather_tiles(k_ref, ids).astype(_F32)
-    vb = _gather_tiles(v_ref, ids).astype(_F32)
+    kb = _gather_tiles(k_ref, [routes_ref[step * group + g] for g in range(group)])
+    vb = _gather_tiles(v_ref, [routes_ref[step * group + g] for g in range(group)])
     mask = (step * group + col_slot < topk) & (col_token < tokens)
-    p = jnp.where(mask, jnp.exp(_dot(q, kb, ((1,), (1,))) - lse), 0.0)
-    ds = p * (_dot(do, vb, ((1,), (1,))) - delta)
-    return dq + _dot(ds, kb, ((1,), (0,)))
+    p = jnp.where(mask, jnp.exp(_mm(q, kb, (1, 1)) * scale - lse), 0.0)
+    ds = p * (_mm(do, vb, (1, 1)) - delta)
+    return dq + _mm(ds.astype(kb.dtype), kb, (1, 0))
 
-  dq = lax.fori_loop(0, routes_ref.shape[0] // group, body, jnp.zeros(dq_ref.shape, _F32))
+  dq = lax.fori_loop(0, -(-topk // group), body, jnp.zeros(dq_ref.shape, _F32))
   dq_ref[...] = (dq * scale).astype(dq_ref.dtype)
 
 
@@ -280,28 +286,25 @@ def _dkdv_kernel(inverse_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, d
                  scale, tokens, group):
   """One key region: loops over the query regions that routed to it (ascending, then -1)."""
   padded = k_ref.shape[0]
-  kb = k_ref[...].astype(_F32)                                       # [padded, d]
-  vb = v_ref[...].astype(_F32)
+  kb, vb = k_ref[...], v_ref[...]                                    # [padded, d]
   count = jnp.sum((inverse_ref[...] >= 0).astype(jnp.int32))
-  row = lax.broadcasted_iota(jnp.int32, (group * padded, 1), 0)
-  row_slot, row_token = row // padded, row % padded
+  row_slot, row_token = _split_index(
+      lax.broadcasted_iota(jnp.int32, (group * padded, 1), 0), padded)
   col_valid = lax.broadcasted_iota(jnp.int32, (1, padded), 1) < tokens
 
   def body(step, carry):
     dk, dv = carry
     ids = [jnp.maximum(inverse_ref[step * group + g], 0) for g in range(group)]
-    qb = _gather_tiles(q_ref, ids).astype(_F32) * scale              # [group * padded, d]
-    dob = _gather_tiles(do_ref, ids).astype(_F32)
-    lse = _gather_tiles(lse_ref, ids)[:, None]
-    delta = _gather_tiles(delta_ref, ids)[:, None]
+    qb, dob = _gather_tiles(q_ref, ids), _gather_tiles(do_ref, ids)   # [group * padded, d]
+    lse, delta = _gather_tiles(lse_ref, ids)[:, None], _gather_tiles(delta_ref, ids)[:, None]
     mask = (step * group + row_slot < count) & (row_token < tokens) & col_valid
-    p = jnp.where(mask, jnp.exp(_dot(qb, kb, ((1,), (1,))) - lse), 0.0)
-    ds = p * (_dot(dob, vb, ((1,), (1,))) - delta)
-    return dk + _dot(ds, qb, ((0,), (0,))), dv + _dot(p, dob, ((0,), (0,)))
+    p = jnp.where(mask, jnp.exp(_mm(qb, kb, (1, 1)) * scale - lse), 0.0)
+    ds = p * (_mm(dob, vb, (1, 1)) - delta)
+    return dk + _mm(ds.astype(qb.dtype), qb, (0, 0)), dv + _mm(p.astype(dob.dtype), dob, (0, 0))
 
   dk, dv = lax.fori_loop(0, (count + group - 1) // group, body,
                          (jnp.zeros(dk_ref.shape, _F32), jnp.zeros(dv_ref.shape, _F32)))
-  dk_ref[...] = dk.astype(dk_ref.dtype)                              # q was already scaled
+  dk_ref[...] = (dk * scale).astype(dk_ref.dtype)
   dv_ref[...] = dv.astype(dv_ref.dtype)
 
 
@@ -318,89 +321,100 @@ def _inverse_routes(routes, slots):
   return jnp.pad(inverse, ((0, 0), (0, 0), (0, slots - regions)), constant_values=-1)
 
 
-def _region_specs(regions, padded, d):
-  """BlockSpecs over the ``[B, heads, regions, padded, d]`` layout, grid (batch, head, region)."""
-  one = pl.BlockSpec((None, None, None, padded, d), lambda b, h, p: (b, h, p, 0, 0))
-  every = pl.BlockSpec((None, None, regions, padded, d), lambda b, h, p: (b, h, 0, 0, 0))
-  return one, every
+def _padded_table(table, fill=0):
+  """An index table ``[B, regions, n]`` padded to ``n`` a power of two (Triton loads)."""
+  n = table.shape[-1]
+  return jnp.pad(table, ((0, 0), (0, 0), (0, _next_pow2(n) - n)), constant_values=fill)
 
 
-def _pallas_forward(qr, kr, vr, routes, scale, tokens, block_k, interpret):
+def _specs(regions, padded, d):
+  """BlockSpecs over ``[B, heads, regions, padded, d]`` (grid (batch, head, region)): one region
+  tile, every region of the (batch, head), and the same two for ``[B, heads, regions, padded]``."""
+  return (pl.BlockSpec((None, None, None, padded, d), lambda b, h, p: (b, h, p, 0, 0)),
+          pl.BlockSpec((None, None, regions, padded, d), lambda b, h, p: (b, h, 0, 0, 0)))
+
+
+def _row_specs(regions, padded):
+  return (pl.BlockSpec((None, None, None, padded), lambda b, h, p: (b, h, p, 0)),
+          pl.BlockSpec((None, None, regions, padded), lambda b, h, p: (b, h, 0, 0)))
+
+
+def _table_spec(width):
+  return pl.BlockSpec((None, None, width), lambda b, h, p: (b, p, 0))
+
+
+def _pallas_forward(qr, kr, vr, routes, scale, tokens, block_k, target):
   """Forward on the padded region layout. Returns (out like vr, lse [B, heads, regions, padded])."""
   b, m, regions, padded, d = qr.shape
-  dv, topk = vr.shape[-1], routes.shape[-1]
-  group = _group(block_k, padded, topk)
-  slots = _round_up(topk, group)
-  routes = jnp.pad(routes, ((0, 0), (0, 0), (0, slots - topk)))    # extra slots are masked
-  one_q, every_k = _region_specs(regions, padded, d)
-  one_v, every_v = _region_specs(regions, padded, dv)
+  topk = routes.shape[-1]
+  routes = _padded_table(routes)                                   # extra slots are masked
+  one_q, every_k = _specs(regions, padded, d)
+  one_v, every_v = _specs(regions, padded, vr.shape[-1])
+  one_row, _ = _row_specs(regions, padded)
+  group = _group(target, block_k, padded, topk)
   return pl.pallas_call(
       functools.partial(_fwd_kernel, scale=scale, tokens=tokens, topk=topk, group=group),
       grid=(b, m, regions),
-      in_specs=[pl.BlockSpec((None, None, slots), lambda bi, hi, pi: (bi, pi, 0)),
-                one_q, every_k, every_v],
-      out_specs=[one_v,
-                 pl.BlockSpec((None, None, None, padded), lambda bi, hi, pi: (bi, hi, pi, 0))],
-      out_shape=[jax.ShapeDtypeStruct(vr.shape[:4] + (dv,), qr.dtype),
+      in_specs=[_table_spec(routes.shape[-1]), one_q, every_k, every_v],
+      out_specs=[one_v, one_row],
+      out_shape=[jax.ShapeDtypeStruct(vr.shape, qr.dtype),
                  jax.ShapeDtypeStruct(qr.shape[:4], _F32)],
-      interpret=interpret,
       name="routing_attention_fwd",
+      **_backend_params(target, 3),
   )(routes, qr, kr, vr)
 
 
-def _pallas_backward(qr, kr, vr, routes, out, lse, do, scale, tokens, block_k, interpret):
+def _pallas_backward(qr, kr, vr, routes, out, lse, do, scale, tokens, block_k, target):
   b, m, regions, padded, d = qr.shape
-  dv_dim, topk = vr.shape[-1], routes.shape[-1]
+  topk = routes.shape[-1]
   delta = jnp.sum(out.astype(_F32) * do.astype(_F32), axis=-1)     # [B, heads, regions, padded]
-  one_q, every_q = _region_specs(regions, padded, d)
-  one_v, every_v = _region_specs(regions, padded, dv_dim)
-  one_row = pl.BlockSpec((None, None, None, padded), lambda bi, hi, pi: (bi, hi, pi, 0))
-  every_row = pl.BlockSpec((None, None, regions, padded), lambda bi, hi, pi: (bi, hi, 0, 0))
+  one_q, every_q = _specs(regions, padded, d)
+  one_v, every_v = _specs(regions, padded, vr.shape[-1])
+  one_row, every_row = _row_specs(regions, padded)
 
   # dQ: one program per query region, looping over its routed key regions.
-  group = _group(block_k, padded, topk)
-  slots = _round_up(topk, group)
+  routes = _padded_table(routes)
   dq = pl.pallas_call(
-      functools.partial(_dq_kernel, scale=scale, tokens=tokens, topk=topk, group=group),
+      functools.partial(_dq_kernel, scale=scale, tokens=tokens, topk=topk,
+                        group=_group(target, block_k, padded, topk)),
       grid=(b, m, regions),
-      in_specs=[pl.BlockSpec((None, None, slots), lambda bi, hi, pi: (bi, pi, 0)),
-                one_q, every_q, every_v, one_v, one_row, one_row],
+      in_specs=[_table_spec(routes.shape[-1]), one_q, every_q, every_v, one_v, one_row, one_row],
       out_specs=one_q,
       out_shape=jax.ShapeDtypeStruct(qr.shape, qr.dtype),
-      interpret=interpret,
       name="routing_attention_bwd_dq",
-  )(jnp.pad(routes, ((0, 0), (0, 0), (0, slots - topk))), qr, kr, vr, do, lse, delta)
+      **_backend_params(target, 3),
+  )(routes, qr, kr, vr, do, lse, delta)
 
   # dK, dV: one program per key region, looping over the query regions routed to it.
-  group = _group(block_k, padded, regions)
-  slots = _round_up(regions, group)
+  inverse = _inverse_routes(routes[..., :topk], _next_pow2(regions))
   dk, dv = pl.pallas_call(
-      functools.partial(_dkdv_kernel, scale=scale, tokens=tokens, group=group),
+      functools.partial(_dkdv_kernel, scale=scale, tokens=tokens,
+                        group=_group(target, block_k, padded, regions)),
       grid=(b, m, regions),
-      in_specs=[pl.BlockSpec((None, None, slots), lambda bi, hi, pi: (bi, pi, 0)),
-                every_q, one_q, one_v, every_v, every_row, every_row],
+      in_specs=[_table_spec(inverse.shape[-1]), every_q, one_q, one_v, every_v, every_row,
+                every_row],
       out_specs=[one_q, one_v],
       out_shape=[jax.ShapeDtypeStruct(kr.shape, kr.dtype),
                  jax.ShapeDtypeStruct(vr.shape, vr.dtype)],
-      interpret=interpret,
       name="routing_attention_bwd_dkdv",
-  )(_inverse_routes(routes, slots), qr, kr, vr, do, lse, delta)
+      **_backend_params(target, 3),
+  )(inverse, qr, kr, vr, do, lse, delta)
   return dq, dk, dv
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
-def _routed_attention(qr, kr, vr, routes, scale, tokens, block_k, interpret):
-  return _pallas_forward(qr, kr, vr, routes, scale, tokens, block_k, interpret)[0]
+def _routed_attention(qr, kr, vr, routes, scale, tokens, block_k, target):
+  return _pallas_forward(qr, kr, vr, routes, scale, tokens, block_k, target)[0]
 
 
-def _routed_attention_fwd(qr, kr, vr, routes, scale, tokens, block_k, interpret):
-  out, lse = _pallas_forward(qr, kr, vr, routes, scale, tokens, block_k, interpret)
+def _routed_attention_fwd(qr, kr, vr, routes, scale, tokens, block_k, target):
+  out, lse = _pallas_forward(qr, kr, vr, routes, scale, tokens, block_k, target)
   return out, (qr, kr, vr, routes, out, lse)
 
 
-def _routed_attention_bwd(scale, tokens, block_k, interpret, res, do):
+def _routed_attention_bwd(scale, tokens, block_k, target, res, do):
   qr, kr, vr, routes, out, lse = res
-  dq, dk, dv = _pallas_backward(qr, kr, vr, routes, out, lse, do, scale, tokens, block_k, interpret)
+  dq, dk, dv = _pallas_backward(qr, kr, vr, routes, out, lse, do, scale, tokens, block_k, target)
   return dq, dk, dv, None                                           # no gradient for the indices
 
 
@@ -408,12 +422,13 @@ _routed_attention.defvjp(_routed_attention_fwd, _routed_attention_bwd)
 
 
 def routing_attention_pallas(q, k, v, *, num_heads, n_win, topk, scale=None, block_k=64,
-                             interpret=None):
+                             target=None):
   """The Pallas kernels (forward and ``custom_vjp`` backward); semantics of the reference.
 
-  ``block_k`` (a power of two) is about the number of keys per loop step: routed regions are
-  gathered ``block_k // tokens`` at a time. ``interpret=None`` means ``interpret=True`` on CPU.
-  On GPU the compiled kernels are not yet validated on a device.
+  ``target``: ``"interpret"``, ``"gpu"`` (Triton) or ``"tpu"`` (not written yet: raises); None is
+  the platform's (the interpreter on CPU). ``block_k`` (a power of two) is about the number of
+  keys per loop step: routed regions are gathered ``block_k // tokens`` at a time (one at a time on
+  GPU). On GPU the compiled kernels are checked to lower, not yet validated on a device.
   """
   _validate(q, k, v, num_heads=num_heads, n_win=n_win, topk=topk)
   if not _is_int(block_k) or block_k < 1 or block_k & (block_k - 1):
@@ -422,18 +437,16 @@ def routing_attention_pallas(q, k, v, *, num_heads, n_win, topk, scale=None, blo
   scale = _default_scale(scale, c)
   tokens = (height // n_win) * (width // n_win)
   padded = _next_pow2(tokens)
-  if interpret is None:
-    interpret = jax.default_backend() == "cpu"
-  _check_pallas_supported(jax.default_backend(), interpret, padded, c // num_heads,
-                          v.shape[-1] // num_heads)
+  target = _default_target() if target is None else target
+  _check_pallas_supported(target, padded, c // num_heads, v.shape[-1] // num_heads)
   routes = region_routes(q, k, n_win=n_win, topk=topk, scale=scale)
 
   def regions(x):
     x = _to_regions(x, n_win, num_heads)
     return jnp.pad(x, ((0, 0), (0, 0), (0, 0), (0, padded - tokens), (0, 0)))
 
-  out = _routed_attention(regions(q), regions(k), regions(v), routes, scale, tokens, int(block_k),
-                          bool(interpret))
+  out = _routed_attention(regions(q), regions(k), regions(v), routes, scale, tokens, block_k,
+                          target)
   return _from_regions(out[:, :, :, :tokens], n_win, height, width)
 
 
@@ -442,18 +455,34 @@ def routing_attention_pallas(q, k, v, *, num_heads, n_win, topk, scale=None, blo
 # --------------------------------------------------------------------------------------------------
 
 
+_PREFERENCE = {"cpu": ("xla",), "gpu": ("pallas", "xla"), "tpu": ("pallas", "xla")}
+
+
+def _pallas_reason(q, v, *, num_heads, n_win) -> str | None:
+  tokens = (q.shape[1] // n_win) * (q.shape[2] // n_win)
+  try:
+    _check_pallas_supported(_default_target(), _next_pow2(tokens), q.shape[-1] // num_heads,
+                            v.shape[-1] // num_heads)
+  except ValueError as e:
+    return str(e)
+  return None
+
+
 def routing_attention(q, k, v, *, num_heads, n_win, topk, scale=None, implementation=None):
   """Bi-level routing attention on ``[B, H, W, C]`` maps; see ``routing_attention_reference``.
 
-  ``implementation``: ``None`` picks the reference ("xla"): on CPU always (never interpret mode),
-  and on GPU/TPU too until the compiled Pallas kernel has been validated and timed on a device;
-  ``"xla"`` is the jnp reference; ``"pallas"`` is the Pallas kernel, run with ``interpret=True`` on
-  CPU, and raising ValueError for cases the compiled kernel cannot lower.
+  ``implementation``: ``None`` is the best that serves the call on this platform
+  (``ops.dispatch``): the Pallas kernel on GPU when it can lower the case (power-of-two head dims
+  >= 16, regions of >= 16 tokens; BiFormer stages 1-2 at 224), else the reference; the reference on
+  CPU (never interpret mode) and on TPU (no TPU kernel yet). ``"xla"`` is the jnp reference;
+  ``"pallas"`` the kernel (interpret mode on CPU). A named implementation that cannot serve the
+  call raises ValueError.
   """
-  if implementation not in IMPLEMENTATIONS:
-    raise ValueError(
-        f"routing_attention: expected implementation in {IMPLEMENTATIONS}, got {implementation!r}")
+  _validate(q, k, v, num_heads=num_heads, n_win=n_win, topk=topk)
+  reasons = {"xla": lambda: None,
+             "pallas": lambda: _pallas_reason(q, v, num_heads=num_heads, n_win=n_win)}
+  chosen = dispatch.choose("routing_attention", implementation, reasons, _PREFERENCE)
   kwargs = dict(num_heads=num_heads, n_win=n_win, topk=topk, scale=scale)
-  if implementation == "pallas":
+  if chosen == "pallas":
     return routing_attention_pallas(q, k, v, **kwargs)
   return routing_attention_reference(q, k, v, **kwargs)

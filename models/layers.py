@@ -87,12 +87,18 @@ class Buffer(nnx.Variable):
 
 
 class Mlp(nnx.Module):
-  """fc1 -> act -> dropout -> fc2 -> dropout (timm's Mlp; the Conv1d(k=1) pair of the official iTransformer)."""
+  """fc1 -> act -> dropout -> fc2 -> dropout (timm's Mlp; the Conv1d(k=1) pair of the official
+  iTransformer).
 
-  def __init__(self, dim: int, hidden_dim: int, *, act: Callable = ACTIVATIONS["gelu"], drop: float = 0.0,
+  `linear(in_features, out_features, *, dtype, param_dtype, rngs)` builds the two layers: torch's
+  init by default; a family trained from another init (e.g. TF's normal(0.02)) passes its own.
+  """
+
+  def __init__(self, dim: int, hidden_dim: int, *, act: Callable = ACTIVATIONS["gelu"],
+               drop: float = 0.0, linear: Callable[..., nnx.Module] = torch_linear,
                dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
-    self.fc1 = torch_linear(dim, hidden_dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    self.fc2 = torch_linear(hidden_dim, dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.fc1 = linear(dim, hidden_dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.fc2 = linear(hidden_dim, dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.act = act
     self.drop = Dropout(drop, rngs=rngs)
 

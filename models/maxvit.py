@@ -1,0 +1,748 @@
+"""MaxViT: Multi-Axis Vision Transformer (Tu et al., ECCV 2022).
+
+A port of the official TF code (github.com/google-research/maxvit @ 70a47072,
+`maxvit/models/maxvit.py`), checked against it and against timm's faithful PyTorch port
+(`maxvit_*_tf_*`, timm 1.0.31). Images are NHWC. A stage is a run of MaxViT blocks, each
+
+  MBConv (pre-norm BatchNorm, 1x1 expand to 4x the *output* width, 3x3 depthwise carrying the
+  stage's stride 2, squeeze-excitation, 1x1 shrink) -> block attention -> FFN -> grid attention
+  -> FFN,
+
+every sub-layer a pre-norm residual. Block attention attends inside non-overlapping P x P windows;
+grid attention inside a P x P grid dilated over the whole map (tokens (i * H/P + a, j * W/P + b)
+for i, j < P); both add a learned relative-position bias indexed key minus query
+(`ops.window_attention`). Stem: conv3x3/2 -> BN -> GELU -> conv3x3. Head: global average pool ->
+LayerNorm -> Dense -> tanh -> Dense. Kept from TF: the tanh GELU, BatchNorm eps 1e-3 (momentum
+0.99), LayerNorm eps 1e-5, 'SAME' padding (asymmetric on the stride-2 convs), and no padding of the
+input: height and width must be multiples of 2^(stages + 1) * P (224 for P = 7).
+
+Relative-position tables and resolution (`rel_pos_size`). The window P is img_size // 32 (7, 12,
+16 at 224, 384, 512), and attention needs a (2P-1) x (2P-1) table per head. The sources differ:
+
+* TF stores the table at its 224 size, 13 x 13, at *every* resolution and resizes it to (2P-1)^2
+  on each forward (`tf.image.resize`: bilinear, half-pixel centres, no antialiasing). Its
+  parameter count does not change with the resolution, and a 384 fine-tune learns 13 x 13 tables.
+* timm stores the already resized 23 x 23 / 31 x 31 tables, so its 384 and 512 models have more
+  parameters (T: 30,977,008 at 384 against 30,916,528).
+
+Here a model stores `rel_pos_size` x `rel_pos_size` tables and, when that is not 2P-1, resizes
+them on each forward exactly as TF does (`jax.image.resize(..., "linear", antialias=False)`). The
+registered variants keep timm's layout (`rel_pos_size=None` means 2P-1: nothing is resized), so
+timm's hub weights load as they are and the parameter counts are timm's: the official TF counts
+at 224, larger at 384/512. `rel_pos_size=13` gives TF's layout at any resolution: TF's parameter
+count, and TF's fine-tuning recipe, where a 224 checkpoint loads unchanged into
+`create_model("maxvit_tiny_tf_384", rel_pos_size=13)`. The converter brings a checkpoint's tables
+to the size the target model stores with the same bilinear resize; for a TF checkpoint at 384/512
+that reproduces the official outputs exactly.
+
+Stochastic depth follows TF: block b (0-based over all blocks) drops each of its five residual
+branches with probability drop_path_rate * b / num_blocks (timm: linspace(0, rate, num_blocks)).
+"""
+from __future__ import annotations
+
+import functools
+import math
+import re
+from typing import Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from models.convert import check_state_dict
+from models.layers import DropPath, Mlp, layer_norm
+from models.registry import register_model
+from ops.window_attention import window_attention
+
+_HEAD_DIM = 32
+_LN_EPS = 1e-5
+_BN_EPS = 1e-3
+_BN_MOMENTUM = 0.99  # TF's: running = 0.99 * running + 0.01 * batch
+_EXPANSION = 4  # MBConv and FFN hidden width = 4 x the block's output width
+_SE_RATIO = 0.25  # of the block's output width
+_STEM_STRIDE = 2
+
+gelu = functools.partial(jax.nn.gelu, approximate=True)  # TF's activation_fn('gelu'): tanh form
+_init = nnx.initializers.normal(0.02)  # TF: every kernel, conv and relative bias; biases 0
+
+
+def dense(in_features: int, out_features: int, *, use_bias: bool = True, dtype=jnp.float32,
+          param_dtype=jnp.float32, rngs: nnx.Rngs) -> nnx.Linear:
+  """A Linear (or a 1x1 convolution, in NHWC) with TF's init."""
+  return nnx.Linear(in_features, out_features, use_bias=use_bias, kernel_init=_init, dtype=dtype,
+                    param_dtype=param_dtype, rngs=rngs)
+
+
+def conv3x3(in_features: int, out_features: int, *, stride: int = 1, depthwise: bool = False,
+            use_bias: bool = True, dtype=jnp.float32, param_dtype=jnp.float32,
+            rngs: nnx.Rngs) -> nnx.Conv:
+  """3x3 conv with TF's 'SAME' padding: on a stride 2 it pads (0, 1), not (1, 1)."""
+  return nnx.Conv(in_features, out_features, (3, 3), strides=stride, padding="SAME",
+                  feature_group_count=in_features if depthwise else 1, use_bias=use_bias,
+                  kernel_init=_init, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+
+def batch_norm(dim: int, *, dtype=jnp.float32, param_dtype=jnp.float32,
+               rngs: nnx.Rngs) -> nnx.BatchNorm:
+  """TF's BatchNorm: eps 1e-3, momentum 0.99; statistics in float32, two-pass variance."""
+  return nnx.BatchNorm(dim, momentum=_BN_MOMENTUM, epsilon=_BN_EPS, use_fast_variance=False,
+                       dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+
+def resize_rel_pos_table(table, size: int):
+  """[H, S, S] -> [H, size, size], bilinear with half-pixel centres: `tf.image.resize`'s default.
+
+  jax's 'linear' resize is that interpolation; antialiasing is off, so shrinking matches TF too.
+  Takes numpy (converters) or jax arrays and returns the same kind; a no-op at the same size.
+  """
+  if tuple(table.shape[1:]) == (size, size):
+    return table
+  resized = jax.image.resize(jnp.asarray(table, jnp.float32), (table.shape[0], size, size),
+                             "linear", antialias=False)
+  if isinstance(table, np.ndarray):
+    return np.asarray(resized).astype(table.dtype)
+  return resized.astype(table.dtype)
+
+
+def avg_pool2(x: jax.Array) -> jax.Array:
+  """2x2 average pool, stride 2, on even sizes (the input check guarantees them): 'SAME' pads
+  nothing there."""
+  b, h, w, c = x.shape
+  return x.reshape(b, h // 2, 2, w // 2, 2, c).mean(axis=(2, 4))
+
+
+def block_partition(x: jax.Array, p: int) -> jax.Array:
+  """[B, H, W, C] -> [B * H/p * W/p, p * p, C]: contiguous p x p windows, tokens row-major."""
+  b, h, w, c = x.shape
+  x = x.reshape(b, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5)
+  return x.reshape(-1, p * p, c)
+
+
+def block_unpartition(x: jax.Array, p: int, shape: tuple[int, ...]) -> jax.Array:
+  b, h, w, c = shape
+  return x.reshape(b, h // p, w // p, p, p, c).transpose(0, 1, 3, 2, 4, 5).reshape(shape)
+
+
+def grid_partition(x: jax.Array, p: int) -> jax.Array:
+  """[B, H, W, C] -> [B * H/p * W/p, p * p, C]: group (a, b) holds the tokens
+  (i * H/p + a, j * W/p + b) for i, j < p, a p x p grid with stride H/p whose (i, j) is the
+  position the bias sees."""
+  b, h, w, c = x.shape
+  x = x.reshape(b, p, h // p, p, w // p, c).transpose(0, 2, 4, 1, 3, 5)
+  return x.reshape(-1, p * p, c)
+
+
+def grid_unpartition(x: jax.Array, p: int, shape: tuple[int, ...]) -> jax.Array:
+  b, h, w, c = shape
+  return x.reshape(b, h // p, w // p, p, p, c).transpose(0, 3, 1, 4, 2, 5).reshape(shape)
+
+
+class Stem(nnx.Module):
+  """conv3x3/2 -> BN -> GELU -> conv3x3 (no norm or activation after the second conv)."""
+
+  def __init__(self, in_chans: int, widths: Sequence[int], *, dtype=jnp.float32,
+               param_dtype=jnp.float32, rngs: nnx.Rngs):
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.conv1 = conv3x3(in_chans, widths[0], stride=_STEM_STRIDE, **kw)
+    self.norm1 = batch_norm(widths[0], **kw)
+    self.conv2 = conv3x3(widths[0], widths[1], **kw)
+
+  def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
+    return self.conv2(gelu(self.norm1(self.conv1(x), use_running_average=not train)))
+
+
+class SqueezeExcite(nnx.Module):
+  """x * sigmoid(expand(silu(reduce(mean over H, W of x))))."""
+
+  def __init__(self, dim: int, hidden: int, *, dtype=jnp.float32, param_dtype=jnp.float32,
+               rngs: nnx.Rngs):
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.reduce = dense(dim, hidden, **kw)
+    self.expand = dense(hidden, dim, **kw)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    gate = self.expand(jax.nn.silu(self.reduce(x.mean(axis=(1, 2), keepdims=True))))
+    return x * jax.nn.sigmoid(gate)
+
+
+class MBConv(nnx.Module):
+  """Inverted residual with squeeze-excitation; the stride sits in the depthwise conv.
+
+  residual: BN (no act) -> 1x1 expand (no bias) -> BN -> GELU -> 3x3 depthwise /stride (no bias)
+  -> BN -> GELU -> SE -> 1x1 shrink (bias). shortcut: 2x2 avg pool if strided, then a 1x1 conv
+  (bias) if the width changes.
+  """
+
+  def __init__(self, in_dim: int, out_dim: int, *, stride: int, drop_path: float,
+               dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    hidden = _EXPANSION * out_dim
+    self.stride = stride
+    self.shortcut = dense(in_dim, out_dim, **kw) if in_dim != out_dim else None
+    self.pre_norm = batch_norm(in_dim, **kw)
+    self.expand = dense(in_dim, hidden, use_bias=False, **kw)
+    self.expand_norm = batch_norm(hidden, **kw)
+    self.depthwise = conv3x3(hidden, hidden, stride=stride, depthwise=True, use_bias=False, **kw)
+    self.depthwise_norm = batch_norm(hidden, **kw)
+    self.se = SqueezeExcite(hidden, max(1, int(out_dim * _SE_RATIO)), **kw)
+    self.shrink = dense(hidden, out_dim, **kw)
+    self.drop_path = DropPath(drop_path, rngs=rngs)
+
+  def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
+    stats = dict(use_running_average=not train)
+    shortcut = avg_pool2(x) if self.stride == 2 else x
+    if self.shortcut is not None:
+      shortcut = self.shortcut(shortcut)
+    h = self.expand(self.pre_norm(x, **stats))
+    h = gelu(self.expand_norm(h, **stats))
+    h = gelu(self.depthwise_norm(self.depthwise(h), **stats))
+    h = self.shrink(self.se(h))
+    return shortcut + self.drop_path(h, train=train)
+
+
+class RelPosAttention(nnx.Module):
+  """Multi-head attention inside P x P token groups with a learned relative-position bias.
+
+  q, k, v come from one Linear whose output axis is (3, heads, head_dim) (timm's
+  `head_first=False`; TF's separate q/k/v [C, heads, head_dim] side by side). The table is
+  [heads, S, S] with S = `rel_pos_size`, resized to 2P-1 on the fly when S differs (module
+  docstring). `implementation` goes to `ops.window_attention`.
+  """
+
+  def __init__(self, dim: int, *, window: int, rel_pos_size: int, head_dim: int = _HEAD_DIM,
+               implementation: str | None = None, dtype=jnp.float32, param_dtype=jnp.float32,
+               rngs: nnx.Rngs):
+    if dim % head_dim:
+      raise ValueError(f"width must be a multiple of head_dim={head_dim}, got {dim}")
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.num_heads = dim // head_dim
+    self.window = window
+    self.implementation = implementation
+    self.qkv = dense(dim, 3 * dim, **kw)
+    self.proj = dense(dim, dim, **kw)
+    self.rel_pos_table = nnx.Param(
+        _init(rngs.params(), (self.num_heads, rel_pos_size, rel_pos_size), param_dtype))
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    groups, tokens, dim = x.shape
+    q, k, v = jnp.moveaxis(self.qkv(x).reshape(groups, tokens, 3, self.num_heads, -1), 2, 0)
+    table = resize_rel_pos_table(self.rel_pos_table[...], 2 * self.window - 1)
+    out = window_attention(q, k, v, table, window=(self.window, self.window),
+                           scale=1.0 / math.sqrt(q.shape[-1]), implementation=self.implementation)
+    return self.proj(out.reshape(groups, tokens, dim))
+
+
+class PartitionTransformer(nnx.Module):
+  """x + attn(LN(x)) over block or grid groups, then x + FFN(LN(x)); FFN 4x with tanh GELU."""
+
+  def __init__(self, dim: int, *, partition: str, window: int, rel_pos_size: int,
+               drop_path: float, implementation: str | None, dtype=jnp.float32,
+               param_dtype=jnp.float32, rngs: nnx.Rngs):
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.partition = partition
+    self.window = window
+    self.norm1 = layer_norm(dim, eps=_LN_EPS, **kw)
+    self.attn = RelPosAttention(dim, window=window, rel_pos_size=rel_pos_size,
+                                implementation=implementation, **kw)
+    self.norm2 = layer_norm(dim, eps=_LN_EPS, **kw)
+    self.mlp = Mlp(dim, _EXPANSION * dim, act=gelu, linear=dense, **kw)
+    self.drop_path = DropPath(drop_path, rngs=rngs)
+
+  def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
+    split, merge = ((block_partition, block_unpartition) if self.partition == "block"
+                    else (grid_partition, grid_unpartition))
+    attended = merge(self.attn(split(self.norm1(x), self.window)), self.window, x.shape)
+    x = x + self.drop_path(attended, train=train)
+    return x + self.drop_path(self.mlp(self.norm2(x), train=train), train=train)
+
+
+class MaxViTBlock(nnx.Module):
+  """MBConv -> block attention (+FFN) -> grid attention (+FFN), with separate norms and FFNs."""
+
+  def __init__(self, in_dim: int, dim: int, *, stride: int, window: int, rel_pos_size: int,
+               drop_path: float, implementation: str | None, dtype=jnp.float32,
+               param_dtype=jnp.float32, rngs: nnx.Rngs):
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    attn_kw = dict(window=window, rel_pos_size=rel_pos_size, drop_path=drop_path,
+                   implementation=implementation, **kw)
+    self.mbconv = MBConv(in_dim, dim, stride=stride, drop_path=drop_path, **kw)
+    self.block_attn = PartitionTransformer(dim, partition="block", **attn_kw)
+    self.grid_attn = PartitionTransformer(dim, partition="grid", **attn_kw)
+
+  def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
+    x = self.mbconv(x, train=train)
+    return self.grid_attn(self.block_attn(x, train=train), train=train)
+
+
+class Stage(nnx.Module):
+  """`depth` MaxViT blocks; the first halves the resolution and changes the width."""
+
+  def __init__(self, in_dim: int, dim: int, depth: int, *, drop_paths: Sequence[float],
+               **block_kw):
+    self.blocks = nnx.List([
+        MaxViTBlock(in_dim if i == 0 else dim, dim, stride=2 if i == 0 else 1,
+                    drop_path=drop_paths[i], **block_kw)
+        for i in range(depth)])
+
+  def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
+    for block in self.blocks:
+      x = block(x, train=train)
+    return x
+
+
+class Head(nnx.Module):
+  """Global average pool -> LayerNorm -> Dense -> tanh (pre-logits) -> Dense (logits)."""
+
+  def __init__(self, dim: int, hidden: int, num_classes: int, *, dtype=jnp.float32,
+               param_dtype=jnp.float32, rngs: nnx.Rngs):
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.norm = layer_norm(dim, eps=_LN_EPS, **kw)
+    self.pre_logits = dense(dim, hidden, **kw)
+    self.fc = dense(hidden, num_classes, **kw) if num_classes > 0 else None
+
+  def __call__(self, x: jax.Array, *, pre_logits: bool = False) -> jax.Array:
+    x = jnp.tanh(self.pre_logits(self.norm(x.mean(axis=(1, 2)))))
+    return x if pre_logits or self.fc is None else self.fc(x)
+
+
+class MaxViT(nnx.Module):
+  """MaxViT: `m(images [B, H, W, in_chans] float, train=False) -> logits [B, num_classes]`.
+
+  Args:
+    embed_dims, depths: width and number of blocks of each stage.
+    stem_widths: widths of the two stem convs.
+    num_classes: logits; 0 leaves the pre-logits (tanh) features as the output.
+    head_hidden_size: width of the pre-logits Dense (default the last stage's, TF's cls_hsize -1).
+    img_size: the resolution the model is built for; sets the default window.
+    window_size: P, the block window and grid size (default img_size // 32).
+    rel_pos_size: side of the stored relative-position tables (default 2P-1; module docstring).
+    drop_path_rate: stochastic depth of the last block (TF's schedule, rising linearly from 0).
+    attn_implementation: for `ops.window_attention` (None picks the best for the platform).
+  """
+
+  def __init__(self, embed_dims: Sequence[int] = (64, 128, 256, 512),
+               depths: Sequence[int] = (2, 2, 5, 2), stem_widths: Sequence[int] = (64, 64),
+               num_classes: int = 1000, head_hidden_size: int | None = None, in_chans: int = 3,
+               img_size: int = 224, window_size: int | None = None,
+               rel_pos_size: int | None = None, drop_path_rate: float = 0.0,
+               attn_implementation: str | None = None, *, dtype=jnp.float32,
+               param_dtype=jnp.float32, rngs: nnx.Rngs):
+    if len(embed_dims) != len(depths) or not depths or min(depths) < 1:
+      raise ValueError(f"embed_dims and depths must give each stage a width and >= 1 block, got "
+                       f"embed_dims={tuple(embed_dims)}, depths={tuple(depths)}")
+    if len(stem_widths) != 2:
+      raise ValueError(f"stem_widths must hold the two stem conv widths, got {tuple(stem_widths)}")
+    self.window_size = window_size or img_size // 32
+    if self.window_size < 1:
+      raise ValueError(f"window_size must be >= 1, got {self.window_size} (img_size={img_size})")
+    self.img_size = img_size
+    self.in_chans = in_chans
+    self.num_classes = num_classes
+    self.dtype = dtype
+    self.param_dtype = param_dtype
+    self.num_features = embed_dims[-1]
+    self.head_hidden_size = head_hidden_size or embed_dims[-1]
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.stem = Stem(in_chans, stem_widths, **kw)
+    num_blocks = sum(depths)
+    rates = [drop_path_rate * b / num_blocks for b in range(num_blocks)]  # the last block < rate
+    first = np.cumsum((0, *depths))
+    in_dims = (stem_widths[1], *embed_dims[:-1])
+    block_kw = dict(window=self.window_size, rel_pos_size=rel_pos_size or 2 * self.window_size - 1,
+                    implementation=attn_implementation, **kw)
+    self.stages = nnx.List([
+        Stage(in_dims[i], embed_dims[i], depths[i], drop_paths=rates[first[i]:first[i + 1]],
+              **block_kw)
+        for i in range(len(depths))])
+    self.head = Head(self.num_features, self.head_hidden_size, num_classes, **kw)
+
+  @property
+  def input_multiple(self) -> int:
+    """Height and width must be multiples of this: the last stage's map divides into P x P."""
+    return _STEM_STRIDE * 2 ** len(self.stages) * self.window_size
+
+  def _check_images(self, x: jax.Array) -> None:
+    if x.ndim != 4 or x.shape[-1] != self.in_chans:
+      raise ValueError(f"MaxViT expects images [batch, height, width, {self.in_chans}] (NHWC), "
+                       f"got shape {tuple(x.shape)}")
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+      raise ValueError(f"MaxViT expects floating-point images, got dtype {x.dtype}")
+    m = self.input_multiple
+    if x.shape[1] % m or x.shape[2] % m:
+      raise ValueError(
+          f"MaxViT with window {self.window_size} expects height and width that are multiples of "
+          f"{m} (2^{len(self.stages) + 1} x window; the official code does not pad), got "
+          f"{x.shape[1]}x{x.shape[2]}")
+
+  def forward_features(self, x: jax.Array, *, train: bool = False) -> jax.Array:
+    """Images -> the last stage's map [B, H/32, W/32, C] (for 4 stages)."""
+    self._check_images(x)
+    x = self.stem(x.astype(self.dtype), train=train)
+    for stage in self.stages:
+      x = stage(x, train=train)
+    return x
+
+  def forward_head(self, x: jax.Array, *, pre_logits: bool = False) -> jax.Array:
+    """Stage map -> logits, or the tanh pre-logits features with `pre_logits=True`."""
+    if x.ndim != 4 or x.shape[-1] != self.num_features:
+      raise ValueError(f"forward_head expects a feature map [batch, h, w, {self.num_features}], "
+                       f"got shape {tuple(x.shape)}")
+    return self.head(x, pre_logits=pre_logits)
+
+  def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
+    return self.forward_head(self.forward_features(x, train=train))
+
+  def reset_classifier(self, num_classes: int, *, rngs: nnx.Rngs | None = None) -> None:
+    """A new, freshly initialised logits layer (0: none, the model returns pre-logits)."""
+    self.num_classes = num_classes
+    self.head.fc = None
+    if num_classes > 0:
+      self.head.fc = dense(self.head_hidden_size, num_classes, dtype=self.dtype,
+                           param_dtype=self.param_dtype,
+                           rngs=rngs if rngs is not None else nnx.Rngs(0))
+
+
+# --- variants: every published MaxViT (hp/vision.py) at the three released resolutions ----------
+
+_VARIANTS = {  # size: stem width, widths, depths, train drop-path (1 - survival_prob, vision_i1k)
+    "tiny": (64, (64, 128, 256, 512), (2, 2, 5, 2), 0.2),
+    "small": (64, (96, 192, 384, 768), (2, 2, 5, 2), 0.3),
+    "base": (64, (96, 192, 384, 768), (2, 6, 14, 2), 0.4),
+    "large": (128, (128, 256, 512, 1024), (2, 6, 14, 2), 0.6),
+    # IN-21k pretraining only: the official code has no IN-1k recipe (nor drop-path rate) for XL.
+    "xlarge": (192, (192, 384, 768, 1536), (2, 6, 14, 2), 0.0),
+}
+_RESOLUTIONS = (224, 384, 512)
+_PAPER_TOP1 = {  # README ImageNet-1k top-1 at 224 / 384 / 512 (none for the 21k-only XL)
+    "tiny": (83.62, 85.24, 85.72), "small": (84.45, 85.74, 86.19),
+    "base": (84.95, 86.34, 86.66), "large": (85.17, 86.40, 86.70),
+}
+
+
+# --- official checkpoints -> zoo params -----------------------------------------------------------
+#
+# Two sources: timm's PyTorch state_dict (`maxvit_*_tf_*`: conv OIHW, Linear (out, in), fused
+# qkv) and the official TF variables (name -> array: HWIO kernels, q/k/v [C, heads, 32], o
+# [heads, 32, C]). Each is read for its architecture, checked key by key against the shapes that
+# architecture implies, then mapped onto the zoo tree.
+
+_TF_EMA = "/ExponentialMovingAverage"
+_TF_MODEL_VARIABLE = re.compile(
+    r"(conv_\d|norm_\d|block_\d\d_\d\d|final_layer_norm|inner_dense|logit_dense)/")
+_TF_OPTIMIZER_SLOT = re.compile(r"/(Adam|Momentum|RMSProp|ExponentialMovingAverage)")
+
+
+def _bn(scale, bias, mean, var) -> dict:
+  return {"scale": scale, "bias": bias, "mean": mean, "var": var}
+
+
+def _linear(kernel, bias=None) -> dict:
+  return {"kernel": kernel} if bias is None else {"kernel": kernel, "bias": bias}
+
+
+def _block_widths(arch: Mapping):
+  """(stage, block, input width, width) of every block, in order."""
+  in_dim = arch["stem_widths"][1]
+  for i, (dim, depth) in enumerate(zip(arch["embed_dims"], arch["depths"])):
+    for j in range(depth):
+      yield i, j, in_dim if j == 0 else dim, dim
+    in_dim = dim
+
+
+# timm ---------------------------------------------------------------------------------------------
+
+def _timm_arch(sd: Mapping[str, np.ndarray]) -> tuple[dict, int]:
+  """Architecture and relative-position table size read from a timm state_dict's shapes."""
+  depths = []
+  while f"stages.{len(depths)}.blocks.0.conv.conv3_1x1.weight" in sd:
+    stage = re.compile(rf"stages\.{len(depths)}\.blocks\.(\d+)\.")
+    depths.append(1 + max(int(m.group(1)) for k in sd if (m := stage.match(k))))
+  if not depths or "stem.conv1.weight" not in sd or "head.pre_logits.fc.weight" not in sd:
+    raise ValueError("not a timm MaxViT state_dict: expected stem.conv1.weight, "
+                     "stages.0.blocks.0.* and head.pre_logits.fc.weight")
+  arch = {"embed_dims": tuple(int(sd[f"stages.{i}.blocks.0.conv.conv3_1x1.weight"].shape[0])
+                              for i in range(len(depths))),
+          "depths": tuple(depths),
+          "stem_widths": tuple(int(sd[f"stem.conv{i}.weight"].shape[0]) for i in (1, 2)),
+          "in_chans": int(sd["stem.conv1.weight"].shape[1]),
+          "head_hidden_size": int(sd["head.pre_logits.fc.weight"].shape[0]),
+          "num_classes": int(sd["head.fc.weight"].shape[0]) if "head.fc.weight" in sd else 0}
+  table = sd["stages.0.blocks.0.attn_block.attn.rel_pos.relative_position_bias_table"]
+  return arch, int(table.shape[-1])
+
+
+def _timm_shapes(arch: Mapping, table_size: int) -> dict[str, tuple[int, ...]]:
+  def bn(name, c):
+    return {f"{name}.{p}": (c,) for p in ("weight", "bias", "running_mean", "running_var")}
+
+  def ln(name, c):
+    return {f"{name}.weight": (c,), f"{name}.bias": (c,)}
+
+  def lin(name, out, inp, bias=True, conv=False):
+    weight = {f"{name}.weight": (out, inp, 1, 1) if conv else (out, inp)}
+    return weight | ({f"{name}.bias": (out,)} if bias else {})
+
+  s0, s1 = arch["stem_widths"]
+  shapes = {"stem.conv1.weight": (s0, arch["in_chans"], 3, 3), "stem.conv1.bias": (s0,),
+            **bn("stem.norm1", s0), "stem.conv2.weight": (s1, s0, 3, 3), "stem.conv2.bias": (s1,)}
+  for i, j, c_in, dim in _block_widths(arch):
+    b = f"stages.{i}.blocks.{j}."
+    hidden, se = _EXPANSION * dim, max(1, int(dim * _SE_RATIO))
+    if c_in != dim:
+      shapes |= lin(f"{b}conv.shortcut.expand", dim, c_in, conv=True)
+    shapes |= bn(f"{b}conv.pre_norm", c_in) | lin(f"{b}conv.conv1_1x1", hidden, c_in, False, True)
+    shapes |= bn(f"{b}conv.norm1", hidden) | {f"{b}conv.conv2_kxk.weight": (hidden, 1, 3, 3)}
+    shapes |= bn(f"{b}conv.norm2", hidden) | lin(f"{b}conv.se.fc1", se, hidden, conv=True)
+    shapes |= lin(f"{b}conv.se.fc2", hidden, se, conv=True)
+    shapes |= lin(f"{b}conv.conv3_1x1", dim, hidden, conv=True)
+    for p in (f"{b}attn_block.", f"{b}attn_grid."):
+      table = (dim // _HEAD_DIM, table_size, table_size)
+      shapes |= ln(f"{p}norm1", dim) | ln(f"{p}norm2", dim)
+      shapes |= {f"{p}attn.rel_pos.relative_position_bias_table": table}
+      shapes |= lin(f"{p}attn.qkv", 3 * dim, dim) | lin(f"{p}attn.proj", dim, dim)
+      shapes |= lin(f"{p}mlp.fc1", _EXPANSION * dim, dim)
+      shapes |= lin(f"{p}mlp.fc2", dim, _EXPANSION * dim)
+  c, hidden = arch["embed_dims"][-1], arch["head_hidden_size"]
+  shapes |= ln("head.norm", c) | lin("head.pre_logits.fc", hidden, c)
+  return shapes | (lin("head.fc", arch["num_classes"], hidden) if arch["num_classes"] else {})
+
+
+def _from_timm(sd: Mapping[str, np.ndarray], arch: Mapping) -> dict:
+  def conv(name):  # OIHW -> HWIO; a depthwise (C, 1, 3, 3) becomes (3, 3, 1, C)
+    return {"kernel": np.transpose(sd[f"{name}.weight"], (2, 3, 1, 0))}
+
+  def lin(name, bias=True):  # (out, in[, 1, 1]) -> (in, out)
+    weight = sd[f"{name}.weight"]
+    return _linear(weight.reshape(weight.shape[0], -1).T, sd[f"{name}.bias"] if bias else None)
+
+  def bn(name):
+    return _bn(*(sd[f"{name}.{p}"] for p in ("weight", "bias", "running_mean", "running_var")))
+
+  def ln(name):
+    return {"scale": sd[f"{name}.weight"], "bias": sd[f"{name}.bias"]}
+
+  def branch(p):
+    return {"norm1": ln(f"{p}norm1"), "norm2": ln(f"{p}norm2"),
+            "attn": {"qkv": lin(f"{p}attn.qkv"), "proj": lin(f"{p}attn.proj"),
+                     "rel_pos_table": sd[f"{p}attn.rel_pos.relative_position_bias_table"]},
+            "mlp": {"fc1": lin(f"{p}mlp.fc1"), "fc2": lin(f"{p}mlp.fc2")}}
+
+  def block(b):
+    mbconv = {"pre_norm": bn(f"{b}conv.pre_norm"), "expand": lin(f"{b}conv.conv1_1x1", False),
+              "expand_norm": bn(f"{b}conv.norm1"), "depthwise": conv(f"{b}conv.conv2_kxk"),
+              "depthwise_norm": bn(f"{b}conv.norm2"),
+              "se": {"reduce": lin(f"{b}conv.se.fc1"), "expand": lin(f"{b}conv.se.fc2")},
+              "shrink": lin(f"{b}conv.conv3_1x1")}
+    if f"{b}conv.shortcut.expand.weight" in sd:
+      mbconv["shortcut"] = lin(f"{b}conv.shortcut.expand")
+    return {"mbconv": mbconv, "block_attn": branch(f"{b}attn_block."),
+            "grid_attn": branch(f"{b}attn_grid.")}
+
+  stem = {"conv1": conv("stem.conv1") | {"bias": sd["stem.conv1.bias"]}, "norm1": bn("stem.norm1"),
+          "conv2": conv("stem.conv2") | {"bias": sd["stem.conv2.bias"]}}
+  head = {"norm": ln("head.norm"), "pre_logits": lin("head.pre_logits.fc")}
+  if arch["num_classes"]:
+    head["fc"] = lin("head.fc")
+  return {"stem": stem, "head": head,
+          "stages": {i: {"blocks": {j: block(f"stages.{i}.blocks.{j}.") for j in range(depth)}}
+                     for i, depth in enumerate(arch["depths"])}}
+
+
+# TF -----------------------------------------------------------------------------------------------
+
+def tf_variable_names(names) -> dict[str, str]:
+  """Canonical name -> checkpoint name of the model's TF variables, EMA shadows preferred.
+
+  Canonical names drop the `:0` suffix and the `maxvit/`, `stem/`, `cls_head/` scopes (eager and
+  graph builds scope the stem and head differently). The training EMA
+  (`<var>/ExponentialMovingAverage`: what the official eval restores, BN moving statistics
+  included) replaces the raw variable where present; optimizer slots and counters are left out.
+  """
+  chosen: dict[str, str] = {}
+  for name in names:
+    base = name.removesuffix(":0")
+    is_ema = base.endswith(_TF_EMA)
+    canonical = re.sub(r"^(maxvit/)?((stem|cls_head)/)?", "", base.removesuffix(_TF_EMA))
+    if not _TF_MODEL_VARIABLE.match(canonical) or _TF_OPTIMIZER_SLOT.search(canonical):
+      continue
+    if is_ema or canonical not in chosen:
+      chosen[canonical] = name
+  return chosen
+
+
+def read_tf_checkpoint(path) -> dict[str, np.ndarray]:
+  """An official TF checkpoint (prefix or directory) -> {canonical variable name: array}.
+
+  Needs TensorFlow, which the zoo does not depend on: the timm .safetensors of the same weights
+  convert without it.
+  """
+  try:
+    import tensorflow as tf
+  except ImportError as e:
+    raise ImportError("reading a TF checkpoint needs TensorFlow (pip install tensorflow-cpu); "
+                      "the timm .safetensors of the same weights convert without it") from e
+  reader = tf.train.load_checkpoint(str(path))
+  names = tf_variable_names(reader.get_variable_to_shape_map())
+  return {canonical: reader.get_tensor(name) for canonical, name in names.items()}
+
+
+def _tf_arch(sd: Mapping[str, np.ndarray]) -> tuple[dict, int]:
+  """Architecture and relative-position table size read from canonical TF variables."""
+  depths: dict[int, int] = {}
+  for key in sd:
+    if m := re.match(r"block_(\d\d)_(\d\d)/", key):
+      stage, block = int(m.group(1)), int(m.group(2))
+      depths[stage] = max(depths.get(stage, 0), block + 1)
+  if not depths or "conv_0/kernel" not in sd or "logit_dense/weight" not in sd:
+    raise ValueError("not an official TF MaxViT checkpoint: expected conv_0/kernel, "
+                     "block_00_00/... and logit_dense/weight (after dropping the maxvit/, stem/, "
+                     "cls_head/ scopes and ':0')")
+  arch = {"embed_dims": tuple(int(sd[f"block_{i:02d}_00/mbconv/shrink_conv/kernel"].shape[-1])
+                              for i in sorted(depths)),
+          "depths": tuple(depths[i] for i in sorted(depths)),
+          "stem_widths": tuple(int(sd[f"conv_{i}/kernel"].shape[-1]) for i in (0, 1)),
+          "in_chans": int(sd["conv_0/kernel"].shape[2]),
+          "head_hidden_size": int(sd["inner_dense/weight"].shape[-1]),
+          "num_classes": int(sd["logit_dense/weight"].shape[-1])}
+  return arch, int(sd["block_00_00/attention/relative_bias"].shape[-1])
+
+
+def _tf_shapes(arch: Mapping, table_size: int) -> dict[str, tuple[int, ...]]:
+  def bn(name, c):
+    return {f"{name}/{p}": (c,) for p in ("gamma", "beta", "moving_mean", "moving_variance")}
+
+  def ln(name, c):
+    return {f"{name}/gamma": (c,), f"{name}/beta": (c,)}
+
+  def conv1x1(name, c_in, c_out, bias=True):
+    return {f"{name}/kernel": (1, 1, c_in, c_out)} | ({f"{name}/bias": (c_out,)} if bias else {})
+
+  def tf_dense(name, c_in, c_out):
+    return {f"{name}/weight": (c_in, c_out), f"{name}/bias": (c_out,)}
+
+  s0, s1 = arch["stem_widths"]
+  shapes = {"conv_0/kernel": (3, 3, arch["in_chans"], s0), "conv_0/bias": (s0,),
+            **bn("norm_0", s0), "conv_1/kernel": (3, 3, s0, s1), "conv_1/bias": (s1,)}
+  for i, j, c_in, dim in _block_widths(arch):
+    b, m = f"block_{i:02d}_{j:02d}/", f"block_{i:02d}_{j:02d}/mbconv/"
+    hidden, se, heads = _EXPANSION * dim, max(1, int(dim * _SE_RATIO)), dim // _HEAD_DIM
+    if c_in != dim:
+      shapes |= conv1x1(f"{m}shortcut_conv", c_in, dim)
+    shapes |= bn(f"{m}pre_norm", c_in) | conv1x1(f"{m}expand_conv", c_in, hidden, bias=False)
+    shapes |= bn(f"{m}expand_norm", hidden) | bn(f"{m}depthwise_norm", hidden)
+    shapes |= {f"{m}depthwise_conv/depthwise_kernel": (3, 3, hidden, 1)}
+    shapes |= conv1x1(f"{m}se/reduce_conv2d", hidden, se)
+    shapes |= conv1x1(f"{m}se/expand_conv2d", se, hidden)
+    shapes |= conv1x1(f"{m}shrink_conv", hidden, dim)
+    for suffix in ("", "_1"):  # no suffix: block attention; _1: grid attention
+      a = f"{b}attention{suffix}/"
+      shapes |= ln(f"{b}attn_layer_norm{suffix}", dim) | ln(f"{b}ffn_layer_norm{suffix}", dim)
+      shapes |= {f"{a}relative_bias": (heads, table_size, table_size)}
+      shapes |= {f"{a}{p}/weight": (dim, heads, _HEAD_DIM) for p in "qkv"}
+      shapes |= {f"{a}{p}/bias": (heads, _HEAD_DIM) for p in "qkv"}
+      shapes |= {f"{a}o/weight": (heads, _HEAD_DIM, dim), f"{a}o/bias": (dim,)}
+      shapes |= tf_dense(f"{b}ffn{suffix}/expand_dense", dim, hidden)
+      shapes |= tf_dense(f"{b}ffn{suffix}/shrink_dense", hidden, dim)
+  c, hidden = arch["embed_dims"][-1], arch["head_hidden_size"]
+  return shapes | ln("final_layer_norm", c) | tf_dense("inner_dense", c, hidden) | tf_dense(
+      "logit_dense", hidden, arch["num_classes"])
+
+
+def _from_tf(sd: Mapping[str, np.ndarray], arch: Mapping) -> dict:
+  def conv1x1(name, bias=True):  # (1, 1, in, out) -> (in, out)
+    return _linear(sd[f"{name}/kernel"][0, 0], sd[f"{name}/bias"] if bias else None)
+
+  def bn(name):
+    return _bn(*(sd[f"{name}/{p}"] for p in ("gamma", "beta", "moving_mean", "moving_variance")))
+
+  def ln(name):
+    return {"scale": sd[f"{name}/gamma"], "bias": sd[f"{name}/beta"]}
+
+  def tf_dense(name):
+    return _linear(sd[f"{name}/weight"], sd[f"{name}/bias"])
+
+  def branch(b, suffix):
+    a = f"{b}attention{suffix}/"
+    dim = sd[f"{a}q/weight"].shape[0]
+    # q, k, v [C, heads, 32] side by side: the [C, (3, heads, 32)] kernel of the fused Linear
+    qkv = _linear(np.concatenate([sd[f"{a}{p}/weight"].reshape(dim, -1) for p in "qkv"], axis=1),
+                  np.concatenate([sd[f"{a}{p}/bias"].reshape(-1) for p in "qkv"]))
+    return {"norm1": ln(f"{b}attn_layer_norm{suffix}"), "norm2": ln(f"{b}ffn_layer_norm{suffix}"),
+            "attn": {"qkv": qkv, "proj": _linear(sd[f"{a}o/weight"].reshape(-1, dim),
+                                                 sd[f"{a}o/bias"]),
+                     "rel_pos_table": sd[f"{a}relative_bias"]},
+            "mlp": {"fc1": tf_dense(f"{b}ffn{suffix}/expand_dense"),
+                    "fc2": tf_dense(f"{b}ffn{suffix}/shrink_dense")}}
+
+  def block(b):
+    m = f"{b}mbconv/"
+    depthwise = np.swapaxes(sd[f"{m}depthwise_conv/depthwise_kernel"], 2, 3)  # -> (3, 3, 1, C)
+    mbconv = {"pre_norm": bn(f"{m}pre_norm"), "expand": conv1x1(f"{m}expand_conv", bias=False),
+              "expand_norm": bn(f"{m}expand_norm"), "depthwise": {"kernel": depthwise},
+              "depthwise_norm": bn(f"{m}depthwise_norm"),
+              "se": {"reduce": conv1x1(f"{m}se/reduce_conv2d"),
+                     "expand": conv1x1(f"{m}se/expand_conv2d")},
+              "shrink": conv1x1(f"{m}shrink_conv")}
+    if f"{m}shortcut_conv/kernel" in sd:
+      mbconv["shortcut"] = conv1x1(f"{m}shortcut_conv")
+    return {"mbconv": mbconv, "block_attn": branch(b, ""), "grid_attn": branch(b, "_1")}
+
+  stem = {"conv1": {"kernel": sd["conv_0/kernel"], "bias": sd["conv_0/bias"]},
+          "norm1": bn("norm_0"),
+          "conv2": {"kernel": sd["conv_1/kernel"], "bias": sd["conv_1/bias"]}}
+  head = {"norm": ln("final_layer_norm"), "pre_logits": tf_dense("inner_dense"),
+          "fc": tf_dense("logit_dense")}
+  return {"stem": stem, "head": head,
+          "stages": {i: {"blocks": {j: block(f"block_{i:02d}_{j:02d}/") for j in range(depth)}}
+                     for i, depth in enumerate(arch["depths"])}}
+
+
+def _resize_tables(params: dict, size: int) -> dict:
+  """Every relative-position table brought to `size` x `size` with TF's bilinear resize."""
+  return {k: resize_rel_pos_table(v, size) if k == "rel_pos_table"
+          else _resize_tables(v, size) if isinstance(v, dict) else v
+          for k, v in params.items()}
+
+
+def checkpoint_filter_fn(state_dict: Mapping[str, np.ndarray], **known_kwargs):
+  """timm (`maxvit_*_tf_*`) or official TF MaxViT weights -> (zoo params, MaxViT, kwargs).
+
+  TF weights are a dict of variable names (e.g. from `read_tf_checkpoint`). Widths, depths, stem,
+  head and classes are read from the shapes; `known_kwargs` (e.g. a registered variant's
+  defaults) override them. The window is not always in the shapes: a timm table is (2P-1)^2, so
+  P follows from it, but TF stores 13 x 13 tables at every resolution, so a TF checkpoint is taken
+  as 224 unless `img_size` / `window_size` say otherwise. The tables are then resized to the size
+  the target model stores (`rel_pos_size`, default 2P-1) with TF's bilinear resize, which is what
+  TF computes on every forward. Missing, unexpected and mis-shaped keys raise one ValueError.
+  """
+  if any("/" in key for key in state_dict):
+    sd = {canonical: np.asarray(state_dict[name])
+          for canonical, name in tf_variable_names(state_dict).items()}
+    arch, table_size = _tf_arch(sd)
+    expected = _tf_shapes({**arch, **known_kwargs}, table_size)
+    convert, window = _from_tf, 224 // 32
+  else:
+    # BatchNorm's step counter holds no weights (TF and Flax BatchNorm use a fixed momentum).
+    sd = {k: v for k, v in state_dict.items() if not k.endswith("num_batches_tracked")}
+    arch, table_size = _timm_arch(sd)
+    expected = _timm_shapes({**arch, **known_kwargs}, table_size)
+    convert, window = _from_timm, (table_size + 1) // 2
+  check_state_dict(sd, expected)
+  kwargs = {**arch, **known_kwargs}
+  if kwargs.get("window_size") is None:
+    kwargs["window_size"] = kwargs["img_size"] // 32 if "img_size" in kwargs else window
+  kwargs.setdefault("img_size", 32 * kwargs["window_size"])
+  stored = kwargs.get("rel_pos_size") or 2 * kwargs["window_size"] - 1
+  return _resize_tables(convert(sd, kwargs), stored), MaxViT, kwargs
+
+
+# --- registrations ------------------------------------------------------------------------------
+
+for _size, (_stem, _dims, _depths, _drop_path) in _VARIANTS.items():
+  for _index, _res in enumerate(_RESOLUTIONS):
+    _top1 = _PAPER_TOP1.get(_size)
+    register_model(f"maxvit_{_size}_tf_{_res}", MaxViT, family="maxvit",
+                   paper_metric=f"top-1 {_top1[_index]:.2f}" if _top1 else "",
+                   embed_dims=_dims, depths=_depths, stem_widths=(_stem, _stem), img_size=_res,
+                   drop_path_rate=_drop_path, num_classes=1000)

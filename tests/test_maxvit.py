@@ -260,6 +260,14 @@ def test_tf_layout_mapping():
                                 state_dict[f"{tf}mbconv/pre_norm/moving_variance:0"])
 
 
+def test_converter_takes_a_registered_variants_settings():
+  _, state_dict, _ = _golden("maxvit_tiny_tf_224")  # timm layout
+  defaults = models.model_info("maxvit_tiny_tf_224").defaults
+  params, _, kwargs = checkpoint_filter_fn(state_dict, **defaults)
+  assert kwargs == {**defaults, "in_chans": 3, "head_hidden_size": 512, "window_size": 7}
+  assign_params(nnx.clone(_abstract("maxvit_tiny_tf_224")), params)  # what the CLI does
+
+
 def test_tf_variable_names_prefer_ema_and_drop_scopes_and_slots():
   ema = "/ExponentialMovingAverage"
   names = ["maxvit/stem/conv_0/kernel", f"maxvit/stem/conv_0/kernel{ema}",

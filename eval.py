@@ -63,7 +63,7 @@ def evaluate_checkpoint(config, workdir: str, which: str, split_name: str) -> di
       train.restore_model_items(mngr, step, model)
     source = f"step {step}"
   eval_step = train.make_eval_step(task, nnx.graphdef(model))
-  metrics = train.evaluate(eval_step, nnx.state(model), split, config.input, mesh)
+  metrics = train.evaluate(task, eval_step, nnx.state(model), split, config.input, mesh)
   print(train.format_table({f"{split_name}/{k}": v for k, v in metrics.items()},
                            title=f"{config.model.name} on {config.data.name}/{split_name} ({source})"))
   return {"checkpoint": source, "split": split_name, **metrics}

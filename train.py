@@ -148,7 +148,7 @@ def make_eval_step(task, graphdef):
   return eval_step
 
 
-def evaluate(eval_step, model_state, split, input_config, mesh) -> dict[str, float]:
+def evaluate(task, eval_step, model_state, split, input_config, mesh) -> dict[str, float]:
   """Metrics over every example of a split (the last batch padded and masked)."""
   sums = None
   for batch in data.eval_batches(split, input_config.eval_batch_size, input_config=input_config,
@@ -156,7 +156,7 @@ def evaluate(eval_step, model_state, split, input_config, mesh) -> dict[str, flo
                                  process_count=jax.process_count()):
     out = eval_step(model_state, put_batch(batch, mesh))
     sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
-  return tasks.finalize(jax.device_get(sums))
+  return tasks.finalize(jax.device_get(sums), task)
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -371,8 +371,8 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
       if is_eval:
         model_state = nnx.state(nnx.merge(graphdef, state)[0])
         metrics = {f"{name}/{k}": v for name in config.eval_splits
-                   for k, v in evaluate(eval_step, model_state, eval_splits[name], config.input,
-                                        mesh).items()}
+                   for k, v in evaluate(task, eval_step, model_state, eval_splits[name],
+                                        config.input, mesh).items()}
         metrics["epoch"] = step / steps_per_epoch
         improved = early_stopping.update(step, metrics)
         stopped = early_stopping.should_stop
@@ -400,8 +400,9 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
   final = {"best_step": final_step, "steps": step, "epochs": step / steps_per_epoch,
            "wall_time_sec": time.time() - t_start}
   for name in config.final_eval_splits:
-    final |= {f"{name}/{k}": v for k, v in evaluate(eval_step, model_state, eval_splits[name],
-                                                      config.input, mesh).items()}
+    final |= {f"{name}/{k}": v for k, v in evaluate(task, eval_step, model_state,
+                                                      eval_splits[name], config.input,
+                                                      mesh).items()}
   writer.write(step, {k: v for k, v in final.items() if "/" in k})
   writer.close()
   mngr.close()

@@ -39,7 +39,7 @@ def base_config() -> ml_collections.ConfigDict:
   """The loop's settings with their defaults; family configs fill model, data and task."""
   c = ml_collections.ConfigDict()
   c.seed = 0
-  c.task = ""                      # 'forecasting' | 'classification' (tasks/)
+  c.task = ""                      # 'forecasting' | 'classification' | 'language_modeling' (tasks/)
 
   c.model = ml_collections.ConfigDict()
   c.model.name = ""               # a models.list_models() name; other keys of c.model are overrides

@@ -10,6 +10,10 @@ always prepared with `file_format='array_record'` (the default tfrecord writer n
 - `zoo_fashion_mnist`, `zoo_digits`: `image` uint8 [H, W, 1] and `label`, in file order.
 - `zoo_imagenet2012`, `zoo_image_folder/<name>`: `image` = the image file's bytes as they are
   (JPEG or PNG, decoded with PIL when read: no TensorFlow), `label` and `file_name`, in file order.
+- `zoo_text/<corpus>_<tokenizer>_s<seq_len>`: a corpus tokenized and packed: one record per
+  training sequence, `tokens` int32 [seq_len + 1] (record i = stream tokens [i L, i L + L + 1),
+  zero-padded at the end of a split) and `num_tokens` (the real ones), in stream order. The
+  metadata holds the tokenizer, vocab_size, seq_len and each split's token and UTF-8 byte counts.
 """
 from __future__ import annotations
 
@@ -21,7 +25,7 @@ import numpy as np
 import sklearn.datasets
 import tensorflow_datasets as tfds
 
-from data import catalog, image_files, protocols, raw_files
+from data import catalog, image_files, protocols, raw_files, text, tokenizers
 
 VERSION = tfds.core.Version("1.0.0")
 
@@ -174,15 +178,63 @@ class ZooImageFolder(_EncodedImageClassification, tfds.core.GeneratorBasedBuilde
             for split in tree.splits}
 
 
+@dataclasses.dataclass(eq=False)
+class TextConfig(tfds.core.BuilderConfig):
+  dataset: catalog.TextDataset | None = dataclasses.field(default=None, repr=False)
+
+
+def text_config(dataset: catalog.TextDataset) -> TextConfig:
+  """The prepared variant of a corpus: `<corpus>_<tokenizer name>_s<seq_len>`."""
+  tokenizer = tokenizers.get_tokenizer(dataset.tokenizer)
+  return TextConfig(name=f"{dataset.name}_{tokenizer.name}_s{dataset.seq_len}",
+                    description=f"{dataset.name} tokenized by {tokenizer.name}, packed into "
+                                f"sequences of {dataset.seq_len} (+1) tokens", dataset=dataset)
+
+
+class ZooText(tfds.core.GeneratorBasedBuilder):
+  """Text corpora for language modelling, tokenized and packed; one config per (tokenizer,
+  seq_len), made when it is used."""
+  VERSION = VERSION
+  MANUAL_DOWNLOAD_INSTRUCTIONS = "Put the corpus' raw files in manual_dir; see `python -m data.prepare --help`."
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    seq_len = self.builder_config.dataset.seq_len
+    return tfds.core.DatasetInfo(
+        builder=self, disable_shuffling=True, metadata=tfds.core.MetadataDict(),
+        description=f"Source: {self.builder_config.dataset.source}.",
+        features=tfds.features.FeaturesDict({
+            "tokens": tfds.features.Tensor(shape=(seq_len + 1,), dtype=np.int32, encoding="bytes"),
+            "num_tokens": tfds.features.Scalar(np.int32)}))
+
+  def _split_generators(self, dl_manager):
+    dataset = self.builder_config.dataset
+    tokenizer = tokenizers.get_tokenizer(dataset.tokenizer)
+    texts = raw_files.read_text_splits(dataset, str(dl_manager.manual_dir))
+    streams = {split: tokenizer.encode(t) for split, t in texts.items()}
+    self.info.metadata.update(
+        tokenizer=tokenizer.name, vocab_size=tokenizer.vocab_size, seq_len=dataset.seq_len,
+        splits={split: {"num_tokens": len(streams[split]),
+                        "num_bytes": len(t.encode("utf-8"))} for split, t in texts.items()})
+    return {split: self._generate_examples(stream, dataset.seq_len)
+            for split, stream in streams.items()}
+
+  def _generate_examples(self, stream: np.ndarray, seq_len: int):
+    records, num_tokens = text.pack(stream, seq_len)
+    for i, (record, count) in enumerate(zip(records, num_tokens)):
+      yield i, {"tokens": record, "num_tokens": count}
+
+
 def resolve_data_dir(data_dir: str) -> str:
   """'' means $TFDS_DATA_DIR, else ~/tensorflow_datasets (as TFDS itself)."""
   return os.path.expanduser(data_dir or os.environ.get("TFDS_DATA_DIR") or "~/tensorflow_datasets")
 
 
-def make_builder(dataset: catalog.SeriesDataset | catalog.ImageDataset,
+def make_builder(dataset: catalog.SeriesDataset | catalog.ImageDataset | catalog.TextDataset,
                  data_dir: str) -> tfds.core.DatasetBuilder:
   """The TFDS builder of a catalog entry (prepared or not)."""
   kwargs = dict(data_dir=resolve_data_dir(data_dir), file_format="array_record")
+  if isinstance(dataset, catalog.TextDataset):
+    return ZooText(config=text_config(dataset), **kwargs)
   if isinstance(dataset, catalog.SeriesDataset):
     registered = dataset.name in catalog.DATASETS   # a `custom` file gets a config made on the fly
     return ZooSeries(config=dataset.name if registered else series_config(dataset), **kwargs)
@@ -209,14 +261,16 @@ def is_prepared(builder: tfds.core.DatasetBuilder) -> bool:
   return builder.data_path.exists() and builder.is_prepared()
 
 
-def raw_file_names(dataset: catalog.SeriesDataset | catalog.ImageDataset) -> tuple[str, ...]:
+def raw_file_names(dataset: catalog.SeriesDataset | catalog.ImageDataset | catalog.TextDataset
+                   ) -> tuple[str, ...]:
   return (dataset.file,) if isinstance(dataset, catalog.SeriesDataset) else dataset.files
 
 
 def prepare(name: str, manual_dir: str = "", data_dir: str = "", file: str = "",
-            validation_fraction: float = 0.0) -> tfds.core.DatasetBuilder:
+            validation_fraction: float = 0.0, tokenizer: str = "byte",
+            seq_len: int = 0) -> tfds.core.DatasetBuilder:
   """Prepares dataset `name` unless it already is; returns its builder."""
-  dataset = catalog.lookup(name, file, manual_dir, validation_fraction)
+  dataset = catalog.lookup(name, file, manual_dir, validation_fraction, tokenizer, seq_len)
   builder = make_builder(dataset, data_dir)
   if is_prepared(builder):
     return builder
@@ -226,8 +280,8 @@ def prepare(name: str, manual_dir: str = "", data_dir: str = "", file: str = "",
   return builder
 
 
-def _check_raw_files(dataset: catalog.SeriesDataset | catalog.ImageDataset, name: str,
-                     manual_dir: str) -> None:
+def _check_raw_files(dataset: catalog.SeriesDataset | catalog.ImageDataset | catalog.TextDataset,
+                     name: str, manual_dir: str) -> None:
   if isinstance(dataset, catalog.ImageDataset) and dataset.layout == "imagenet":
     image_files.imagenet_sources(manual_dir)   # tars or extracted folders
   elif not (isinstance(dataset, catalog.ImageDataset) and dataset.layout == "image_folder"):

@@ -21,6 +21,10 @@ FASHION_MNIST_SOURCE = "https://github.com/zalandoresearch/fashion-mnist (folder
 IMAGENET_SOURCE = ("https://image-net.org (ILSVRC2012, after registration): "
                    "ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar, or their extracted "
                    "folders train/<wnid>/ and val/")
+TINY_SHAKESPEARE_SOURCE = "https://github.com/karpathy/char-rnn (data/tinyshakespeare/input.txt)"
+WIKITEXT2_SOURCE = ("WikiText-2 (tokenized, v1; Merity et al. 2016): wikitext-2-v1.zip of the "
+                    "WikiText release, or https://github.com/pytorch/examples (folder "
+                    "word_language_model/data/wikitext-2)")
 IMAGE_FOLDER_SOURCE = ("your own images: DIR/train/<class>/*.jpg|png, optionally DIR/val/ and "
                        "DIR/test/ alike")
 ETT_COLUMNS = ("date", "HUFL", "HULL", "MUFL", "MULL", "LUFL", "LULL", "OT")
@@ -56,6 +60,26 @@ class ImageDataset:
     return self.layout != "arrays"
 
 
+@dataclasses.dataclass(frozen=True)
+class TextDataset:
+  """A text corpus for language modelling, prepared per tokenizer and sequence length.
+
+  `layout` says how the raw files make the splits: 'one_file' (TFDS's tiny_shakespeare: the
+  first 90% of the characters train, the next 5% validation, the last 5% test) or 'split_files'
+  (one file per split, `split_files`; those in `optional_files` may be missing).
+  """
+  name: str
+  files: tuple[str, ...]              # required raw files in manual_dir
+  source: str
+  layout: str
+  split_files: tuple[tuple[str, str], ...] = ()   # 'split_files': (split, file name)
+  optional_files: tuple[str, ...] = ()
+  num_chars: int | None = None        # characters the published file has (None: not checked)
+  tokenizer: str = "byte"             # data.tokenizers.get_tokenizer spec
+  seq_len: int = 0                    # tokens per training sequence (inputs; targets shift by 1)
+  task: str = "language_modeling"
+
+
 def _ett(name: str, file: str, protocol: protocols.Protocol, num_rows: int) -> SeriesDataset:
   return SeriesDataset(name, file, protocol, ETT_SOURCE, columns=ETT_COLUMNS, num_rows=num_rows,
                        num_vars=len(ETT_COLUMNS) - 1)
@@ -65,7 +89,7 @@ def _bundle(name: str, file: str, protocol: protocols.Protocol, **expected) -> S
   return SeriesDataset(name, file, protocol, f"{BUNDLE_SOURCE}, file {file}", **expected)
 
 
-DATASETS: dict[str, SeriesDataset | ImageDataset] = {d.name: d for d in [
+DATASETS: dict[str, SeriesDataset | ImageDataset | TextDataset] = {d.name: d for d in [
     _ett("ett_h1", "ETTh1.csv", protocols.ETT_HOUR, 17420),
     _ett("ett_h2", "ETTh2.csv", protocols.ETT_HOUR, 17420),
     _ett("ett_m1", "ETTm1.csv", protocols.ETT_MINUTE, 69680),
@@ -84,6 +108,12 @@ DATASETS: dict[str, SeriesDataset | ImageDataset] = {d.name: d for d in [
                  FASHION_MNIST_SOURCE, pixel_max=255),
     ImageDataset("digits", (), "scikit-learn (sklearn.datasets.load_digits), installed with the zoo",
                  pixel_max=16),
+    TextDataset("tiny_shakespeare", ("input.txt",), TINY_SHAKESPEARE_SOURCE, layout="one_file",
+                num_chars=1_115_394),
+    TextDataset("wikitext2", ("wiki.valid.tokens", "wiki.test.tokens"), WIKITEXT2_SOURCE,
+                layout="split_files", optional_files=("wiki.train.tokens",),
+                split_files=(("train", "wiki.train.tokens"), ("validation", "wiki.valid.tokens"),
+                             ("test", "wiki.test.tokens"))),
     ImageDataset("imagenet2012", ("ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar"),
                  IMAGENET_SOURCE, pixel_max=255, layout="imagenet"),
 ]}
@@ -91,10 +121,12 @@ CUSTOM = "custom"   # any CSV of the iTransformer `custom` protocol; the user na
 IMAGE_FOLDER = "image_folder"   # any class-per-subfolder tree of JPEG/PNG images (manual_dir)
 
 
-def lookup(name: str, file: str = "", manual_dir: str = "",
-           validation_fraction: float = 0.0) -> SeriesDataset | ImageDataset:
+def lookup(name: str, file: str = "", manual_dir: str = "", validation_fraction: float = 0.0,
+           tokenizer: str = "byte", seq_len: int = 0
+           ) -> SeriesDataset | ImageDataset | TextDataset:
   """The catalog entry of a zoo dataset name; `custom` needs `file` (a CSV in manual_dir),
-  `image_folder` needs `manual_dir` (the tree's root)."""
+  `image_folder` needs `manual_dir` (the tree's root), a text corpus gets `tokenizer` and
+  `seq_len` (> 0)."""
   if name == CUSTOM:
     return custom_dataset(file)
   if name == IMAGE_FOLDER:
@@ -102,7 +134,13 @@ def lookup(name: str, file: str = "", manual_dir: str = "",
   if name not in DATASETS:
     known = ", ".join([*DATASETS, CUSTOM, IMAGE_FOLDER])
     raise DataError(f"unknown dataset {name!r}{_suggestion(name)}; known: {known}")
-  return DATASETS[name]
+  dataset = DATASETS[name]
+  if isinstance(dataset, TextDataset):
+    if seq_len < 1:
+      raise DataError(f"language-model dataset {name!r} needs a sequence length: config.data."
+                      f"seq_len (or --seq_len) > 0, got {seq_len}")
+    return dataclasses.replace(dataset, tokenizer=tokenizer or "byte", seq_len=int(seq_len))
+  return dataset
 
 
 def _suggestion(name: str) -> str:

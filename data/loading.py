@@ -3,33 +3,38 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-from data import builders, catalog, images, series
+from data import builders, catalog, images, series, text
 from data.errors import DataError
-from data.splits import ClassificationSplit, ForecastingSplit
+from data.splits import ClassificationSplit, ForecastingSplit, TokenSplit
 
 
-def load(config_data: Mapping[str, Any], split: str) -> ForecastingSplit | ClassificationSplit:
+def load(config_data: Mapping[str, Any],
+         split: str) -> ForecastingSplit | ClassificationSplit | TokenSplit:
   """Split 'train' | 'validation' | 'test' of dataset `config_data.name`.
 
   config_data (an ml_collections ConfigDict or a dict): name, data_dir ('' = $TFDS_DATA_DIR or
   ~/tensorflow_datasets), manual_dir ('' = none; if set, a dataset not yet prepared is prepared from
   it; 'image_folder' always needs it: it names the tree), file (dataset 'custom' only),
   validation_fraction ('image_folder' without val/ only, 0.0); forecasting: seq_len, pred_len, freq
-  ('h'), time_marks (default: whether the dataset has timestamps), scale (True).
+  ('h'), time_marks (default: whether the dataset has timestamps), scale (True); language
+  modelling: seq_len (tokens per training sequence), tokenizer ('byte' or a tokenizer file).
   """
   name, file = config_data.get("name", ""), config_data.get("file", "")
   manual_dir = config_data.get("manual_dir", "")
   validation_fraction = config_data.get("validation_fraction", 0.0)
-  dataset = catalog.lookup(name, file, manual_dir, validation_fraction)
+  tokenizer, seq_len = config_data.get("tokenizer", "byte"), config_data.get("seq_len") or 0
+  dataset = catalog.lookup(name, file, manual_dir, validation_fraction, tokenizer, seq_len)
   builder = builders.make_builder(dataset, config_data.get("data_dir", ""))
   if not builders.is_prepared(builder):
     if builders.raw_file_names(dataset) and not manual_dir:   # digits needs no files
       raise DataError(_not_prepared_message(dataset, name, file, builder.data_dir_root))
     builder = builders.prepare(name, manual_dir, config_data.get("data_dir", ""), file,
-                               validation_fraction)
+                               validation_fraction, tokenizer, seq_len)
   dataset_dir = str(builder.data_path)
   if isinstance(dataset, catalog.ImageDataset):
     return images.load_split(dataset_dir, dataset, split)
+  if isinstance(dataset, catalog.TextDataset):
+    return text.load_split(dataset_dir, split)
   return series.load_split(dataset_dir, dataset, split, _series_options(config_data, dataset))
 
 
@@ -46,6 +51,8 @@ def _series_options(config_data: Mapping[str, Any], dataset: catalog.SeriesDatas
 def _not_prepared_message(dataset, name: str, file: str, data_dir) -> str:
   files = " ".join(builders.raw_file_names(dataset))
   file_flag = f" --file {file}" if file else ""
+  if isinstance(dataset, catalog.TextDataset):
+    file_flag = f" --tokenizer {dataset.tokenizer} --seq_len {dataset.seq_len}"
   return (f"dataset {name!r} is not prepared in {data_dir}. Prepare it once with\n"
           f"  python -m data.prepare {name} --manual_dir DIR --data_dir {data_dir}{file_flag}\n"
           f"where DIR holds {files} (from {dataset.source}), or set config.data.manual_dir=DIR to "

@@ -13,7 +13,7 @@ import re
 
 import numpy as np
 
-from data.catalog import ImageDataset, SeriesDataset
+from data.catalog import ImageDataset, SeriesDataset, TextDataset
 from data.errors import DataError
 
 DATE_COLUMN, TARGET_COLUMN = "date", "OT"
@@ -153,6 +153,37 @@ def read_mnist_split(dataset: ImageDataset, manual_dir: str, prefix: str, num_cl
   if labels.max(initial=0) >= num_classes:
     raise DataError(f"{paths[1]}: label {labels.max()} out of range 0..{num_classes - 1}")
   return images[..., None], labels
+
+
+def read_text_splits(dataset: TextDataset, manual_dir: str) -> dict[str, str]:
+  """split -> text of a corpus, cut as `dataset.layout` says (see catalog.TextDataset)."""
+  if dataset.layout == "one_file":
+    text = read_text(raw_file(manual_dir, dataset.files[0], dataset.name, dataset.source))
+    if dataset.num_chars is not None and len(text) != dataset.num_chars:
+      raise DataError(f"{dataset.files[0]}: {len(text)} characters, but the published file has "
+                      f"{dataset.num_chars}; it looks truncated or is another version. Get it "
+                      f"again from {dataset.source}.")
+    num_train = int(len(text) * 0.9)            # as TFDS's tiny_shakespeare: 90 / 5 / 5 %
+    num_val = int((len(text) - num_train) * 0.5)
+    return {"train": text[:num_train], "validation": text[num_train:num_train + num_val],
+            "test": text[num_train + num_val:]}
+  texts = {}
+  for split, file in dataset.split_files:
+    if file in dataset.optional_files and not (pathlib.Path(manual_dir).expanduser() / file).is_file():
+      continue
+    texts[split] = read_text(raw_file(manual_dir, file, dataset.name, dataset.source))
+  return texts
+
+
+def read_text(path: pathlib.Path) -> str:
+  """A UTF-8 text file as it is (newlines kept); refused if empty or not UTF-8."""
+  try:
+    text = path.read_bytes().decode("utf-8")
+  except UnicodeDecodeError as e:
+    raise DataError(f"{path} is not UTF-8 text (byte {e.start}: {e.reason})") from e
+  if not text:
+    raise DataError(f"{path} is empty")
+  return text
 
 
 def _read_csv(path: pathlib.Path, has_header: bool) -> tuple[list[str], list[int], np.ndarray]:

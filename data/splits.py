@@ -80,6 +80,36 @@ class ForecastingSplit:
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
+class TokenSplit:
+  """Packed token sequences of a language-model corpus (data/text.py), held in memory.
+
+  A batch: `tokens` int32 [k, L + 1] (inputs `[:, :-1]`, targets `[:, 1:]`), `weights` float32
+  [k, L] (1 where the target is a real token, 0 in the padding of a split's last sequence) and
+  `num_bytes` float32 [k]: the text bytes those targets stand for (targets x the split's bytes per
+  token), the denominator of bits per byte.
+  """
+  tokens: np.ndarray       # [n, L + 1] int32
+  num_tokens: np.ndarray   # [n] int32, real tokens of each sequence
+  meta: dict[str, Any]
+
+  def __len__(self) -> int:
+    return len(self.tokens)
+
+  def gather(self, idx) -> dict[str, np.ndarray]:
+    idx = checked_indices(idx, len(self))
+    targets = np.arange(1, self.tokens.shape[1])
+    weights = (targets[None, :] < self.num_tokens[idx, None]).astype(np.float32)
+    return {"tokens": self.tokens[idx], "weights": weights,
+            "num_bytes": (weights.sum(1) * self.meta["bytes_per_token"]).astype(np.float32)}
+
+  @property
+  def spec(self) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    length = self.tokens.shape[1] - 1
+    return {"tokens": ((length + 1,), np.dtype(np.int32)),
+            "weights": ((length,), np.dtype(np.float32)), "num_bytes": ((), np.dtype(np.float32))}
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
 class ClassificationSplit:
   """Images held in memory as one array (small datasets: Fashion-MNIST, digits)."""
   images: np.ndarray   # [n, H, W, C] uint8

@@ -12,6 +12,7 @@ from flax import nnx
 
 from tasks.classification import Classification
 from tasks.forecasting import Forecasting
+from tasks.language_modeling import LanguageModeling
 
 Sums = dict[str, tuple[jax.Array, jax.Array]]  # metric name -> (weighted sum, weight)
 
@@ -26,8 +27,12 @@ class Task(Protocol):
   def eval_sums(self, model: nnx.Module, batch: dict) -> Sums:
     """Per-metric (sum, count) over the real examples of a padded batch (batch['mask'])."""
 
+  # Optional: `derived_metrics(metrics) -> dict`, metrics that are not a sum over a count but a
+  # function of those that are (perplexity = exp(loss)); `finalize` adds them.
 
-_TASKS = {"forecasting": Forecasting, "classification": Classification}
+
+_TASKS = {"forecasting": Forecasting, "classification": Classification,
+          "language_modeling": LanguageModeling}
 
 
 def get_task(name: str) -> Task:
@@ -36,6 +41,8 @@ def get_task(name: str) -> Task:
   return _TASKS[name]()
 
 
-def finalize(sums: dict[str, tuple[float, float]]) -> dict[str, float]:
-  """Turns accumulated (sum, count) pairs into metric values."""
-  return {name: float(total) / max(float(count), 1.0) for name, (total, count) in sums.items()}
+def finalize(sums: dict[str, tuple[float, float]], task: Task | None = None) -> dict[str, float]:
+  """Turns accumulated (sum, count) pairs into metric values (+ the task's derived metrics)."""
+  metrics = {name: float(total) / max(float(count), 1.0) for name, (total, count) in sums.items()}
+  derived = getattr(task, "derived_metrics", None)
+  return metrics | derived(metrics) if derived is not None else metrics

@@ -14,6 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+import ops
+
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     # PyTorch's F.gelu is the exact erf form; jax.nn.gelu defaults to the tanh approximation.
     "gelu": functools.partial(jax.nn.gelu, approximate=False),
@@ -173,15 +175,18 @@ class Attention(nnx.Module):
 
   q, k and v come from one fused Linear whose output axis is laid out (3, heads, head_dim), as in timm's ViT;
   each head is a contiguous slice of q, k and v, as in PyTorch's `view(B, T, H, C // H)`.
-  `attn_drop` drops attention probabilities, `proj_drop` the output projection. With `num_queries` only the
+  `attn_drop` drops attention probabilities, `proj_drop` the output projection; `attn_implementation` picks
+  the `ops.attention` implementation (None: the platform's best). With `num_queries` only the
   first tokens attend (all still serve as keys and values), for callers that read only those outputs.
   """
 
   def __init__(self, dim: int, num_heads: int, *, qkv_bias: bool = True, attn_drop: float = 0.0,
-               proj_drop: float = 0.0, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+               proj_drop: float = 0.0, attn_implementation: str | None = None, dtype=jnp.float32,
+               param_dtype=jnp.float32, rngs: nnx.Rngs):
     if dim % num_heads:
       raise ValueError(f"dim must be divisible by num_heads, got dim={dim}, num_heads={num_heads}")
     self.num_heads = num_heads
+    self.attn_implementation = attn_implementation
     self.qkv = torch_linear(dim, 3 * dim, use_bias=qkv_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.proj = torch_linear(dim, dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.attn_drop = Dropout(attn_drop, rngs=rngs)
@@ -193,8 +198,8 @@ class Attention(nnx.Module):
     q, k, v = qkv[:, :num_queries, 0], qkv[:, :, 1], qkv[:, :, 2]
     if train and self.attn_drop.rate > 0:
       out = self._attend_with_dropout(q, k, v)
-    else:  # fused path (softmax in float32 inside); it has no dropout on the probabilities
-      out = jax.nn.dot_product_attention(q, k, v)
+    else:  # ops.attention (softmax in float32); it has no dropout on the probabilities
+      out = ops.attention(q, k, v, implementation=self.attn_implementation)
     return self.proj_drop(self.proj(out.reshape(batch, q.shape[1], dim)), train=train)
 
   def _attend_with_dropout(self, q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:

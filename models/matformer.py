@@ -287,7 +287,7 @@ def _check_tokens(tokens: jax.Array) -> None:
                      f"{tuple(tokens.shape)} and dtype {tokens.dtype}")
 
 
-# --- variants ----------------------------------------------------------------------------------------
+# --- variants -------------------------------------------------------------------------------------
 # matlm_tiny: the CPU size (byte vocabulary), d_ff chosen so that the model has the parameter count
 # of transnormer_llm_tiny (within 0.2%). matlm_olmo_*: MatFormer-OLMo's released sizes (its
 # example commands: d_model 512/1024/2048, 8 layers, 16 heads, mlp_ratio 8, multi-query, ALiBi;

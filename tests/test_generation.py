@@ -1,5 +1,6 @@
 """models.generate: greedy equals the argmax of the full forward at every step (KV-cache MatLM and
-recurrent TransNormerLLM), sampling filters (top-k, nucleus) and their frequencies, memory, inputs."""
+recurrent TransNormerLLM), sampling filters (top-k, nucleus) and their frequencies, memory,
+inputs."""
 import jax
 import jax.numpy as jnp
 import numpy as np

@@ -194,7 +194,8 @@ def test_prepare_cli(raw_dir, tmp_path, capsys):
           str(tmp_path), "--seq_len", "1024"]
   assert prepare.main(args) == 0
   out = capsys.readouterr().out
-  assert "zoo_text/tiny_shakespeare_byte_s1024" in out and "train 981, validation 55, test 55" in out
+  assert "zoo_text/tiny_shakespeare_byte_s1024" in out
+  assert "train 981, validation 55, test 55" in out
 
 
 def test_train_batches_resume_through_grain(raw_dir, tfds_dir, tmp_path):

@@ -25,7 +25,7 @@ def _close(actual, expected, rtol=1e-5):
   assert err <= rtol * max(1.0, np.abs(expected).max()), err
 
 
-# --- NestedMlp ---------------------------------------------------------------------------------------
+# --- NestedMlp ------------------------------------------------------------------------------------
 
 
 def _params(module):
@@ -74,7 +74,7 @@ def test_nested_mlp_full_width_and_static_slices():
       nested(x, width=bad)
 
 
-# --- MatLM -------------------------------------------------------------------------------------------
+# --- MatLM ----------------------------------------------------------------------------------------
 
 
 _forward = nnx.jit(lambda m, t, g: m(t, granularity=g), static_argnums=2)
@@ -160,7 +160,7 @@ def test_bfloat16_compute_stays_close_to_float32():
   assert err < 0.05 * np.abs(np.asarray(reference)).max(), err
 
 
-# --- parameter counts --------------------------------------------------------------------------------
+# --- parameter counts -----------------------------------------------------------------------------
 
 
 def _count(name):
@@ -200,7 +200,7 @@ def test_matlm_tiny_width_param_counts():
   assert models.count_params(model) - per_width[584] + per_width[73] == 374_820
 
 
-# --- inputs ------------------------------------------------------------------------------------------
+# --- inputs ---------------------------------------------------------------------------------------
 
 
 def test_bad_inputs_are_refused():

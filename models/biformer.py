@@ -33,7 +33,7 @@ from flax import nnx
 
 import ops
 from models.convert import check_state_dict
-from models.layers import DropPath, get_activation, layer_norm
+from models.layers import DepthwiseConv, DropPath, get_activation, layer_norm
 from models.registry import register_model
 
 _LN_EPS = 1e-6                      # every LayerNorm of the official model
@@ -42,19 +42,31 @@ _FULL_ATTENTION_HEADS = 8           # AttentionLePE's default: the official code
 _GELU = get_activation("gelu")      # exact erf form, as torch.nn.GELU
 
 
-def _torch_conv(in_ch: int, out_ch: int, kernel: int, *, stride: int = 1, groups: int = 1, dtype,
-                param_dtype, rngs: nnx.Rngs) -> nnx.Conv:
-  """Conv with torch.nn.Conv2d's default init (weight and bias ~ U(+-1/sqrt(fan_in))) and torch's
-  symmetric padding `kernel // 2` (with stride 2 on even sizes Flax 'SAME' pads 0 top, 1 bottom)."""
-  bound = 1.0 / math.sqrt(in_ch // groups * kernel * kernel)
+def _torch_uniform(fan_in: int):
+  """torch.nn.Conv2d's default init: weight and bias ~ U(+-1/sqrt(fan_in))."""
+  bound = 1.0 / math.sqrt(fan_in)
 
   def uniform(key, shape, dtype):
     return jax.random.uniform(key, shape, dtype, -bound, bound)
 
+  return uniform
+
+
+def _torch_conv(in_ch: int, out_ch: int, kernel: int, *, stride: int = 1, dtype, param_dtype,
+                rngs: nnx.Rngs) -> nnx.Conv:
+  """Conv with torch's default init and symmetric padding `kernel // 2` (with stride 2 on even
+  sizes Flax 'SAME' pads 0 top, 1 bottom)."""
+  init = _torch_uniform(in_ch * kernel * kernel)
   pad = kernel // 2
   return nnx.Conv(in_ch, out_ch, (kernel, kernel), strides=stride, padding=((pad, pad), (pad, pad)),
-                  feature_group_count=groups, kernel_init=uniform, bias_init=uniform, dtype=dtype,
-                  param_dtype=param_dtype, rngs=rngs)
+                  kernel_init=init, bias_init=init, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+
+def _torch_dwconv(dim: int, kernel: int, *, dtype, param_dtype, rngs: nnx.Rngs) -> DepthwiseConv:
+  """Depthwise conv (stride 1, padding `kernel // 2`) with torch's default init."""
+  init = _torch_uniform(kernel * kernel)
+  return DepthwiseConv(dim, kernel, kernel_init=init, bias_init=init, dtype=dtype,
+                       param_dtype=param_dtype, rngs=rngs)
 
 
 def _batch_norm(dim: int, *, dtype, param_dtype, rngs: nnx.Rngs) -> nnx.BatchNorm:
@@ -109,7 +121,7 @@ class BiLevelRoutingAttention(nnx.Module):
     self.auto_pad = auto_pad
     self.attn_implementation = attn_implementation
     self.qkv = _linear(dim, 2 * qk_dim + dim, **kw)                 # output ordered [q | k | v]
-    self.lepe = _torch_conv(dim, dim, side_dwconv, groups=dim, **kw)
+    self.lepe = _torch_dwconv(dim, side_dwconv, **kw)
     self.wo = _linear(dim, dim, **kw)
 
   def _project(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -143,7 +155,7 @@ class AttentionLePE(nnx.Module):
     self.num_heads = num_heads
     self.attn_implementation = attn_implementation
     self.qkv = _linear(dim, 3 * dim, use_bias=False, **kw)          # output laid out (3, heads, d)
-    self.lepe = _torch_conv(dim, dim, side_dwconv, groups=dim, **kw)
+    self.lepe = _torch_dwconv(dim, side_dwconv, **kw)
     self.proj = _linear(dim, dim, **kw)
 
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -162,7 +174,7 @@ class Block(nnx.Module):
                drop_path: float = 0.0, auto_pad: bool = False,
                attn_implementation: str | None = None, dtype, param_dtype, rngs: nnx.Rngs):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    self.pos_embed = _torch_conv(dim, dim, before_attn_dwconv, groups=dim, **kw)
+    self.pos_embed = _torch_dwconv(dim, before_attn_dwconv, **kw)
     self.norm1 = layer_norm(dim, eps=_LN_EPS, **kw)
     if topk > 0:
       self.attn = BiLevelRoutingAttention(

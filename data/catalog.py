@@ -25,6 +25,9 @@ TINY_SHAKESPEARE_SOURCE = "https://github.com/karpathy/char-rnn (data/tinyshakes
 WIKITEXT2_SOURCE = ("WikiText-2 (tokenized, v1; Merity et al. 2016): wikitext-2-v1.zip of the "
                     "WikiText release, or https://github.com/pytorch/examples (folder "
                     "word_language_model/data/wikitext-2)")
+WIKITEXT103_SOURCE = ("WikiText-103 (tokenized, v1; Merity et al. 2016): wikitext-103-v1.zip of "
+                      "the WikiText release (fairseq's examples/language_model/"
+                      "prepare-wikitext-103.sh fetches the same files)")
 IMAGE_FOLDER_SOURCE = ("your own images: DIR/train/<class>/*.jpg|png, optionally DIR/val/ and "
                        "DIR/test/ alike")
 ETT_COLUMNS = ("date", "HUFL", "HULL", "MUFL", "MULL", "LUFL", "LULL", "OT")
@@ -112,6 +115,10 @@ DATASETS: dict[str, SeriesDataset | ImageDataset | TextDataset] = {d.name: d for
                 num_chars=1_115_394),
     TextDataset("wikitext2", ("wiki.valid.tokens", "wiki.test.tokens"), WIKITEXT2_SOURCE,
                 layout="split_files", optional_files=("wiki.train.tokens",),
+                split_files=(("train", "wiki.train.tokens"), ("validation", "wiki.valid.tokens"),
+                             ("test", "wiki.test.tokens"))),
+    TextDataset("wikitext103", ("wiki.train.tokens", "wiki.valid.tokens", "wiki.test.tokens"),
+                WIKITEXT103_SOURCE, layout="split_files",
                 split_files=(("train", "wiki.train.tokens"), ("validation", "wiki.valid.tokens"),
                              ("test", "wiki.test.tokens"))),
     ImageDataset("imagenet2012", ("ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar"),

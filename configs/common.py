@@ -1,4 +1,5 @@
-"""What every config shares: the `:arg` parser and the loop's default settings.
+"""What every config shares: the `:arg` parser, the loop's default settings, dataset pixel
+statistics.
 
 Family configs start from `base_config()` and set only what differs, so every run has the
 same keys and `--config.x.y=v` overrides are checked (locked ConfigDict: a typo is refused
@@ -7,6 +8,10 @@ with a "did you mean" suggestion).
 from __future__ import annotations
 
 import ml_collections
+
+# Per-channel pixel statistics (pixel / 255) for `config.input.mean` / `std`.
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+FASHION_MNIST_MEAN, FASHION_MNIST_STD = (0.286,), (0.353,)   # its 60,000 training images
 
 
 def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:

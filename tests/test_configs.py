@@ -3,9 +3,13 @@ import os
 import subprocess
 import sys
 
+import jax
+import jax.numpy as jnp
 import pytest
+from flax import nnx
 
 import models
+from configs import biformer as biformer_config
 from configs import common
 from configs import itransformer as itransformer_config
 
@@ -64,3 +68,45 @@ def test_train_cli_refuses_bad_overrides(tmp_path, flag, message):
   assert out.returncode != 0
   assert message in out.stderr
   assert not os.path.exists(tmp_path / "checkpoints")
+
+
+BIFORMER_SETTINGS = ["in1k,variant=tiny", "variant=small", "variant=base", "fashion_mnist"]
+
+
+@pytest.mark.parametrize("arg", BIFORMER_SETTINGS)
+def test_every_biformer_setting_builds_its_model_at_its_image_size(arg):
+  config = biformer_config.get_config(arg)
+  assert config.model.name in models.list_models("biformer*")
+  overrides = {k: v for k, v in config.model.items() if k != "name"}
+  num_classes = 10 if config.data.name == "fashion_mnist" else 1000
+  abstract = nnx.eval_shape(lambda: models.create_model(
+      config.model.name, num_classes=num_classes, rngs=nnx.Rngs(0), **overrides))
+  graphdef, state = nnx.split(abstract)
+  channels = config.model.get("in_chans", 3)
+  images = jax.ShapeDtypeStruct((2, config.input.image_size, config.input.image_size, channels),
+                                jnp.float32)
+  # The forward traces: n_win divides every routed stage's map at the config's image size.
+  logits = jax.eval_shape(lambda s, x: nnx.merge(graphdef, s)(x), state, images)
+  assert logits.shape == (2, num_classes)
+
+
+def test_biformer_official_recipe_numbers():
+  tiny, small, base = (biformer_config.get_config(f"variant={v}")
+                       for v in ("tiny", "small", "base"))
+  assert [c.model.drop_path_rate for c in (tiny, small, base)] == [0.1, 0.15, 0.4]
+  assert tiny.input.batch_size == 1024 and tiny.optimizer.lr == pytest.approx(1e-3)
+  assert tiny.schedule.warmup_steps == 5 * (1_281_167 // 1024) and tiny.num_epochs == 300
+  assert tiny.optimizer.lr * tiny.schedule.end_lr_factor == pytest.approx(1e-5)
+  assert tiny.input.randaugment.magnitude == 9.0 and tiny.input.mixup.cutmix_alpha == 1.0
+  assert tiny.input.crop_pct == 0.875 and tiny.input.label_smoothing == 0.1
+  fmnist = biformer_config.get_config("fashion_mnist,runlocal,seed=5")
+  assert fmnist.total_steps == 4 and fmnist.seed == 5 and fmnist.eval_splits == ("test",)
+
+
+@pytest.mark.parametrize("arg, message", [
+    ("imagenet", "unknown BiFormer setting"),
+    ("variant=large", "variant in"),
+])
+def test_bad_biformer_args(arg, message):
+  with pytest.raises(ValueError, match=message):
+    biformer_config.get_config(arg)

@@ -50,8 +50,8 @@ def test_depthwise_module_has_the_grouped_conv_layout():
   np.testing.assert_allclose(conv(x), reference(x), atol=2e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("x_shape, kernel_shape", [((4, 4, 3), (3, 3, 3)), ((1, 4, 4, 3), (3, 3, 2)),
-                                                   ((1, 4, 4, 3), (2, 2, 3))])
+@pytest.mark.parametrize("x_shape, kernel_shape", [
+    ((4, 4, 3), (3, 3, 3)), ((1, 4, 4, 3), (3, 3, 2)), ((1, 4, 4, 3), (2, 2, 3))])
 def test_depthwise_conv2d_refuses_bad_shapes(x_shape, kernel_shape):
   with pytest.raises(ValueError, match="odd-sized kernel"):
     depthwise_conv2d(jnp.zeros(x_shape), jnp.zeros(kernel_shape))

@@ -182,10 +182,12 @@ def test_not_prepared_and_missing_files(raw_dir, tmp_path, capsys):
     data.load(config, "train")
   with pytest.raises(data.DataError, match="needs a sequence length"):
     data.load({**config, "seq_len": 0}, "train")
-  assert prepare.main(["tiny_shakespeare", "--manual_dir", str(tmp_path)]) == 2
+  # An explicit data_dir: the default (~/tensorflow_datasets) may already hold a prepared copy.
+  cli = ["tiny_shakespeare", "--manual_dir", str(tmp_path), "--data_dir", str(tmp_path / "tfds")]
+  assert prepare.main(cli) == 2
   assert "input.txt not found" in capsys.readouterr().err
   (tmp_path / "input.txt").write_text("To be, or not to be\n")
-  assert prepare.main(["tiny_shakespeare", "--manual_dir", str(tmp_path)]) == 2
+  assert prepare.main(cli) == 2
   assert "20 characters, but the published file has 1115394" in capsys.readouterr().err
 
 

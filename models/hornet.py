@@ -19,7 +19,7 @@ import numpy as np
 from flax import nnx
 
 from models.convert import check_state_dict
-from models.layers import ACTIVATIONS, DropPath, LayerScale, layer_norm
+from models.layers import ACTIVATIONS, DepthwiseConv, DropPath, LayerScale, layer_norm
 from models.registry import register_model
 
 _EPS = 1e-6  # every LayerNorm of HorNet, the final one included
@@ -36,14 +36,20 @@ def _linear(in_features: int, out_features: int, *, dtype, param_dtype,
                     dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
 
-def _conv(in_features: int, out_features: int, kernel: int, *, stride: int = 1, groups: int = 1,
-          use_bias: bool = True, dtype, param_dtype, rngs: nnx.Rngs) -> nnx.Conv:
-  # Stride-1 convs have odd kernels (SAME = the official symmetric padding); strided ones have
-  # kernel = stride and no padding (VALID).
-  return nnx.Conv(in_features, out_features, (kernel, kernel), strides=stride,
-                  padding="SAME" if stride == 1 else "VALID", feature_group_count=groups,
-                  use_bias=use_bias, kernel_init=_INIT, bias_init=nnx.initializers.zeros,
-                  dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+def _patchify(in_features: int, out_features: int, stride: int, *, dtype, param_dtype,
+              rngs: nnx.Rngs) -> nnx.Conv:
+  """The stem's and the downsamplings' conv: kernel = stride, no padding."""
+  return nnx.Conv(in_features, out_features, (stride, stride), strides=stride, padding="VALID",
+                  kernel_init=_INIT, bias_init=nnx.initializers.zeros, dtype=dtype,
+                  param_dtype=param_dtype, rngs=rngs)
+
+
+def _depthwise(dim: int, kernel: int, *, use_bias: bool = True, dtype, param_dtype,
+               rngs: nnx.Rngs) -> DepthwiseConv:
+  # An odd kernel with 'SAME' padding is the official symmetric padding (kernel // 2).
+  return DepthwiseConv(dim, (kernel, kernel), use_bias=use_bias, kernel_init=_INIT,
+                       bias_init=nnx.initializers.zeros, dtype=dtype, param_dtype=param_dtype,
+                       rngs=rngs)
 
 
 def _align_corners_matrix(size_in: int, size_out: int) -> np.ndarray:
@@ -85,7 +91,7 @@ class GlobalLocalFilter(nnx.Module):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     half = dim // 2
     self.pre_norm = layer_norm(dim, eps=_EPS, **kw)
-    self.dw = _conv(half, half, 3, groups=half, use_bias=False, **kw)
+    self.dw = _depthwise(half, 3, use_bias=False, **kw)
     self.complex_weight = nnx.Param(_INIT(rngs.params(), (h, w, half, 2), param_dtype))
     self.post_norm = layer_norm(dim, eps=_EPS, **kw)
 
@@ -114,7 +120,8 @@ class GnConv(nnx.Module):
   proj_in (C -> 2C) splits into `pwa` (dims[0] channels) and `abc` (sum(dims) channels); `abc`
   goes through the spatial mixing (a 7x7 depthwise conv, or the GF layer for `global_filter` =
   (h, w)), is scaled by `scale` and split by `dims` into gates q_0..q_{n-1}; then x = pwa * q_0,
-  x = pws[i](x) * q_{i+1} for i < n - 1, and proj_out.
+  x = pws[i](x) * q_{i+1} for i < n - 1, and proj_out. `return_gates=True` also returns the gates
+  (q_0, ..., q_{n-1}), the spatially mixed maps that order k multiplies in.
   """
 
   def __init__(self, dim: int, order: int, *, global_filter: Sequence[int] | None = None,
@@ -129,26 +136,29 @@ class GnConv(nnx.Module):
     mixed = sum(self.dims)
     self.proj_in = _linear(dim, 2 * dim, **kw)
     if global_filter is None:
-      self.dwconv = _conv(mixed, mixed, 7, groups=mixed, **kw)
+      self.dwconv = _depthwise(mixed, 7, **kw)
     else:
       self.dwconv = GlobalLocalFilter(mixed, *global_filter, **kw)
     self.pws = nnx.List([_linear(self.dims[i], self.dims[i + 1], **kw) for i in range(order - 1)])
     self.proj_out = _linear(dim, dim, **kw)
 
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, *, return_gates: bool = False
+               ) -> jax.Array | tuple[jax.Array, tuple[jax.Array, ...]]:
     pwa, abc = jnp.split(self.proj_in(x), [self.dims[0]], axis=-1)
     # The scale multiplies the whole mixing output (after the GF post-norm), not pwa or each step.
     gates = jnp.split(self.dwconv(abc) * self.scale, np.cumsum(self.dims)[:-1].tolist(), axis=-1)
     x = pwa * gates[0]
     for pw, gate in zip(self.pws, gates[1:]):
       x = pw(x) * gate
-    return self.proj_out(x)
+    out = self.proj_out(x)
+    return (out, tuple(gates)) if return_gates else out
 
 
 class HorNetBlock(nnx.Module):
   """x + drop_path(gamma1 * gnconv(norm1(x))), then x + drop_path(gamma2 * mlp(norm2(x))).
 
-  The MLP is Linear(C -> 4C), exact GELU, Linear(4C -> C).
+  The MLP is Linear(C -> 4C), exact GELU, Linear(4C -> C). `return_gates=True` also returns the
+  g^nConv gates (see GnConv).
   """
 
   def __init__(self, dim: int, order: int, *, global_filter: Sequence[int] | None = None,
@@ -165,10 +175,13 @@ class HorNetBlock(nnx.Module):
     self.gamma2 = LayerScale(dim, layer_scale_init_value, dtype=dtype, param_dtype=param_dtype)
     self.drop_path = DropPath(drop_path, rngs=rngs)
 
-  def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
-    x = x + self.drop_path(self.gamma1(self.gnconv(self.norm1(x))), train=train)
+  def __call__(self, x: jax.Array, *, train: bool = False, return_gates: bool = False
+               ) -> jax.Array | tuple[jax.Array, tuple[jax.Array, ...]]:
+    mixed, gates = self.gnconv(self.norm1(x), return_gates=True)
+    x = x + self.drop_path(self.gamma1(mixed), train=train)
     mlp = self.pwconv2(_GELU(self.pwconv1(self.norm2(x))))
-    return x + self.drop_path(self.gamma2(mlp), train=train)
+    x = x + self.drop_path(self.gamma2(mlp), train=train)
+    return (x, gates) if return_gates else x
 
 
 class Stem(nnx.Module):
@@ -177,7 +190,7 @@ class Stem(nnx.Module):
   def __init__(self, in_chans: int, dim: int, *, dtype=jnp.float32, param_dtype=jnp.float32,
                rngs: nnx.Rngs):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    self.conv = _conv(in_chans, dim, 4, stride=4, **kw)
+    self.conv = _patchify(in_chans, dim, 4, **kw)
     self.norm = layer_norm(dim, eps=_EPS, **kw)
 
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -191,7 +204,7 @@ class Downsample(nnx.Module):
                rngs: nnx.Rngs):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.norm = layer_norm(in_dim, eps=_EPS, **kw)
-    self.conv = _conv(in_dim, out_dim, 2, stride=2, **kw)
+    self.conv = _patchify(in_dim, out_dim, 2, **kw)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     return self.conv(self.norm(x))
@@ -252,16 +265,25 @@ class HorNet(nnx.Module):
   def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
     return self.forward_head(self.forward_features(x, train=train))
 
-  def forward_features(self, x: jax.Array, *, train: bool = False) -> jax.Array:
-    """[B, H, W, in_chans] -> the last stage's map [B, H/32, W/32, 8 * base_dim], before pooling."""
+  def forward_features(self, x: jax.Array, *, train: bool = False, return_gates: bool = False):
+    """[B, H, W, in_chans] -> the last stage's map [B, H/32, W/32, 8 * base_dim], before pooling.
+
+    `return_gates=True` returns (features, gates) with gates[stage][block] the tuple of the block's
+    g^nConv gates (q_0, ..., q_{order-1}), each [B, h, w, width / 2^(order-1-k)] at the stage's
+    resolution (see GnConv): what each order of the recursive gating multiplies in, to inspect
+    or plot.
+    """
     self._check_images(x)
     x = self.stem(x)
+    gates = []
     for s, blocks in enumerate(self.stages):
       if s:
         x = self.downsamples[s - 1](x)
+      gates.append([])
       for block in blocks:
-        x = block(x, train=train)
-    return x
+        x, block_gates = block(x, train=train, return_gates=True)
+        gates[-1].append(block_gates)
+    return (x, gates) if return_gates else x
 
   def forward_head(self, x: jax.Array, *, pre_logits: bool = False) -> jax.Array:
     """Global average pooling, LayerNorm, then the head (skipped for `pre_logits` or no head)."""

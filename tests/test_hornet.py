@@ -108,6 +108,34 @@ def test_gnconv_splits_into_ascending_widths():
   assert [tuple(pw.kernel.shape) for pw in gnconv.pws] == [(32, 64), (64, 128), (128, 256)]
 
 
+def test_returned_gates_are_what_each_order_multiplies_in():
+  def run(gnconv, x):
+    out, gates = gnconv(x, return_gates=True)
+    pwa, abc = jnp.split(gnconv.proj_in(x), [4], axis=-1)
+    recursion = pwa * gates[0]
+    for pw, gate in zip(gnconv.pws, gates[1:]):
+      recursion = pw(recursion) * gate
+    return out, gates, gnconv(x), gnconv.dwconv(abc) / 3, gnconv.proj_out(recursion)
+
+  x = jax.random.normal(jax.random.key(1), (2, 8, 8, 16))
+  out, gates, plain, mixed, recomputed = nnx.jit(run)(GnConv(16, 3, rngs=nnx.Rngs(0)), x)
+  assert [g.shape for g in gates] == [(2, 8, 8, 4), (2, 8, 8, 8), (2, 8, 8, 16)]
+  np.testing.assert_array_equal(out, plain)
+  np.testing.assert_allclose(jnp.concatenate(gates, -1), mixed, rtol=1e-6, atol=1e-7)
+  np.testing.assert_allclose(recomputed, out, rtol=1e-6, atol=1e-7)
+
+  model = nnx.jit(lambda: HorNet(10, base_dim=16, depths=(1, 2, 1, 1), rngs=nnx.Rngs(0)))()
+  images = jax.random.normal(jax.random.key(2), (1, 64, 64, 3))
+  plain, (features, model_gates) = nnx.jit(lambda m, x: (
+      m.forward_features(x), m.forward_features(x, return_gates=True)))(model, images)
+  np.testing.assert_array_equal(features, plain)
+  assert [len(stage) for stage in model_gates] == [1, 2, 1, 1]
+  # stage s: order s + 2 gates of widths 8, 16, ... at 16 / 2^s pixels a side
+  for s, stage in enumerate(model_gates):
+    side = 16 // 2 ** s
+    assert [g.shape for g in stage[-1]] == [(1, side, side, 8 * 2 ** k) for k in range(s + 2)]
+
+
 # --- parity with the official code ----------------------------------------------------------------
 
 @pytest.mark.parametrize("name", [*SMALL_FIXTURES, "hornet_tiny_7x7_224"])

@@ -11,6 +11,7 @@ from flax import nnx
 import models
 from configs import biformer as biformer_config
 from configs import common
+from configs import hornet as hornet_config
 from configs import itransformer as itransformer_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -110,3 +111,65 @@ def test_biformer_official_recipe_numbers():
 def test_bad_biformer_args(arg, message):
   with pytest.raises(ValueError, match=message):
     biformer_config.get_config(arg)
+
+
+HORNET_SETTINGS = (
+    [f"in1k,variant={v}" for v in ("tiny_7x7", "tiny_gf", "small_7x7", "small_gf", "base_7x7",
+                                   "base_gf")]
+    + [f"{s},variant={v}" for s in ("in22k", "ft384") for v in ("large_7x7", "large_gf")]
+    + ["fashion_mnist", "fashion_mnist,variant=tiny_gf"])
+
+
+@pytest.mark.parametrize("arg", HORNET_SETTINGS)
+def test_every_hornet_setting_builds_its_model_at_its_image_size(arg):
+  config = hornet_config.get_config(arg)
+  assert config.model.name in models.list_models("hornet*")
+  overrides = {k: v for k, v in config.model.items() if k != "name"}
+  num_classes = 10 if config.data.name == "fashion_mnist" else 1000
+  abstract = nnx.eval_shape(lambda: models.create_model(
+      config.model.name, num_classes=num_classes, rngs=nnx.Rngs(0), **overrides))
+  graphdef, state = nnx.split(abstract)
+  channels = config.model.get("in_chans", 3)
+  images = jax.ShapeDtypeStruct((2, config.input.image_size, config.input.image_size, channels),
+                                jnp.float32)
+  logits = jax.eval_shape(lambda s, x: nnx.merge(graphdef, s)(x), state, images)
+  assert logits.shape == (2, num_classes)
+  if "gf" in config.model.name:  # the GF filters are sized for the config's maps: no resize
+    grids = abstract.stages[2][0].gnconv.dwconv.complex_weight.shape[:2]
+    assert grids == (config.input.image_size // 16, config.input.image_size // 32 + 1)
+  runlocal = hornet_config.get_config(f"{arg},runlocal,seed=3")
+  assert runlocal.total_steps == 4 and runlocal.seed == 3 and runlocal.model == config.model
+
+
+def test_hornet_official_recipe_numbers():
+  """TRAINING.md's commands through the official main.py's defaults."""
+  recipes = {v: hornet_config.get_config(f"variant={v}") for v in ("tiny_7x7", "tiny_gf",
+                                                                     "small_gf", "base_gf")}
+  tiny = recipes["tiny_gf"]
+  assert tiny.input.batch_size == 4096 and tiny.optimizer.lr == 4e-3 and tiny.num_epochs == 300
+  assert tiny.schedule.warmup_steps == 20 * (1_281_167 // 4096)
+  assert tiny.optimizer.lr * tiny.schedule.end_lr_factor == pytest.approx(1e-6)
+  assert (tiny.optimizer.weight_decay, tiny.input.label_smoothing) == (0.05, 0.1)
+  assert (tiny.input.mixup.mixup_alpha, tiny.input.mixup.cutmix_alpha) == (0.8, 1.0)
+  assert [recipes[v].optimizer.clip_norm for v in recipes] == [100.0, 1.0, 1.0, 1.0]
+  assert [recipes[v].input.randaugment.magnitude for v in recipes] == [9.0, 9.0, 12.0, 15.0]
+  assert models.model_info("hornet_base_gf").defaults["drop_path_rate"] == 0.5
+  pretrain = hornet_config.get_config("in22k,variant=large_7x7")
+  assert (pretrain.num_epochs, pretrain.optimizer.weight_decay, pretrain.optimizer.clip_norm,
+          pretrain.eval_splits) == (90, 0.1, 5.0, ())
+  finetune = hornet_config.get_config("ft384,variant=large_gf")
+  assert finetune.model.name == "hornet_large_gf_384" and finetune.model.drop_path_rate == 0.4
+  assert (finetune.input.batch_size, finetune.optimizer.lr, finetune.optimizer.weight_decay,
+          finetune.num_epochs, finetune.schedule.warmup_steps) == (512, 5e-5, 1e-8, 30, 0)
+  assert finetune.input.mixup.mixup_alpha == finetune.input.mixup.cutmix_alpha == 0.0
+  assert finetune.input.crop_pct == 1.0 and finetune.init_from.dont_load == ("head/.*",)
+
+
+@pytest.mark.parametrize("arg, message", [
+    ("imagenet", "unknown HorNet setting"),
+    ("variant=large_gf", "variant in"),
+    ("ft384,variant=tiny_gf", "variant in"),
+])
+def test_bad_hornet_args(arg, message):
+  with pytest.raises(ValueError, match=message):
+    hornet_config.get_config(arg)

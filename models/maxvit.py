@@ -51,9 +51,9 @@ import numpy as np
 from flax import nnx
 
 from models.convert import check_state_dict
-from models.layers import DropPath, Mlp, layer_norm
+from models.layers import DepthwiseConv, DropPath, Mlp, layer_norm
 from models.registry import register_model
-from ops.window_attention import window_attention
+from ops.window_attention import relative_position_bias, window_attention
 
 _HEAD_DIM = 32
 _LN_EPS = 1e-5
@@ -74,12 +74,10 @@ def dense(in_features: int, out_features: int, *, use_bias: bool = True, dtype=j
                     param_dtype=param_dtype, rngs=rngs)
 
 
-def conv3x3(in_features: int, out_features: int, *, stride: int = 1, depthwise: bool = False,
-            use_bias: bool = True, dtype=jnp.float32, param_dtype=jnp.float32,
-            rngs: nnx.Rngs) -> nnx.Conv:
+def conv3x3(in_features: int, out_features: int, *, stride: int = 1, dtype=jnp.float32,
+            param_dtype=jnp.float32, rngs: nnx.Rngs) -> nnx.Conv:
   """3x3 conv with TF's 'SAME' padding: on a stride 2 it pads (0, 1), not (1, 1)."""
   return nnx.Conv(in_features, out_features, (3, 3), strides=stride, padding="SAME",
-                  feature_group_count=in_features if depthwise else 1, use_bias=use_bias,
                   kernel_init=_init, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
 
@@ -183,7 +181,8 @@ class MBConv(nnx.Module):
     self.pre_norm = batch_norm(in_dim, **kw)
     self.expand = dense(in_dim, hidden, use_bias=False, **kw)
     self.expand_norm = batch_norm(hidden, **kw)
-    self.depthwise = conv3x3(hidden, hidden, stride=stride, depthwise=True, use_bias=False, **kw)
+    # nnx.Conv's layout ([3, 3, 1, C]); layers.DepthwiseConv avoids XLA:CPU's slow grouped conv.
+    self.depthwise = DepthwiseConv(hidden, 3, use_bias=False, kernel_init=_init, **kw)
     self.depthwise_norm = batch_norm(hidden, **kw)
     self.se = SqueezeExcite(hidden, max(1, int(out_dim * _SE_RATIO)), **kw)
     self.shrink = dense(hidden, out_dim, **kw)
@@ -196,7 +195,12 @@ class MBConv(nnx.Module):
       shortcut = self.shortcut(shortcut)
     h = self.expand(self.pre_norm(x, **stats))
     h = gelu(self.expand_norm(h, **stats))
-    h = gelu(self.depthwise_norm(self.depthwise(h), **stats))
+    h = self.depthwise(h)
+    if self.stride == 2:
+      # TF's stride-2 'SAME' conv of an even map pads (0, 1): output i reads inputs 2i..2i+2,
+      # the window of the stride-1 conv (padding (1, 1)) centred on input 2i + 1.
+      h = h[:, 1::2, 1::2]
+    h = gelu(self.depthwise_norm(h, **stats))
     h = self.shrink(self.se(h))
     return shortcut + self.drop_path(h, train=train)
 
@@ -224,13 +228,28 @@ class RelPosAttention(nnx.Module):
     self.rel_pos_table = nnx.Param(
         _init(rngs.params(), (self.num_heads, rel_pos_size, rel_pos_size), param_dtype))
 
-  def __call__(self, x: jax.Array) -> jax.Array:
-    groups, tokens, dim = x.shape
+  def _qkv_and_table(self, x: jax.Array):
+    groups, tokens, _ = x.shape
     q, k, v = jnp.moveaxis(self.qkv(x).reshape(groups, tokens, 3, self.num_heads, -1), 2, 0)
-    table = resize_rel_pos_table(self.rel_pos_table[...], 2 * self.window - 1)
+    return q, k, v, resize_rel_pos_table(self.rel_pos_table[...], 2 * self.window - 1)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    q, k, v, table = self._qkv_and_table(x)
     out = window_attention(q, k, v, table, window=(self.window, self.window),
                            scale=1.0 / math.sqrt(q.shape[-1]), implementation=self.implementation)
-    return self.proj(out.reshape(groups, tokens, dim))
+    return self.proj(out.reshape(x.shape))
+
+  def attention_probs(self, x: jax.Array) -> jax.Array:
+    """[groups, P*P, C] -> the softmax weights [groups, heads, P*P (query), P*P (key)], float32.
+
+    The same logits as `__call__` (scaled q.k plus the relative-position bias), written out:
+    the fused attention paths never form them.
+    """
+    q, k, _, table = self._qkv_and_table(x)
+    logits = jnp.einsum("gqhd,gkhd->ghqk", q.astype(jnp.float32), k.astype(jnp.float32),
+                        precision=jax.lax.Precision.HIGHEST) / math.sqrt(q.shape[-1])
+    bias = relative_position_bias(table.astype(jnp.float32), (self.window, self.window))
+    return jax.nn.softmax(logits + bias, axis=-1)
 
 
 class PartitionTransformer(nnx.Module):
@@ -249,12 +268,28 @@ class PartitionTransformer(nnx.Module):
     self.mlp = Mlp(dim, _EXPANSION * dim, act=gelu, linear=dense, **kw)
     self.drop_path = DropPath(drop_path, rngs=rngs)
 
+  def _partitions(self):
+    return ((block_partition, block_unpartition) if self.partition == "block"
+            else (grid_partition, grid_unpartition))
+
   def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
-    split, merge = ((block_partition, block_unpartition) if self.partition == "block"
-                    else (grid_partition, grid_unpartition))
+    split, merge = self._partitions()
     attended = merge(self.attn(split(self.norm1(x), self.window)), self.window, x.shape)
     x = x + self.drop_path(attended, train=train)
     return x + self.drop_path(self.mlp(self.norm2(x), train=train), train=train)
+
+  def attention_probs(self, x: jax.Array) -> jax.Array:
+    """The attention weights of this layer on its input map x [B, H, W, C]:
+    [B, H/P, W/P, heads, P*P, P*P] (group, head, query token, key token), float32.
+
+    Block: group (i, j) is the window of rows i*P.. and columns j*P..; token t is its pixel
+    (i*P + t // P, j*P + t % P). Grid: group (a, b) holds the pixels
+    ((t // P) * H/P + a, (t % P) * W/P + b).
+    """
+    split, _ = self._partitions()
+    b, h, w, _ = x.shape
+    probs = self.attn.attention_probs(split(self.norm1(x), self.window))
+    return probs.reshape(b, h // self.window, w // self.window, *probs.shape[1:])
 
 
 class MaxViTBlock(nnx.Module):
@@ -270,9 +305,15 @@ class MaxViTBlock(nnx.Module):
     self.block_attn = PartitionTransformer(dim, partition="block", **attn_kw)
     self.grid_attn = PartitionTransformer(dim, partition="grid", **attn_kw)
 
-  def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
+  def __call__(self, x: jax.Array, *, train: bool = False,
+               attention_probs: dict | None = None) -> jax.Array:
+    """`attention_probs`, if given, receives the 'block_attn' and 'grid_attn' weights."""
     x = self.mbconv(x, train=train)
-    return self.grid_attn(self.block_attn(x, train=train), train=train)
+    for name, layer in (("block_attn", self.block_attn), ("grid_attn", self.grid_attn)):
+      if attention_probs is not None:
+        attention_probs[name] = layer.attention_probs(x)
+      x = layer(x, train=train)
+    return x
 
 
 class Stage(nnx.Module):
@@ -382,6 +423,25 @@ class MaxViT(nnx.Module):
     for stage in self.stages:
       x = stage(x, train=train)
     return x
+
+  def forward_intermediates(self, x: jax.Array) -> tuple[list[jax.Array], dict[str, jax.Array]]:
+    """Inference pass that also returns what the attention looked at.
+
+    Returns every stage's output map (NHWC) and, per block, the softmax weights of its block and
+    grid attention under `"stages.<s>.blocks.<b>.block_attn"` / `".grid_attn"` (timm's module
+    names): float32 [B, H/P, W/P, heads, P*P, P*P] over that block's map of H x W; see
+    `PartitionTransformer.attention_probs` for which pixels a group and a token are.
+    """
+    self._check_images(x)
+    x = self.stem(x.astype(self.dtype))
+    stage_outputs, probs = [], {}
+    for s, stage in enumerate(self.stages):
+      for b, block in enumerate(stage.blocks):
+        block_probs = {}
+        x = block(x, attention_probs=block_probs)
+        probs |= {f"stages.{s}.blocks.{b}.{name}": p for name, p in block_probs.items()}
+      stage_outputs.append(x)
+    return stage_outputs, probs
 
   def forward_head(self, x: jax.Array, *, pre_logits: bool = False) -> jax.Array:
     """Stage map -> logits, or the tanh pre-logits features with `pre_logits=True`."""

@@ -16,9 +16,10 @@ from flax import nnx, traverse_util
 
 import models
 from models.convert.__main__ import main as convert_main
-from models.maxvit import (MaxViT, RelPosAttention, block_partition, block_unpartition,
-                           checkpoint_filter_fn, grid_partition, grid_unpartition,
-                           read_tf_checkpoint, resize_rel_pos_table, tf_variable_names)
+from models.maxvit import (MaxViT, PartitionTransformer, RelPosAttention, block_partition,
+                           block_unpartition, checkpoint_filter_fn, grid_partition,
+                           grid_unpartition, read_tf_checkpoint, resize_rel_pos_table,
+                           tf_variable_names)
 from models.pretrained import assign_params
 
 SMALL_FIXTURES = ("maxvit_custom_tf_d32", "maxvit_custom_tf_d32_w4")
@@ -465,3 +466,115 @@ def test_reset_classifier_and_pre_logits():
                                 model.forward_head(features, pre_logits=True))
   with pytest.raises(ValueError, match=r"feature map \[batch, h, w, 128\], got shape \(2, 128\)"):
     model.forward_head(jnp.ones((2, 128)))
+
+
+# --- attention weights (forward_intermediates) ----------------------------------------------------
+
+def test_attention_probs_are_the_weights_window_attention_applies():
+  attn = _attention()  # 4 x 4 windows, a 5 x 5 table resized to 7 x 7 on the fly
+  x = jax.random.normal(jax.random.key(0), (3, 16, 64))
+  probs = attn.attention_probs(x)
+  assert probs.shape == (3, 2, 16, 16) and probs.dtype == jnp.float32
+  np.testing.assert_allclose(probs.sum(-1), 1.0, rtol=0, atol=1e-6)
+  v = attn.qkv(x).reshape(3, 16, 3, 2, 32)[:, :, 2]
+  out = attn.proj(jnp.einsum("ghqk,gkhd->gqhd", probs, v).reshape(3, 16, 64))
+  np.testing.assert_allclose(out, attn(x), rtol=0, atol=1e-5 * float(jnp.abs(out).max()))
+
+
+@pytest.mark.parametrize("partition", ["block", "grid"])
+def test_attention_probs_layout_names_the_pixels_of_each_group(partition):
+  """Rebuilds the attention branch of a layer pixel by pixel from its weights, reading groups and
+  tokens as `PartitionTransformer.attention_probs` documents them."""
+  p, h, w, dim = 2, 4, 6, 64
+  layer = PartitionTransformer(dim, partition=partition, window=p, rel_pos_size=3, drop_path=0.0,
+                               implementation=None, rngs=nnx.Rngs(0))
+  x = jax.random.normal(jax.random.key(1), (1, h, w, dim))
+  probs = np.asarray(layer.attention_probs(x))[0]
+  assert probs.shape == (h // p, w // p, 2, p * p, p * p)
+  v = np.asarray(layer.attn.qkv(layer.norm1(x)))[0].reshape(h, w, 3, 2, 32)[:, :, 2]
+
+  def pixel(group, token):
+    (a, b), (u, t) = group, divmod(token, p)
+    return (a * p + u, b * p + t) if partition == "block" else (u * (h // p) + a, t * (w // p) + b)
+
+  expected = np.zeros((h, w, 2, 32), np.float32)
+  for group in np.ndindex(h // p, w // p):
+    for query in range(p * p):
+      expected[pixel(group, query)] = sum(
+          probs[group][:, query, key, None] * v[pixel(group, key)] for key in range(p * p))
+  split, merge = ((block_partition, block_unpartition) if partition == "block"
+                  else (grid_partition, grid_unpartition))
+  attended = merge(layer.attn(split(layer.norm1(x), p)), p, x.shape)
+  np.testing.assert_allclose(layer.attn.proj(expected.reshape(1, h, w, dim)), attended, rtol=0,
+                             atol=1e-5)
+
+
+def test_forward_intermediates_returns_stages_and_every_attention():
+  _, _, arrays = _golden("maxvit_custom_tf_d32")
+  model, _ = _golden_model("maxvit_custom_tf_d32")
+  images = _images(arrays)
+  stages, probs = nnx.jit(lambda m, x: m.forward_intermediates(x))(model, images)
+  reference = _features(model, images)
+  for actual, expected in zip(stages, reference["stages"], strict=True):
+    np.testing.assert_allclose(actual, expected, rtol=0, atol=1e-5)
+  # depths (1, 1, 2, 1), window 2 on maps of 16, 8, 4, 2; heads = width / 32
+  shapes = {f"stages.{s}.blocks.{b}.{kind}": (2, side // 2, side // 2, heads, 4, 4)
+            for s, (depth, side, heads) in enumerate(zip((1, 1, 2, 1), (16, 8, 4, 2),
+                                                         (1, 2, 3, 4)))
+            for b in range(depth) for kind in ("block_attn", "grid_attn")}
+  assert {k: v.shape for k, v in probs.items()} == shapes
+  for value in probs.values():
+    np.testing.assert_allclose(value.sum(-1), 1.0, rtol=0, atol=1e-5)
+  with pytest.raises(ValueError, match="multiples of 64"):
+    model.forward_intermediates(jnp.ones((1, 32, 32, 3)))
+
+
+# --- fine-tuning converted weights through the training loop --------------------------------------
+
+@pytest.mark.slow  # the whole loop: converter CLI, train.py with init_from, checkpoint, reload
+def test_finetuning_a_converted_checkpoint_loads_the_backbone_and_starts_a_new_head(tmp_path):
+  """Official weights (a 7-class head) -> the CLI -> configs/maxvit.py:finetune on digits
+  (10 classes) through train.py: the backbone starts from the checkpoint, the head is new."""
+  import train
+  from configs import maxvit as maxvit_config
+  from safetensors.numpy import save_file
+
+  _, state_dict, _ = _golden("maxvit_custom_tf_d32")
+  state_dict = dict(state_dict)
+  for key in ("head.fc.weight", "head.fc.bias"):
+    state_dict[key] = state_dict[key][:7]
+  save_file(state_dict, tmp_path / "official.safetensors")
+  assert convert_main(["maxvit", str(tmp_path / "official.safetensors"),
+                       str(tmp_path / "converted")]) == 0
+  kwargs = json.loads((tmp_path / "converted" / "model.json").read_text())["kwargs"]
+  assert kwargs["num_classes"] == 7
+
+  config = maxvit_config.get_config("finetune,data=digits,runlocal")
+  assert config.init_from.dont_load == ("head/(pre_logits|fc)/.*",)
+  config.unlock()
+  for key in ("embed_dims", "depths", "stem_widths", "head_hidden_size", "img_size",
+              "window_size"):
+    config.model[key] = tuple(kwargs[key]) if isinstance(kwargs[key], list) else kwargs[key]
+  config.input.image_size = kwargs["img_size"]
+  config.init_from.path = str(tmp_path / "converted")
+  config.checkpoint.async_save = False
+  config.lock()
+  lr, steps = config.optimizer.lr, config.total_steps
+  final = train.train_and_evaluate(config, str(tmp_path / "run"))
+  assert final["steps"] == steps and 0 <= final["test/accuracy"] <= 1
+
+  def params_of(path, num_classes):
+    model = nnx.clone(_abstract(**_hashable({**kwargs, "num_classes": num_classes})))
+    models.load_pretrained(model, path)
+    flat = traverse_util.flatten_dict(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+    return {"/".join(map(str, path)): np.asarray(value) for path, value in flat.items()}
+
+  converted, tuned = params_of(tmp_path / "converted", 7), params_of(tmp_path / "run", 10)
+  assert converted.keys() == tuned.keys()
+  assert tuned["head/fc/kernel"].shape == (128, 10)
+  for key in converted:
+    if key.startswith(("head/pre_logits/", "head/fc/")):  # fresh (TF's init), not the checkpoint's
+      if tuned[key].shape == converted[key].shape:
+        assert np.abs(tuned[key] - converted[key]).max() > 0.01, key
+    else:  # the checkpoint's, moved by at most a few Adam steps of size ~lr
+      assert np.abs(tuned[key] - converted[key]).max() <= 4 * lr * steps, key

@@ -85,11 +85,11 @@ def depthwise_conv2d(x: jax.Array, kernel: jax.Array) -> jax.Array:
   """Stride-1 depthwise conv of NHWC `x` with a `[kh, kw, C]` kernel, zero padding `k // 2`.
 
   Equals `lax.conv_general_dilated(..., feature_group_count=C)`. XLA:CPU runs grouped convs
-  through a generic loop (a 5x5 depthwise conv on a 56x56x64 map is ~10x slower than the same
-  multiply-adds written out, its gradient ~2x), so on CPU the conv is the sum of the kh * kw
-  shifted products in one fused loop, with a custom VJP: dx is the same sum over the flipped
-  kernel, dkernel the products reduced per channel. Products accumulate in float32. GPU and TPU
-  keep XLA's conv (cuDNN / the TPU convolution unit).
+  through a generic loop (a 5x5 depthwise conv on a 56x56x64 map is 15-25x slower than the same
+  multiply-adds written out; benchmarks/ops.py --suite depthwise_cpu), so on CPU the conv is the
+  sum of the kh * kw shifted products in one fused loop, with a custom VJP: dx is the same sum
+  over the flipped kernel, dkernel the products summed per channel. Products accumulate in
+  float32. GPU and TPU keep XLA's conv (cuDNN / the TPU convolution unit).
   """
   kh, kw = kernel.shape[:2]
   if x.ndim != 4 or kernel.ndim != 3 or kernel.shape[2] != x.shape[3] or kh % 2 == 0 or kw % 2 == 0:
@@ -131,14 +131,18 @@ def _shifted_depthwise_bwd(residuals, grad):
   (batch, height, width, channels), (kh, kw) = x.shape, kernel.shape[:2]
   flipped = kernel[::-1, ::-1].astype(jnp.float32)
   dx = _shift_sum(_pad_same(grad, kernel.shape), flipped, height, width).astype(x.dtype)
-  padded = _pad_same(x, kernel.shape)
-  grad_rows = grad.astype(jnp.float32).reshape(batch, -1)
-  # Reduce over the batch first, then over positions: XLA:CPU is faster at these two row-major
-  # reductions than at one over (B, H, W).
-  dkernel = jnp.stack([
-      (padded[:, i:i + height, j:j + width].astype(jnp.float32).reshape(batch, -1) * grad_rows)
-      .sum(0).reshape(-1, channels).sum(0)
-      for i in range(kh) for j in range(kw)]).reshape(kernel.shape)
+  # dkernel[i, j] sums x shifted by (i, j) times grad over batch and positions. Separate
+  # reductions of the kh * kw products stream each product through memory (slower than XLA's
+  # grouped conv on large maps); instead one fused loop per shift adds up `fold` batch slices,
+  # leaving a kh * kw times smaller array to reduce.
+  fold = max(d for d in range(1, min(batch, 8) + 1) if batch % d == 0)
+  padded = _pad_same(x, kernel.shape).reshape(fold, batch // fold, height + kh - 1,
+                                               width + kw - 1, channels).astype(jnp.float32)
+  grad = grad.reshape(fold, batch // fold, height, width, channels).astype(jnp.float32)
+  partial_sums = jnp.stack([
+      sum(padded[n, :, i:i + height, j:j + width] * grad[n] for n in range(fold))
+      for i in range(kh) for j in range(kw)])
+  dkernel = partial_sums.reshape(kh * kw, -1, channels).sum(1).reshape(kernel.shape)
   return dx, dkernel.astype(kernel.dtype)
 
 

@@ -78,8 +78,14 @@ def make_schedule(config, updates_per_epoch: float, total_updates: int) -> optax
   elif s.name == "step_decay":  # x decay_rate after decay_begin_epochs, then every decay_every_epochs
     epochs = range(s.decay_begin_epochs, math.ceil(total_updates / updates_per_epoch) + 1, s.decay_every_epochs)
     schedule = optax.piecewise_constant_schedule(lr, {round(e * updates_per_epoch): s.decay_rate for e in epochs})
+  elif s.name == "inverse_sqrt":  # fairseq: lr * sqrt(warmup / update) after the warm-up
+    # join_schedules (below) counts from the end of the warm-up, hence count + warmup; it also
+    # evaluates this branch during the warm-up (count < 0), where the max keeps it finite.
+    warmup = max(s.warmup_steps, 1)
+    schedule = lambda count: lr * jnp.sqrt(warmup / jnp.maximum(count + warmup, warmup))
   else:
-    raise ValueError(f"unknown schedule {s.name!r}; expected constant, warmup_cosine or step_decay")
+    raise ValueError(f"unknown schedule {s.name!r}; expected constant, warmup_cosine, step_decay "
+                     "or inverse_sqrt")
   if s.warmup_steps:
     schedule = optax.join_schedules([optax.linear_schedule(0.0, lr, s.warmup_steps), schedule], [s.warmup_steps])
   return schedule
@@ -279,7 +285,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(config.to_json_best_effort(indent=2))
-  task = tasks.get_task(config.task)
+  task = tasks.from_config(config)
 
   # Mesh.
   mesh = make_mesh(config.mesh)

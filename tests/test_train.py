@@ -12,6 +12,7 @@ import pytest
 
 import train
 from configs import itransformer as itransformer_config
+from configs import transnormer as transnormer_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -91,6 +92,13 @@ def test_warmup_cosine_schedule():
   assert float(schedule(0)) == 0.0
   np.testing.assert_allclose(schedule(config.schedule.warmup_steps), config.optimizer.lr, rtol=1e-6)
   np.testing.assert_allclose(schedule(1000), 0.0, atol=1e-9)
+
+
+def test_inverse_sqrt_schedule_is_fairseqs():
+  config = transnormer_config.get_config("wikitext103_t1")   # lr 5e-4, 8,000 warm-up updates
+  schedule = train.make_schedule(config, updates_per_epoch=1000, total_updates=100_000)
+  for update, lr in [(0, 0.0), (4000, 2.5e-4), (8000, 5e-4), (32_000, 2.5e-4), (72_000, 5e-4 / 3)]:
+    np.testing.assert_allclose(schedule(update), lr, rtol=1e-6)
 
 
 def test_early_stopping_patience():

@@ -7,6 +7,14 @@ r"""Evaluates a checkpoint of a run on a split, prints a table and writes it as 
 
 --checkpoint is `latest`, `best` (by the config's early-stopping metric), a step number, or a path
 that models.load_pretrained reads (a zoo params dir, another workdir, an official .pth/.safetensors).
+
+--elastic (MatFormer: MatLM, MatViT) evaluates every granularity (S, M, L, XL) and the balanced
+Mix'n'Match models between them, each extracted as a model of its own, and writes the
+metric-vs-parameters table as <workdir>/elastic_<split>_<checkpoint>.json and .md, and a plot .png
+(if matplotlib is installed):
+
+  python eval.py --config configs/matformer.py:matlm_tiny_shakespeare --workdir runs/matlm \
+      --split=validation --elastic
 """
 from __future__ import annotations
 
@@ -21,7 +29,9 @@ import orbax.checkpoint as ocp
 
 import data
 import models
+from models import matformer
 import tasks
+from tasks.nested import granularity_names
 import train
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "configs/<family>.py:<arg>", lock_config=True)
@@ -29,6 +39,8 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "The run's directory (checkpoint
 _CHECKPOINT = flags.DEFINE_string("checkpoint", "latest", "latest | best | <step> | <path>")
 _SPLIT = flags.DEFINE_string("split", "test", "Split to evaluate.")
 _OUTPUT = flags.DEFINE_string("output", "", "JSON path; default <workdir>/eval_<split>_<checkpoint>.json")
+_ELASTIC = flags.DEFINE_bool("elastic", False, "MatFormer: evaluate every granularity and the "
+                             "Mix'n'Match sweep (elastic_<split>_<checkpoint>.json/.md/.png)")
 
 
 def resolve_step(mngr, which: str) -> int:
@@ -49,40 +61,121 @@ def resolve_step(mngr, which: str) -> int:
   raise ValueError(f"--checkpoint={which!r}: expected latest, best, one of the steps {steps} or an existing path")
 
 
-def evaluate_checkpoint(config, workdir: str, which: str, split_name: str) -> dict:
-  task = tasks.get_task(config.task)
-  mesh = train.make_mesh(config.mesh)
-  split = data.load(config.data, split_name)
+def load_model(config, workdir: str, which: str, split, task, mesh):
+  """The run's model with the weights --checkpoint names; returns (model, where they came from)."""
   (model,) = train.create_model_and_optimizer(config, split.meta, task, mesh)
   if os.path.exists(which) and not which.isdigit():
     models.load_pretrained(model, which)
-    source = which
-  else:
-    with train.make_checkpoint_manager(workdir, config, read_only=True) as mngr:
-      step = resolve_step(mngr, which)
-      train.restore_model_items(mngr, step, model)
-    source = f"step {step}"
+    return model, which
+  with train.make_checkpoint_manager(workdir, config, read_only=True) as mngr:
+    step = resolve_step(mngr, which)
+    train.restore_model_items(mngr, step, model)
+  return model, f"step {step}"
+
+
+def evaluate_checkpoint(config, workdir: str, which: str, split_name: str) -> dict:
+  task = tasks.from_config(config)
+  mesh = train.make_mesh(config.mesh)
+  split = data.load(config.data, split_name)
+  model, source = load_model(config, workdir, which, split, task, mesh)
   eval_step = train.make_eval_step(task, nnx.graphdef(model))
   metrics = train.evaluate(task, eval_step, nnx.state(model), split, config.input, mesh)
   print(train.format_table({f"{split_name}/{k}": v for k, v in metrics.items()},
-                           title=f"{config.model.name} on {config.data.name}/{split_name} ({source})"))
+                           title=f"{config.model.name} on {config.data.name}/{split_name} "
+                                 f"({source})"))
   return {"checkpoint": source, "split": split_name, **metrics}
+
+
+def evaluate_elastic(config, workdir: str, which: str, split_name: str) -> dict:
+  """Every balanced Mix'n'Match sub-model (S, M, L and XL among them), extracted and evaluated
+  with the plain task: {checkpoint, split, metric, rows: [{name, widths, params, metrics...}]}."""
+  task = tasks.get_task(config.task)
+  mesh = train.make_mesh(config.mesh)
+  split = data.load(config.data, split_name)
+  model, source = load_model(config, workdir, which, split, task, mesh)
+  if not isinstance(model, matformer.NestedFFNs):
+    raise ValueError(f"--elastic needs a nested (MatFormer) model, got {config.model.name}")
+  names = dict(zip((model.layer_widths(g) for g in model.granularities),
+                   granularity_names(len(model.granularities))))
+  rows = []
+  for widths in matformer.balanced_configs(model):
+    sub = matformer.extract(model, widths)
+    eval_step = train.make_eval_step(task, nnx.graphdef(sub))
+    metrics = train.evaluate(task, eval_step, nnx.state(sub), split, config.input, mesh)
+    rows.append({"name": names.get(widths, "mix'n'match"), "widths": list(widths),
+                 "params": models.count_params(sub), **metrics})
+    print(f"{rows[-1]['name']:>11} {widths}: {rows[-1]['params']:,} params, " +
+          ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()), flush=True)
+  metric = config.early_stopping.metric.rpartition("/")[2]
+  return {"model": config.model.name, "checkpoint": source, "split": split_name,
+          "metric": metric if metric in rows[0] else "loss", "rows": rows}
+
+
+def elastic_markdown(result: dict) -> str:
+  """The table of an `evaluate_elastic` result: one row per sub-model, smallest first."""
+  metrics = [k for k in result["rows"][0] if k not in ("name", "widths", "params")]
+  lines = [f"{result['model']} on {result['split']} ({result['checkpoint']})", "",
+           "| sub-model | FFN widths per layer | params | " + " | ".join(metrics) + " |",
+           "|---|---|---|" + "---|" * len(metrics)]
+  for row in result["rows"]:
+    widths = ", ".join(map(str, row["widths"]))
+    values = " | ".join(f"{row[k]:.4f}" for k in metrics)
+    name = f"**{row['name']}**" if row["name"] != "mix'n'match" else row["name"]
+    lines.append(f"| {name} | {widths} | {row['params']:,} | {values} |")
+  return "\n".join(lines) + "\n"
+
+
+def elastic_plot(result: dict, path: str) -> bool:
+  """The metric-vs-parameters curve as a PNG; False (nothing written) without matplotlib."""
+  try:
+    import matplotlib
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+  except ImportError:
+    return False
+  metric, rows = result["metric"], result["rows"]
+  fig, ax = plt.subplots(figsize=(6, 4))
+  ax.plot([r["params"] for r in rows], [r[metric] for r in rows], ".-", color="tab:blue",
+          label="Mix'n'Match (balanced)")
+  named = [r for r in rows if r["name"] != "mix'n'match"]
+  ax.plot([r["params"] for r in named], [r[metric] for r in named], "o", color="tab:red",
+          label="granularities")
+  for r in named:
+    ax.annotate(r["name"], (r["params"], r[metric]), textcoords="offset points", xytext=(4, 4))
+  ax.set_xlabel("parameters")
+  ax.set_ylabel(f"{result['split']} {metric}")
+  ax.set_title(result["model"])
+  ax.grid(alpha=0.3)
+  ax.legend()
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+  return True
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  evaluate = evaluate_elastic if _ELASTIC.value else evaluate_checkpoint
   try:
-    result = evaluate_checkpoint(_CONFIG.value, _WORKDIR.value, _CHECKPOINT.value, _SPLIT.value)
+    result = evaluate(_CONFIG.value, _WORKDIR.value, _CHECKPOINT.value, _SPLIT.value)
   except (data.DataError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(1)
   tag = os.path.basename(os.path.normpath(_CHECKPOINT.value))
-  output = _OUTPUT.value or os.path.join(_WORKDIR.value, f"eval_{_SPLIT.value}_{tag}.json")
+  default = os.path.join(_WORKDIR.value, f"{'elastic' if _ELASTIC.value else 'eval'}_"
+                         f"{_SPLIT.value}_{tag}.json")
+  output = _OUTPUT.value or default
   os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
   with open(output, "w") as f:
     json.dump(result, f, indent=2)
   print(f"wrote {output}")
+  if _ELASTIC.value:
+    stem = os.path.splitext(output)[0]
+    with open(stem + ".md", "w") as f:
+      f.write(elastic_markdown(result))
+    print(f"wrote {stem}.md" + (f" and {stem}.png" if elastic_plot(result, stem + ".png")
+                                else " (no plot: matplotlib is not installed)"))
 
 
 if __name__ == "__main__":

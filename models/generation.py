@@ -116,3 +116,114 @@ def _generate(graphdef, state, prompt, key, *, max_new_tokens: int, sampling: Sa
 
   _, rest = jax.lax.scan(step, (first, cache), keys[1:])   # the last token needs no step
   return jnp.concatenate([prompt, first[:, None], rest.T.astype(jnp.int32)], axis=1)
+
+
+def speculative_generate(target: nnx.Module, draft: nnx.Module, prompt_tokens: jax.Array,
+                         max_new_tokens: int, *, num_draft: int = 4,
+                         target_kwargs: dict | None = None,
+                         draft_kwargs: dict | None = None) -> tuple[jax.Array, dict]:
+  """Greedy decoding of ``target`` sped up by a cheaper ``draft`` (speculative decoding).
+
+  Each round the draft proposes ``num_draft`` tokens greedily, one step each; the target scores
+  the last token and the proposals in one call and keeps the proposals up to the first one it
+  would not have chosen, plus its own next token there. The output is exactly
+  ``generate(target, prompt_tokens, max_new_tokens)``; only the number of target calls changes.
+  MatFormer's use: a sub-model extracted from the target (``models.matformer.extract``) as the
+  draft, whose predictions agree with the full model more often than an independent model's.
+
+  Both models need a cache that can be rewound (``rewind_cache(cache, length)``: a KV cache such
+  as MatLM's, not a recurrent state), to undo rejected proposals. In a batch every row advances
+  by the smallest number of accepted
+  proposals (rows that agreed longer redo those positions next round, with the same result).
+  ``target_kwargs`` / ``draft_kwargs`` go to each model's ``decode_step`` (e.g. a MatLM's
+  ``granularity``: the target's own weights at a smaller width also make a draft).
+
+  Returns (tokens int32 [B, P + max_new_tokens], stats) with stats: ``rounds`` (target calls
+  after the prompt), ``accepted`` (proposals kept, summed over rounds), ``proposed``
+  (``rounds * num_draft``) and ``acceptance_rate`` = accepted / proposed.
+  """
+  prompt_tokens = jnp.asarray(prompt_tokens)
+  if prompt_tokens.ndim != 2 or prompt_tokens.shape[1] < 1 or not jnp.issubdtype(
+      prompt_tokens.dtype, jnp.integer):
+    raise ValueError(f"prompt_tokens must be integers [batch, length >= 1], got shape "
+                     f"{tuple(prompt_tokens.shape)} and dtype {prompt_tokens.dtype}")
+  if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+    raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+  if isinstance(num_draft, bool) or not isinstance(num_draft, int) or num_draft < 1:
+    raise ValueError(f"num_draft must be an int >= 1, got {num_draft!r}")
+  for name, model in (("target", target), ("draft", draft)):
+    if not all(callable(getattr(model, method, None))
+               for method in ("init_cache", "decode_step", "rewind_cache")):
+      raise ValueError(f"speculative decoding needs LMs whose cache can be rewound "
+                       f"(init_cache, decode_step, rewind_cache: a KV cache as MatLM's); the "
+                       f"{name} {type(model).__name__} has none")
+  target_def, target_state = nnx.split(target)
+  draft_def, draft_state = nnx.split(draft)
+  tokens, rounds, accepted = _speculative(
+      target_def, target_state, draft_def, draft_state, prompt_tokens.astype(jnp.int32),
+      max_new_tokens=max_new_tokens, num_draft=num_draft,
+      target_kwargs=tuple(sorted((target_kwargs or {}).items())),
+      draft_kwargs=tuple(sorted((draft_kwargs or {}).items())))
+  rounds, accepted = int(rounds), int(accepted)
+  stats = {"rounds": rounds, "accepted": accepted, "proposed": rounds * num_draft,
+           "acceptance_rate": accepted / max(rounds * num_draft, 1)}
+  return tokens, stats
+
+
+def _greedy(logits: jax.Array) -> jax.Array:
+  return jnp.argmax(logits.astype(jnp.float32), axis=-1).astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnames=("target_def", "draft_def", "max_new_tokens",
+                                             "num_draft", "target_kwargs", "draft_kwargs"))
+def _speculative(target_def, target_state, draft_def, draft_state, prompt, *,
+                 max_new_tokens: int, num_draft: int, target_kwargs: tuple,
+                 draft_kwargs: tuple):
+  target_model, draft_model = nnx.merge(target_def, target_state), nnx.merge(draft_def, draft_state)
+  target = functools.partial(target_model.decode_step, **dict(target_kwargs))
+  draft = functools.partial(draft_model.decode_step, **dict(draft_kwargs))
+  batch, prompt_len = prompt.shape
+  total = prompt_len + max_new_tokens
+  room = total + num_draft + 1   # the last round may write past the end
+  tokens = jnp.zeros((batch, room), jnp.int32).at[:, :prompt_len].set(prompt)
+
+  # Invariant at the top of a round, with n tokens known: the target's cache holds tokens[:n-1]
+  # and the draft's tokens[:n-2], so that each round the draft reads the last two tokens (the
+  # first rewrites a position it holds, with the same values).
+  logits, target_cache = target(prompt, target_model.init_cache(batch, room))
+  tokens = tokens.at[:, prompt_len].set(_greedy(logits[:, -1]))
+  _, draft_cache = draft(prompt, draft_model.init_cache(batch, room))
+  draft_cache = draft_model.rewind_cache(draft_cache, prompt_len - 1)
+
+  def round_(carry):
+    tokens, n, target_cache, draft_cache, rounds, accepted = carry
+    logits, draft_cache = draft(jax.lax.dynamic_slice(tokens, (0, n - 2), (batch, 2)),
+                                draft_cache)
+    first = _greedy(logits[:, -1])
+
+    def propose(carry, _):
+      token, cache = carry
+      logits, cache = draft(token[:, None], cache)
+      token = _greedy(logits[:, -1])
+      return (token, cache), token
+
+    (_, draft_cache), rest = jax.lax.scan(propose, (first, draft_cache), None,
+                                          length=num_draft - 1)
+    proposals = jnp.concatenate([first[:, None], rest.T], axis=1)           # [B, k]
+    last = jax.lax.dynamic_slice(tokens, (0, n - 1), (batch, 1))
+    logits, target_cache = target(jnp.concatenate([last, proposals], axis=1), target_cache)
+    chosen = _greedy(logits)                                                # [B, k + 1]
+    agree = jnp.cumprod(proposals == chosen[:, :-1], axis=1).sum(axis=1)
+    kept = agree.min()
+    # chosen[:, :kept] are the kept proposals and chosen[:, kept] the target's own next token;
+    # what lies beyond is overwritten by the next round.
+    tokens = jax.lax.dynamic_update_slice(tokens, chosen, (0, n))
+    n = n + kept + 1
+    target_cache = target_model.rewind_cache(target_cache, n - 1)
+    draft_cache = draft_model.rewind_cache(draft_cache, n - 2)
+    return tokens, n, target_cache, draft_cache, rounds + 1, accepted + kept
+
+  carry = (tokens, jnp.asarray(prompt_len + 1, jnp.int32), target_cache, draft_cache,
+           jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32))
+  tokens, _, _, _, rounds, accepted = jax.lax.while_loop(lambda c: c[1] < total, round_, carry)
+  return tokens[:, :total], rounds, accepted

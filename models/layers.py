@@ -19,6 +19,8 @@ import ops
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     # PyTorch's F.gelu is the exact erf form; jax.nn.gelu defaults to the tanh approximation.
     "gelu": functools.partial(jax.nn.gelu, approximate=False),
+    # Flax's nn.gelu default (scenic, big_vision): the tanh approximation.
+    "gelu_tanh": functools.partial(jax.nn.gelu, approximate=True),
     "relu": jax.nn.relu,
     "silu": jax.nn.silu,
 }
@@ -249,6 +251,20 @@ class NestedMlp(nnx.Module):
                        f"got {width!r}")
     return int(width)
 
+  def num_params(self, width: int | None = None) -> int:
+    """Parameters a call with `width` uses: the sliced input layers, fc2's first `width` rows
+    and its whole (shared) bias."""
+    width = self.check_width(width)
+    inputs = (self.fc1_g, self.fc1_x) if self.gated else (self.fc1,)
+    dim = self.fc2.out_features
+    used = sum(dim * width + (width if layer.bias is not None else 0) for layer in inputs)
+    return used + width * dim + (dim if self.fc2.bias is not None else 0)
+
+  def flops_per_token(self, width: int | None = None) -> int:
+    """Multiply-adds x 2 of a call with `width`, per token (biases and the activation left out)."""
+    width = self.check_width(width)
+    return 2 * (2 + self.gated) * self.fc2.out_features * width
+
   def __call__(self, x: jax.Array, *, width: int | None = None, train: bool = False) -> jax.Array:
     width = self.check_width(width)
     if self.gated:
@@ -268,17 +284,20 @@ class Attention(nnx.Module):
   `attn_drop` drops attention probabilities, `proj_drop` the output projection; `attn_implementation` picks
   the `ops.attention` implementation (None: the platform's best). With `num_queries` only the
   first tokens attend (all still serve as keys and values), for callers that read only those outputs.
+  `linear` builds qkv and proj as in `Mlp` (torch's init by default).
   """
 
   def __init__(self, dim: int, num_heads: int, *, qkv_bias: bool = True, attn_drop: float = 0.0,
-               proj_drop: float = 0.0, attn_implementation: str | None = None, dtype=jnp.float32,
+               proj_drop: float = 0.0, attn_implementation: str | None = None,
+               linear: Callable[..., nnx.Module] = torch_linear, dtype=jnp.float32,
                param_dtype=jnp.float32, rngs: nnx.Rngs):
     if dim % num_heads:
       raise ValueError(f"dim must be divisible by num_heads, got dim={dim}, num_heads={num_heads}")
     self.num_heads = num_heads
     self.attn_implementation = attn_implementation
-    self.qkv = torch_linear(dim, 3 * dim, use_bias=qkv_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    self.proj = torch_linear(dim, dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.qkv = linear(dim, 3 * dim, use_bias=qkv_bias, dtype=dtype, param_dtype=param_dtype,
+                      rngs=rngs)
+    self.proj = linear(dim, dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.attn_drop = Dropout(attn_drop, rngs=rngs)
     self.proj_drop = Dropout(proj_drop, rngs=rngs)
 

@@ -1,5 +1,6 @@
-"""MatFormer's MatLM (Devvrit, Kudugunta et al., 2023): a decoder-only transformer whose FFNs are
-nested, and the zoo's softmax-attention baseline LM.
+"""MatFormer: Nested Transformer for Elastic Inference (Devvrit, Kudugunta et al., NeurIPS 2024):
+MatLM (a decoder-only LM whose FFNs are nested, also the zoo's softmax-attention baseline LM),
+MatViT (scenic's ViT with nested MLPs), Mix'n'Match and extraction of sub-models.
 
     h = embed(tokens)                                   (no scale; dropout)
     h = h + Attention(LN(h));  h = h + NestedMlp(LN(h))     (per layer, pre-LN)
@@ -7,9 +8,12 @@ nested, and the zoo's softmax-attention baseline LM.
 
 Each FFN's first m hidden units form a smaller FFN (`layers.NestedMlp`); attention, embeddings
 and norms are shared and full size. The four nested widths (S, M, L, XL) are
-{d_ff/8, d_ff/4, d_ff/2, d_ff}; `m(tokens, granularity=w)` runs every layer at width w, and a
-tuple of widths, one per layer, runs a Mix'n'Match model. At full width MatLM is a plain
-transformer LM: the zoo's softmax-attention baseline for the linear-attention LMs.
+{d_ff/8, d_ff/4, d_ff/2, d_ff}; `m(x, granularity=w)` runs every layer at width w, and a tuple
+of widths, one per layer, runs a Mix'n'Match model. `extract(m, widths)` slices the weights into a
+model of its own (fewer parameters, the same outputs); `mix_n_match(m, budget)` picks the widths
+under a parameter or FLOP budget with the paper's "balanced" rule (`balanced_configs`). At full
+width MatLM is a plain transformer LM: the zoo's softmax-attention baseline for the
+linear-attention LMs. Joint training of the granularities is `tasks.nested` (summed or sampled).
 
 Attention is causal `ops.attention` with a fused qkv projection, multi-head or multi-query
 (`num_kv_heads`), and positions either RoPE (rotate-half, GPT-NeoX/OLMo layout) or ALiBi
@@ -20,12 +24,13 @@ bias, exact GELU, biases everywhere, multi-query attention, ALiBi, mlp_ratio 8, 
 Generation: `init_cache(batch, max_len)` allocates a KV cache (keys after RoPE, kv heads only);
 `decode_step(tokens, cache)` writes the new keys and values at the cache's offset and attends to
 every position written so far, so a prefill of T tokens and T single steps give the same logits.
+An extracted sub-model drafts for the full model in `models.generation.speculative_generate`.
 """
 from __future__ import annotations
 
 import functools
 import math
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -34,6 +39,7 @@ from flax import nnx
 
 import ops
 from models import layers
+from models.convert import check_state_dict
 from models.registry import register_model
 
 _INIT_STD = 0.02  # OLMo's init_std: every kernel and the embedding ~ N(0, 0.02), biases 0
@@ -155,63 +161,49 @@ class MatLMBlock(nnx.Module):
     return x + self.mlp(self.ff_norm(x), width=width), cache
 
 
-class MatLM(nnx.Module):
-  """Causal LM with nested FFNs: ``m(tokens [B, T], granularity=None) -> logits [B, T, vocab]`` f32.
+Granularity = int | Sequence[int] | None
 
-  ``granularity``: None (every hidden unit: the XL model), an int m (the first m hidden units of
-  every FFN; the trained ones are ``m.granularities``), or one int per layer (Mix'n'Match).
-  Generation: ``cache = m.init_cache(batch, max_len)``, then ``logits, cache =
-  m.decode_step(tokens, cache, granularity=...)`` with tokens [B, T] (T > 1: a prefill).
 
-  Args:
-    vocab_size, dim, depth, num_heads: embedding rows, width, layers, query heads.
-    mlp_dim: FFN hidden width of the full model (d_ff), a multiple of 8 (the smallest width is
-      d_ff / 8).
-    num_kv_heads: key/value heads (None: num_heads; 1: multi-query attention as MatFormer-OLMo).
-    positions: 'rope' or 'alibi'.
-    gated: a gated FFN (``act(x W_g) * (x W_x)``) instead of ``act(x W_1)``.
-    act: 'gelu' (exact), 'relu' or 'silu'.
-    use_bias: biases in every Linear (OLMo's include_bias).
-    dropout: on the embedding, each branch output and the FFN hidden units (training only).
-    attn_implementation: passed to ``ops.attention`` (None: the platform's best).
+def _per_layer_mlp_dims(mlp_dim: int | Sequence[int], depth: int) -> tuple[int, ...]:
+  """`mlp_dim` (one width for every layer, or one per layer) as a tuple of `depth` ints >= 1."""
+  dims = (mlp_dim,) * depth if isinstance(mlp_dim, (int, np.integer)) else tuple(mlp_dim)
+  if len(dims) != depth or not all(isinstance(d, (int, np.integer)) and d >= 1 for d in dims):
+    raise ValueError(f"mlp_dim must be an int >= 1 or {depth} of them (one per layer), got "
+                     f"{mlp_dim!r}")
+  return tuple(int(d) for d in dims)
+
+
+class NestedFFNs:
+  """What MatLM and MatViT share: the FFN of every layer (``self.blocks[i].mlp``, a
+  `layers.NestedMlp`) is nested, and one call runs each layer at a width of its choice.
+
+  A *granularity* names those widths: None (every hidden unit: the XL model), an int m (the first
+  m units of every layer) or one width per layer (a Mix'n'Match model). ``granularities`` are the
+  four trained ones, S, M, L, XL = d_ff/8, d_ff/4, d_ff/2, d_ff (per layer where the layers'
+  d_ff differ, as in an extracted Mix'n'Match model).
   """
-
-  def __init__(self, vocab_size: int, dim: int, depth: int, num_heads: int, mlp_dim: int, *,
-               num_kv_heads: int | None = None, positions: str = "rope", gated: bool = False,
-               act: str = "gelu", use_bias: bool = True, dropout: float = 0.0,
-               norm_eps: float = 1e-5, rope_theta: float = 10000.0, alibi_max: float = 8.0,
-               attn_implementation: str | None = None, dtype=jnp.float32,
-               param_dtype=jnp.float32, rngs: nnx.Rngs):
-    num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
-    if dim % num_heads or num_heads % num_kv_heads:
-      raise ValueError(f"dim must be divisible by num_heads and num_heads by num_kv_heads, got "
-                       f"dim={dim}, num_heads={num_heads}, num_kv_heads={num_kv_heads}")
-    if mlp_dim % 8:
-      raise ValueError(f"mlp_dim must be a multiple of 8 (the smallest nested width is "
-                       f"mlp_dim / 8), got {mlp_dim}")
-    if positions not in POSITIONS:
-      raise ValueError(f"positions must be one of {POSITIONS}, got {positions!r}")
-    if positions == "rope" and (dim // num_heads) % 2:
-      raise ValueError(f"RoPE needs an even head dim, got {dim // num_heads}")
-    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    self.vocab_size, self.dim, self.mlp_dim, self.dtype = vocab_size, dim, mlp_dim, dtype
-    self.embed = nnx.Embed(vocab_size, dim, embedding_init=nnx.initializers.normal(_INIT_STD),
-                           **kw)
-    self.drop = layers.Dropout(dropout, rngs=rngs)
-    self.blocks = nnx.List([
-        MatLMBlock(dim, num_heads, num_kv_heads, mlp_dim, positions=positions, gated=gated,
-                   act=layers.get_activation(act), use_bias=use_bias, dropout=dropout,
-                   norm_eps=norm_eps, rope_theta=rope_theta, alibi_max=alibi_max,
-                   attn_implementation=attn_implementation, **kw)
-        for _ in range(depth)])
-    self.norm = layers.layer_norm(dim, eps=norm_eps, **kw)
+  blocks: nnx.List
+  _init_args: tuple   # (name, value) pairs: static and hashable, so jit can key on the graphdef
 
   @property
-  def granularities(self) -> tuple[int, ...]:
-    """The four nested FFN widths S, M, L, XL: d_ff/8, d_ff/4, d_ff/2, d_ff."""
-    return tuple(self.mlp_dim // 2 ** i for i in (3, 2, 1, 0))
+  def init_kwargs(self) -> dict:
+    """The constructor's arguments (``extract`` builds the sub-model's class from them)."""
+    return dict(self._init_args)
 
-  def layer_widths(self, granularity: int | Sequence[int] | None = None) -> tuple[int, ...]:
+  def _record_init_args(self, **kwargs) -> None:
+    mlp_dim = kwargs["mlp_dim"]
+    if not isinstance(mlp_dim, (int, np.integer)):
+      kwargs["mlp_dim"] = tuple(mlp_dim)
+    self._init_args = tuple(kwargs.items())
+
+  @property
+  def granularities(self) -> tuple:
+    """S, M, L, XL: ints when every layer has the same d_ff, else one tuple of widths each."""
+    dims = tuple(block.mlp.hidden_dim for block in self.blocks)
+    table = [tuple(max(1, d // 2 ** i) for d in dims) for i in (3, 2, 1, 0)]
+    return tuple(t[0] for t in table) if len(set(dims)) == 1 else tuple(table)
+
+  def layer_widths(self, granularity: Granularity = None) -> tuple[int, ...]:
     """The FFN width of every layer that ``granularity`` names (see the class docstring)."""
     depth = len(self.blocks)
     if granularity is None or isinstance(granularity, (int, np.integer)):
@@ -223,12 +215,74 @@ class MatLM(nnx.Module):
                          f"{widths}")
     return tuple(block.mlp.check_width(w) for block, w in zip(self.blocks, widths))
 
+  def num_params(self, granularity: Granularity = None) -> int:
+    """Parameters of the sub-model at ``granularity`` (= ``count_params(extract(self, g))``)."""
+    total = sum(x.size for x in jax.tree.leaves(nnx.state(self, nnx.Param)))
+    return total - sum(block.mlp.num_params() - block.mlp.num_params(width)
+                       for block, width in zip(self.blocks, self.layer_widths(granularity)))
+
+
+class MatLM(NestedFFNs, nnx.Module):
+  """Causal LM with nested FFNs: ``m(tokens [B, T], granularity=None) -> logits [B, T, vocab]`` f32.
+
+  ``granularity``: None (every hidden unit: the XL model), an int m (the first m hidden units of
+  every FFN; the trained ones are ``m.granularities``), or one int per layer (Mix'n'Match).
+  Generation: ``cache = m.init_cache(batch, max_len)``, then ``logits, cache =
+  m.decode_step(tokens, cache, granularity=...)`` with tokens [B, T] (T > 1: a prefill).
+
+  Args:
+    vocab_size, dim, depth, num_heads: embedding rows, width, layers, query heads.
+    mlp_dim: FFN hidden width of the full model (d_ff; the nested widths are d_ff // 8, // 4,
+      // 2 and d_ff), or one per layer (an extracted Mix'n'Match model).
+    num_kv_heads: key/value heads (None: num_heads; 1: multi-query attention as MatFormer-OLMo).
+    positions: 'rope' or 'alibi'.
+    gated: a gated FFN (``act(x W_g) * (x W_x)``) instead of ``act(x W_1)``.
+    act: 'gelu' (exact), 'gelu_tanh', 'relu' or 'silu'.
+    use_bias: biases in every Linear (OLMo's include_bias).
+    dropout: on the embedding, each branch output and the FFN hidden units (training only).
+    attn_implementation: passed to ``ops.attention`` (None: the platform's best).
+  """
+
+  def __init__(self, vocab_size: int, dim: int, depth: int, num_heads: int,
+               mlp_dim: int | Sequence[int], *, num_kv_heads: int | None = None,
+               positions: str = "rope", gated: bool = False, act: str = "gelu",
+               use_bias: bool = True, dropout: float = 0.0, norm_eps: float = 1e-5,
+               rope_theta: float = 10000.0, alibi_max: float = 8.0,
+               attn_implementation: str | None = None, dtype=jnp.float32,
+               param_dtype=jnp.float32, rngs: nnx.Rngs):
+    self._record_init_args(
+        vocab_size=vocab_size, dim=dim, depth=depth, num_heads=num_heads, mlp_dim=mlp_dim,
+        num_kv_heads=num_kv_heads, positions=positions, gated=gated, act=act, use_bias=use_bias,
+        dropout=dropout, norm_eps=norm_eps, rope_theta=rope_theta, alibi_max=alibi_max,
+        attn_implementation=attn_implementation, dtype=dtype, param_dtype=param_dtype)
+    num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+    if dim % num_heads or num_heads % num_kv_heads:
+      raise ValueError(f"dim must be divisible by num_heads and num_heads by num_kv_heads, got "
+                       f"dim={dim}, num_heads={num_heads}, num_kv_heads={num_kv_heads}")
+    mlp_dims = _per_layer_mlp_dims(mlp_dim, depth)
+    if positions not in POSITIONS:
+      raise ValueError(f"positions must be one of {POSITIONS}, got {positions!r}")
+    if positions == "rope" and (dim // num_heads) % 2:
+      raise ValueError(f"RoPE needs an even head dim, got {dim // num_heads}")
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.vocab_size, self.dim, self.dtype = vocab_size, dim, dtype
+    self.embed = nnx.Embed(vocab_size, dim, embedding_init=nnx.initializers.normal(_INIT_STD),
+                           **kw)
+    self.drop = layers.Dropout(dropout, rngs=rngs)
+    self.blocks = nnx.List([
+        MatLMBlock(dim, num_heads, num_kv_heads, layer_mlp_dim, positions=positions,
+                   gated=gated, act=layers.get_activation(act), use_bias=use_bias,
+                   dropout=dropout, norm_eps=norm_eps, rope_theta=rope_theta,
+                   alibi_max=alibi_max, attn_implementation=attn_implementation, **kw)
+        for layer_mlp_dim in mlp_dims])
+    self.norm = layers.layer_norm(dim, eps=norm_eps, **kw)
+
   def head(self, h: jax.Array) -> jax.Array:
     """Final LayerNorm and the tied output projection -> f32 logits."""
     return self.embed.attend(self.norm(h)).astype(jnp.float32)
 
   def __call__(self, tokens: jax.Array, *, train: bool = False,
-               granularity: int | Sequence[int] | None = None) -> jax.Array:
+               granularity: Granularity = None) -> jax.Array:
     """[B, T] int tokens -> [B, T, vocab] f32 logits."""
     _check_tokens(tokens)
     widths = self.layer_widths(granularity)
@@ -236,6 +290,19 @@ class MatLM(nnx.Module):
     for block, width in zip(self.blocks, widths):
       h = block(h, width=width, train=train)
     return self.head(h)
+
+  def flops(self, granularity: Granularity = None, *, seq_len: int) -> int:
+    """Forward FLOPs (2 x multiply-adds) of one sequence of ``seq_len`` tokens: the weight
+    matmuls, causal attention (T (T + 1) / 2 query-key pairs, scores and values) and the tied
+    output projection; norms, biases and activations left out."""
+    total = 2 * seq_len * self.dim * self.vocab_size
+    pairs = seq_len * (seq_len + 1) // 2
+    for block, width in zip(self.blocks, self.layer_widths(granularity)):
+      attn = block.attn
+      total += 2 * seq_len * self.dim * (attn.qkv.out_features + self.dim)
+      total += 2 * 2 * pairs * attn.num_heads * attn.head_dim
+      total += seq_len * block.mlp.flops_per_token(width)
+    return total
 
   def init_cache(self, batch: int, max_len: int) -> dict:
     """An empty KV cache for ``max_len`` positions: per layer 'k' and 'v' [batch, max_len,
@@ -249,7 +316,7 @@ class MatLM(nnx.Module):
     return {"offset": jnp.zeros((), jnp.int32), "layers": tuple(caches)}
 
   def decode_step(self, tokens: jax.Array, cache: dict, *,
-                  granularity: int | Sequence[int] | None = None) -> tuple[jax.Array, dict]:
+                  granularity: Granularity = None) -> tuple[jax.Array, dict]:
     """Next tokens [B, T] after ``cache`` -> (logits [B, T, vocab] f32, updated cache).
 
     The cache must have room for T more positions (``offset + T <= max_len``): this is checked
@@ -265,6 +332,11 @@ class MatLM(nnx.Module):
       h, layer_cache = block.step(h, layer_cache, offset, width=width)
       caches.append(layer_cache)
     return self.head(h), {"offset": offset + tokens.shape[1], "layers": tuple(caches)}
+
+  def rewind_cache(self, cache: dict, length) -> dict:
+    """``cache`` as it was after its first ``length`` positions (speculative decoding undoes
+    rejected tokens this way): the keys past the offset are masked, then overwritten."""
+    return {**cache, "offset": jnp.asarray(length, jnp.int32)}
 
   def _check_cache(self, tokens: jax.Array, cache: dict) -> None:
     got = [layer["k"].shape for layer in cache["layers"]]
@@ -285,6 +357,225 @@ def _check_tokens(tokens: jax.Array) -> None:
   if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
     raise ValueError(f"tokens must be an integer array [batch, length], got shape "
                      f"{tuple(tokens.shape)} and dtype {tokens.dtype}")
+
+
+# --- MatViT ---------------------------------------------------------------------------------------
+
+
+def _xavier_projection(din: int, dout: int, *, use_bias: bool = True, dtype=jnp.float32,
+                       param_dtype=jnp.float32, rngs: nnx.Rngs) -> nnx.Linear:
+  """Scenic's attention projections: xavier-uniform over each [dim, dim] projection, i.e.
+  U(+-sqrt(3 / fan_in)) also for the fused qkv kernel; zero biases."""
+  init = nnx.initializers.variance_scaling(1.0, "fan_in", "uniform")
+  return nnx.Linear(din, dout, use_bias=use_bias, kernel_init=init, dtype=dtype,
+                    param_dtype=param_dtype, rngs=rngs)
+
+
+def _xavier_mlp(din: int, dout: int, *, use_bias: bool = True, dtype=jnp.float32,
+                param_dtype=jnp.float32, rngs: nnx.Rngs) -> nnx.Linear:
+  """Scenic's MlpBlock Dense: xavier-uniform kernel, N(0, 1e-6) bias."""
+  return nnx.Linear(din, dout, use_bias=use_bias, kernel_init=nnx.initializers.xavier_uniform(),
+                    bias_init=nnx.initializers.normal(1e-6), dtype=dtype,
+                    param_dtype=param_dtype, rngs=rngs)
+
+
+class MatViTBlock(nnx.Module):
+  """Pre-LN ViT encoder layer with a nested MLP: ``x + DropPath(Attention(LN(x)))``, then
+  ``x + DropPath(NestedMlp(LN(x), width))`` (scenic's Encoder1DBlock)."""
+
+  def __init__(self, dim: int, num_heads: int, mlp_dim: int, *, act, dropout: float,
+               attn_dropout: float, drop_path: float, norm_eps: float,
+               attn_implementation: str | None, dtype, param_dtype, rngs: nnx.Rngs):
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.norm1 = layers.layer_norm(dim, eps=norm_eps, **kw)
+    self.attn = layers.Attention(dim, num_heads, attn_drop=attn_dropout, proj_drop=dropout,
+                                 attn_implementation=attn_implementation,
+                                 linear=_xavier_projection, **kw)
+    self.norm2 = layers.layer_norm(dim, eps=norm_eps, **kw)
+    self.mlp = layers.NestedMlp(dim, mlp_dim, act=act, drop=dropout, linear=_xavier_mlp, **kw)
+    self.drop_path = layers.DropPath(drop_path, rngs=rngs)
+
+  def __call__(self, x: jax.Array, *, width: int, train: bool = False) -> jax.Array:
+    x = x + self.drop_path(self.attn(self.norm1(x), train=train), train=train)
+    return x + self.drop_path(self.mlp(self.norm2(x), width=width, train=train), train=train)
+
+
+class MatViT(NestedFFNs, nnx.Module):
+  """ViT whose MLPs are nested (MatFormer's MatViT, scenic ``projects/matvit``).
+
+  ``m(images [B, H, W, C], train=False, granularity=None) -> logits``; granularities as MatLM's
+  (S, M, L, XL = mlp_dim / 8, / 4, / 2, / 1: scenic's ``matvit_dims``; one width per layer
+  for Mix'n'Match). Patch embedding (a p x p stride-p conv), a class token, learned 1-D
+  position embeddings, pre-LN blocks, a final LayerNorm, and the class token (``class_token``)
+  or the mean of the patch tokens into a linear head (zero kernel, bias ``head_bias_init``;
+  scenic's multi-label recipe uses -6.9). Scenic computes every width as the full MLP with its
+  hidden units masked; here the weights are sliced, so compute shrinks with the width and the
+  outputs are the same (the activation maps 0 to 0).
+
+  Args:
+    img_size, patch_size, in_chans: input side (square), patch side, channels.
+    num_classes: logits (0: ``__call__`` returns the pooled features).
+    dim, depth, num_heads, mlp_dim: width, layers, heads, MLP hidden width (or one per layer).
+    class_token: pool with a class token (scenic's ``classifier='token'``) or by averaging.
+    dropout, attn_dropout, drop_path: dropout on the embeddings, branch outputs and MLP hidden
+      units; on attention probabilities; stochastic depth, growing linearly over the layers
+      from 0 to ``drop_path``.
+    act: 'gelu_tanh' (flax's nn.gelu, scenic's) or any `layers.ACTIVATIONS` name.
+  """
+
+  def __init__(self, img_size: int = 224, patch_size: int = 16, in_chans: int = 3,
+               num_classes: int = 1000, dim: int = 768, depth: int = 12, num_heads: int = 12,
+               mlp_dim: int | Sequence[int] = 3072, *, class_token: bool = True,
+               dropout: float = 0.0, attn_dropout: float = 0.0, drop_path: float = 0.0,
+               head_bias_init: float = 0.0, norm_eps: float = 1e-6, act: str = "gelu_tanh",
+               attn_implementation: str | None = None, dtype=jnp.float32,
+               param_dtype=jnp.float32, rngs: nnx.Rngs):
+    self._record_init_args(
+        img_size=img_size, patch_size=patch_size, in_chans=in_chans, num_classes=num_classes,
+        dim=dim, depth=depth, num_heads=num_heads, mlp_dim=mlp_dim, class_token=class_token,
+        dropout=dropout, attn_dropout=attn_dropout, drop_path=drop_path,
+        head_bias_init=head_bias_init, norm_eps=norm_eps, act=act,
+        attn_implementation=attn_implementation, dtype=dtype, param_dtype=param_dtype)
+    if img_size % patch_size:
+      raise ValueError(f"img_size must be a multiple of patch_size, got {img_size} and "
+                       f"{patch_size}")
+    mlp_dims = _per_layer_mlp_dims(mlp_dim, depth)
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.img_size, self.patch_size, self.in_chans = img_size, patch_size, in_chans
+    self.num_features, self.num_classes, self.class_token = dim, num_classes, class_token
+    self.head_bias_init, self.dtype, self.param_dtype = head_bias_init, dtype, param_dtype
+    num_patches = (img_size // patch_size) ** 2
+    self.patch_embed = nnx.Conv(in_chans, dim, (patch_size, patch_size),
+                                strides=(patch_size, patch_size), padding="VALID", **kw)
+    self.cls_token = nnx.Param(jnp.zeros((1, 1, dim), param_dtype)) if class_token else None
+    self.pos_embed = nnx.Param(nnx.initializers.normal(0.02)(
+        rngs.params(), (1, num_patches + class_token, dim), param_dtype))
+    self.drop = layers.Dropout(dropout, rngs=rngs)
+    self.blocks = nnx.List([
+        MatViTBlock(dim, num_heads, layer_mlp_dim, act=layers.get_activation(act),
+                    dropout=dropout, attn_dropout=attn_dropout,
+                    drop_path=drop_path * i / max(depth - 1, 1), norm_eps=norm_eps,
+                    attn_implementation=attn_implementation, **kw)
+        for i, layer_mlp_dim in enumerate(mlp_dims)])
+    self.norm = layers.layer_norm(dim, eps=norm_eps, **kw)
+    self.reset_classifier(num_classes, rngs=rngs)
+
+  def _check_images(self, x: jax.Array) -> None:
+    expected = (self.img_size, self.img_size, self.in_chans)
+    if x.ndim != 4 or tuple(x.shape[1:]) != expected or not jnp.issubdtype(x.dtype,
+                                                                          jnp.floating):
+      raise ValueError(f"MatViT expects float images [batch, {', '.join(map(str, expected))}], "
+                       f"got shape {tuple(x.shape)} and dtype {x.dtype}")
+
+  def forward_features(self, x: jax.Array, *, train: bool = False,
+                       granularity: Granularity = None) -> jax.Array:
+    """Images -> the normalised tokens [B, (1 +) patches, dim] (class token first)."""
+    self._check_images(x)
+    widths = self.layer_widths(granularity)
+    x = self.patch_embed(x.astype(self.dtype))
+    x = x.reshape(x.shape[0], -1, x.shape[-1])
+    if self.cls_token is not None:
+      cls = jnp.broadcast_to(self.cls_token[...].astype(x.dtype), (x.shape[0], 1, x.shape[-1]))
+      x = jnp.concatenate([cls, x], axis=1)
+    x = self.drop(x + self.pos_embed[...].astype(x.dtype), train=train)
+    for block, width in zip(self.blocks, widths):
+      x = block(x, width=width, train=train)
+    return self.norm(x)
+
+  def forward_head(self, x: jax.Array, *, pre_logits: bool = False) -> jax.Array:
+    """Tokens -> logits (f32), or the pooled features with ``pre_logits=True``."""
+    if x.ndim != 3 or x.shape[-1] != self.num_features:
+      raise ValueError(f"forward_head expects tokens [batch, tokens, {self.num_features}], got "
+                       f"shape {tuple(x.shape)}")
+    pooled = x[:, 0] if self.cls_token is not None else jnp.mean(x, axis=1)
+    if pre_logits or self.head is None:
+      return pooled
+    return self.head(pooled).astype(jnp.float32)
+
+  def __call__(self, x: jax.Array, *, train: bool = False,
+               granularity: Granularity = None) -> jax.Array:
+    return self.forward_head(self.forward_features(x, train=train, granularity=granularity))
+
+  def reset_classifier(self, num_classes: int, *, rngs: nnx.Rngs | None = None) -> None:
+    """A new logits layer (zero kernel, bias ``head_bias_init``); 0: none."""
+    self.num_classes = num_classes
+    self._record_init_args(**{**self.init_kwargs, "num_classes": num_classes})
+    self.head = None if num_classes <= 0 else nnx.Linear(
+        self.num_features, num_classes, kernel_init=nnx.initializers.zeros_init(),
+        bias_init=nnx.initializers.constant(self.head_bias_init), dtype=self.dtype,
+        param_dtype=self.param_dtype, rngs=rngs if rngs is not None else nnx.Rngs(0))
+
+  def flops(self, granularity: Granularity = None) -> int:
+    """Forward FLOPs (2 x multiply-adds) of one image: patch embedding, the weight matmuls,
+    attention scores and values over all token pairs, the head."""
+    patches = (self.img_size // self.patch_size) ** 2
+    tokens = patches + (self.cls_token is not None)
+    dim = self.num_features
+    total = 2 * patches * self.patch_size ** 2 * self.in_chans * dim
+    total += 2 * dim * max(self.num_classes, 0)
+    for block, width in zip(self.blocks, self.layer_widths(granularity)):
+      total += 2 * tokens * dim * 4 * dim + 2 * 2 * tokens * tokens * dim
+      total += tokens * block.mlp.flops_per_token(width)
+    return total
+
+
+# --- Mix'n'Match and extraction -------------------------------------------------------------------
+
+
+def extract(model: NestedFFNs, granularity: Granularity) -> NestedFFNs:
+  """The sub-model at ``granularity`` as a model of its own: the same class with per-layer
+  ``mlp_dim`` = the widths, every FFN's weights sliced to their first hidden units (input
+  kernels' columns and biases, fc2's rows; fc2's bias kept), everything else copied. Its outputs
+  equal ``model(x, granularity=granularity)`` and it has ``model.num_params(granularity)``
+  parameters. Dropout and other RNG state are carried over."""
+  widths = model.layer_widths(granularity)
+  mlp_dim = widths[0] if len(set(widths)) == 1 else widths
+  abstract = nnx.eval_shape(
+      lambda: type(model)(**{**model.init_kwargs, "mlp_dim": mlp_dim}, rngs=nnx.Rngs(0)))
+  graphdef, state = nnx.split(abstract)
+
+  def prefix(target, value):  # the nesting: a width-m FFN is the first m units on every axis
+    return value[tuple(slice(0, n) for n in target.shape)]
+
+  values = jax.tree.map(prefix, nnx.to_pure_dict(state), nnx.to_pure_dict(nnx.state(model)))
+  nnx.replace_by_pure_dict(state, values)
+  return nnx.merge(graphdef, state)
+
+
+def balanced_configs(model: NestedFFNs) -> list[tuple[int, ...]]:
+  """Mix'n'Match's "balanced" per-layer widths from S to XL, smallest first.
+
+  Between two neighbouring granularities only those two are mixed, and the later layers get the
+  larger one (the paper's heuristic: change the granularity across layers as little as possible;
+  Gemma 3n: more capacity for later blocks): all S, then the last layer at M, the last two, ...,
+  all M, then the last layer at L, ... up to all XL. (G - 1) * depth + 1 configurations, each
+  larger than the one before."""
+  table = [model.layer_widths(g) for g in model.granularities]
+  depth = len(table[0])
+  configs = [table[0]]
+  for smaller, larger in zip(table, table[1:]):
+    configs += [smaller[:depth - j] + larger[depth - j:] for j in range(1, depth + 1)]
+  return configs
+
+
+COSTS = ("params", "flops")
+
+
+def mix_n_match(model: NestedFFNs, budget: float, *, cost: str = "params",
+                **cost_kwargs) -> tuple[int, ...]:
+  """Per-layer widths of the largest balanced configuration (`balanced_configs`) whose cost is
+  at most ``budget``: ``cost='params'`` counts the sub-model's parameters, ``'flops'`` its
+  forward FLOPs (``model.flops(widths, **cost_kwargs)``, e.g. ``seq_len=`` for MatLM)."""
+  if cost not in COSTS:
+    raise ValueError(f"cost must be one of {COSTS}, got {cost!r}")
+  measure = model.num_params if cost == "params" else functools.partial(model.flops,
+                                                                        **cost_kwargs)
+  configs = balanced_configs(model)
+  fitting = [c for c in configs if measure(c) <= budget]
+  if not fitting:
+    raise ValueError(f"no sub-model fits a budget of {budget:,.0f} {cost}: the smallest "
+                     f"(S) needs {measure(configs[0]):,}")
+  return fitting[-1]
 
 
 # --- variants -------------------------------------------------------------------------------------
@@ -310,6 +601,130 @@ _VARIANTS = {  # name: (vocab, dim, depth, heads, mlp_dim, extra kwargs, paper m
                           "TNL paper's Transformer at 1B: loss 2.061 / PPL 4.765"),
 }
 
+# MatViT: scenic's ViT sizes (imagenet_augreg_matvit_config.py; its matvit_dims are mlp_dim / 8,
+# / 4, / 2, / 1) at 224 with 1000 classes, and a CPU size for 28 x 28 grey images.
+_VIT_VARIANTS = {  # name: (patch, dim, depth, heads, mlp_dim, extra kwargs, paper metric)
+    "matvit_tiny_patch16_224": (16, 192, 12, 3, 768, {}, ""),
+    "matvit_small_patch16_224": (16, 384, 12, 6, 1536, {}, ""),
+    "matvit_base_patch16_224": (16, 768, 12, 12, 3072, {}, "MatViT-B/16 IN-1k (figures only)"),
+    "matvit_large_patch16_224": (16, 1024, 24, 16, 4096, {},
+                                 "MatViT-L/16 IN-21k + IN-1k (figures only)"),
+    "matvit_huge_patch14_224": (14, 1280, 32, 16, 5120, {}, ""),
+    "matvit_nano_patch4_28": (4, 64, 4, 4, 256, dict(img_size=28, in_chans=1, num_classes=10),
+                              ""),
+}
+
+
+# --- the official scenic MatViT checkpoint -> zoo params ------------------------------------------
+#
+# Scenic saves a flax TrainState; `models.convert.read_state_dict` flattens its 'params' into
+# '/'-joined names (`Transformer/encoderblock_0/MlpBlock_0/Dense_0/kernel`). Flax kernels are
+# already [in, out]; attention's query/key/value kernels are [dim, heads, head_dim] and its out
+# kernel [heads, head_dim, dim]. The MLP's hidden units keep their order (the nesting).
+
+_SCENIC_BLOCK = "Transformer/encoderblock_{}/"
+_SCENIC_ATTN = "MultiHeadDotProductAttention_0/"
+_QKV = ("query", "key", "value")
+
+
+def _scenic_shapes(kw: Mapping) -> dict[str, tuple[int, ...]]:
+  dim, heads, p = kw["dim"], kw["num_heads"], kw["patch_size"]
+  tokens = (kw["img_size"] // p) ** 2 + kw["class_token"]
+  shapes = {"embedding/kernel": (p, p, kw["in_chans"], dim), "embedding/bias": (dim,),
+            "Transformer/posembed_input/pos_embedding": (1, tokens, dim),
+            "Transformer/encoder_norm/scale": (dim,), "Transformer/encoder_norm/bias": (dim,)}
+  if kw["class_token"]:
+    shapes["cls"] = (1, 1, dim)
+  if kw["num_classes"] > 0:
+    shapes |= {"output_projection/kernel": (dim, kw["num_classes"]),
+               "output_projection/bias": (kw["num_classes"],)}
+  for i, mlp in enumerate(_per_layer_mlp_dims(kw["mlp_dim"], kw["depth"])):
+    block = _SCENIC_BLOCK.format(i)
+    for norm in ("LayerNorm_0", "LayerNorm_1"):
+      shapes |= {f"{block}{norm}/scale": (dim,), f"{block}{norm}/bias": (dim,)}
+    for name in _QKV:
+      shapes |= {f"{block}{_SCENIC_ATTN}{name}/kernel": (dim, heads, dim // heads),
+                 f"{block}{_SCENIC_ATTN}{name}/bias": (heads, dim // heads)}
+    shapes |= {f"{block}{_SCENIC_ATTN}out/kernel": (heads, dim // heads, dim),
+               f"{block}{_SCENIC_ATTN}out/bias": (dim,),
+               f"{block}MlpBlock_0/Dense_0/kernel": (dim, mlp),
+               f"{block}MlpBlock_0/Dense_0/bias": (mlp,),
+               f"{block}MlpBlock_0/Dense_1/kernel": (mlp, dim),
+               f"{block}MlpBlock_0/Dense_1/bias": (dim,)}
+  return shapes
+
+
+def _scenic_kwargs(sd: Mapping[str, np.ndarray]) -> dict:
+  """MatViT constructor kwargs read from the shapes of a scenic MatViT state_dict."""
+  patch, _, in_chans, dim = sd["embedding/kernel"].shape
+  depth = len({k.split("/")[1] for k in sd if k.startswith("Transformer/encoderblock_")})
+  class_token = "cls" in sd
+  tokens = sd["Transformer/posembed_input/pos_embedding"].shape[1] - class_token
+  side = math.isqrt(tokens)
+  if side * side != tokens:
+    raise ValueError(f"the position embedding has {tokens} patch tokens, not a square grid")
+  mlp_dims = tuple(sd[f"{_SCENIC_BLOCK.format(i)}MlpBlock_0/Dense_0/kernel"].shape[1]
+                   for i in range(depth))
+  head = sd.get("output_projection/kernel")
+  return dict(img_size=side * patch, patch_size=patch, in_chans=in_chans,
+              num_classes=0 if head is None else head.shape[1], dim=dim, depth=depth,
+              num_heads=sd[f"{_SCENIC_BLOCK.format(0)}{_SCENIC_ATTN}query/kernel"].shape[1],
+              mlp_dim=mlp_dims[0] if len(set(mlp_dims)) == 1 else mlp_dims,
+              class_token=class_token)
+
+
+def checkpoint_filter_fn(state_dict: Mapping[str, np.ndarray], **known_kwargs):
+  """Scenic MatViT params (flattened, '/'-joined) -> (zoo params, MatViT, constructor kwargs).
+
+  The architecture is read from the shapes (`known_kwargs`, e.g. a registered variant's
+  defaults, take precedence and are checked against them). Missing, unexpected and mis-shaped
+  keys raise one ValueError.
+  """
+  if "embedding/kernel" not in state_dict:
+    raise ValueError("expected a scenic MatViT checkpoint (keys like embedding/kernel, "
+                     "Transformer/encoderblock_0/...), got keys "
+                     f"{sorted(state_dict)[:5]}")
+  kwargs = {**_scenic_kwargs(state_dict), **known_kwargs}
+  check_state_dict(state_dict, _scenic_shapes(kwargs))
+  sd = {k: np.asarray(v) for k, v in state_dict.items()}
+  dim = kwargs["dim"]
+
+  def dense(name):
+    return {"kernel": sd[f"{name}/kernel"], "bias": sd[f"{name}/bias"]}
+
+  def norm(name):
+    return {"scale": sd[f"{name}/scale"], "bias": sd[f"{name}/bias"]}
+
+  def block(i):
+    prefix = _SCENIC_BLOCK.format(i)
+    attn = prefix + _SCENIC_ATTN
+    # layers.Attention's fused qkv output axis is (3, heads, head_dim): q | k | v, heads in order
+    qkv = {"kernel": np.concatenate([sd[f"{attn}{n}/kernel"].reshape(dim, dim) for n in _QKV],
+                                    axis=1),
+           "bias": np.concatenate([sd[f"{attn}{n}/bias"].reshape(dim) for n in _QKV])}
+    proj = {"kernel": sd[f"{attn}out/kernel"].reshape(dim, dim), "bias": sd[f"{attn}out/bias"]}
+    return {"norm1": norm(prefix + "LayerNorm_0"), "attn": {"qkv": qkv, "proj": proj},
+            "norm2": norm(prefix + "LayerNorm_1"),
+            "mlp": {"fc1": dense(prefix + "MlpBlock_0/Dense_0"),
+                    "fc2": dense(prefix + "MlpBlock_0/Dense_1")}}
+
+  params = {"patch_embed": dense("embedding"),
+            "pos_embed": sd["Transformer/posembed_input/pos_embedding"],
+            "blocks": {i: block(i) for i in range(kwargs["depth"])},
+            "norm": norm("Transformer/encoder_norm")}
+  if kwargs["class_token"]:
+    params["cls_token"] = sd["cls"]
+  if kwargs["num_classes"] > 0:
+    params["head"] = dense("output_projection")
+  return params, MatViT, kwargs
+
+
+# --- registrations --------------------------------------------------------------------------------
+
 for _name, (_vocab, _dim, _depth, _heads, _mlp, _extra, _metric) in _VARIANTS.items():
   register_model(_name, MatLM, family="matformer", paper_metric=_metric, vocab_size=_vocab,
+                 dim=_dim, depth=_depth, num_heads=_heads, mlp_dim=_mlp, **_extra)
+
+for _name, (_patch, _dim, _depth, _heads, _mlp, _extra, _metric) in _VIT_VARIANTS.items():
+  register_model(_name, MatViT, family="matformer", paper_metric=_metric, patch_size=_patch,
                  dim=_dim, depth=_depth, num_heads=_heads, mlp_dim=_mlp, **_extra)

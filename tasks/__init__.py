@@ -13,6 +13,7 @@ from flax import nnx
 from tasks.classification import Classification
 from tasks.forecasting import Forecasting
 from tasks.language_modeling import LanguageModeling
+from tasks.nested import Nested
 
 Sums = dict[str, tuple[jax.Array, jax.Array]]  # metric name -> (weighted sum, weight)
 
@@ -39,6 +40,16 @@ def get_task(name: str) -> Task:
   if name not in _TASKS:
     raise ValueError(f"unknown task {name!r}; expected one of {sorted(_TASKS)}")
   return _TASKS[name]()
+
+
+def from_config(config) -> Task:
+  """The task a run's config names (``config.task``); a config with ``nested.objective`` set
+  ('sum' or 'sample') trains every granularity of a nested model jointly (tasks.nested)."""
+  task = get_task(config.task)
+  nested = config.get("nested")
+  if nested is not None and nested.objective:
+    task = Nested(task, objective=nested.objective, weights=tuple(nested.weights))
+  return task
 
 
 def finalize(sums: dict[str, tuple[float, float]], task: Task | None = None) -> dict[str, float]:

@@ -1,4 +1,5 @@
 """Configs: every setting builds and names a registered model; bad flags are refused with a message."""
+import inspect
 import os
 import subprocess
 import sys
@@ -14,8 +15,10 @@ from configs import common
 from configs import hornet as hornet_config
 from configs import itransformer as itransformer_config
 from configs import matformer as matformer_config
+from configs import maxvit as maxvit_config
 from configs import transnormer as transnormer_config
 from data import catalog
+from models.maxvit import MaxViT
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ITRANSFORMER_SETTINGS = [f"{d}_{h}" for d in ("etth1", "etth2", "ettm1", "ettm2", "weather", "exchange", "ecl",
@@ -235,3 +238,76 @@ def test_hornet_official_recipe_numbers():
 def test_bad_hornet_args(arg, message):
   with pytest.raises(ValueError, match=message):
     hornet_config.get_config(arg)
+
+
+MAXVIT_SETTINGS = ([f"variant={v},res={r}" for v in ("tiny", "small", "base", "large")
+                    for r in (224, 384, 512)]
+                   + ["fashion_mnist"]
+                   + [f"finetune,variant={v},res={r}" for v in ("tiny", "small", "base", "large",
+                                                                "xlarge") for r in (224, 384, 512)]
+                   + ["finetune,data=digits", "finetune,data=image_folder"])
+
+
+@pytest.mark.parametrize("arg", MAXVIT_SETTINGS)
+def test_every_maxvit_setting_names_its_model_at_its_image_size(arg):
+  config = maxvit_config.get_config(arg)
+  info = models.model_info(config.model.name)
+  assert info.family == "maxvit"
+  overrides = {k: v for k, v in config.model.items() if k != "name"}
+  assert set(overrides) <= set(inspect.signature(MaxViT.__init__).parameters)
+  kwargs = {**info.defaults, **overrides}
+  # MaxViT takes no padding: the input is a multiple of 2^(stages + 1) x window
+  window = kwargs.get("window_size") or kwargs["img_size"] // 32
+  assert config.input.image_size == kwargs["img_size"]
+  assert config.input.image_size % (2 ** (len(kwargs["depths"]) + 1) * window) == 0
+  assert config.input.channels in (0, kwargs.get("in_chans", 3))
+  runlocal = maxvit_config.get_config(f"{arg},runlocal,seed=5")
+  assert runlocal.seed == 5 and runlocal.total_steps == 4
+  assert runlocal.model.to_dict() == config.model.to_dict()
+
+
+@pytest.mark.parametrize("arg", ["fashion_mnist", "variant=tiny,res=384"])
+def test_maxvit_settings_trace_at_their_image_size(arg):
+  config = maxvit_config.get_config(arg)
+  overrides = {k: v for k, v in config.model.items() if k != "name"}
+  abstract = nnx.eval_shape(lambda: models.create_model(
+      config.model.name, num_classes=10, rngs=nnx.Rngs(0), **overrides))
+  graphdef, state = nnx.split(abstract)
+  size, channels = config.input.image_size, overrides.get("in_chans", 3)
+  images = jax.ShapeDtypeStruct((2, size, size, channels), jnp.float32)
+  logits = jax.eval_shape(lambda s, x: nnx.merge(graphdef, s)(x), state, images)
+  assert logits.shape == (2, 10)
+
+
+def test_maxvit_official_recipe_numbers():
+  scratch = maxvit_config.get_config("variant=tiny,res=224")
+  assert scratch.model.name == "maxvit_tiny_tf_224" and scratch.data.name == "imagenet2012"
+  assert (scratch.input.batch_size, scratch.num_epochs) == (4096, 300)
+  assert (scratch.optimizer.name, scratch.optimizer.lr) == ("adamw", 3e-3)
+  assert scratch.optimizer.lr * scratch.schedule.end_lr_factor == pytest.approx(1e-5)
+  assert (scratch.schedule.name, scratch.schedule.warmup_steps) == ("warmup_cosine", 10_000)
+  assert (scratch.optimizer.weight_decay, scratch.optimizer.clip_norm) == (0.05, 1.0)
+  ra, mix = scratch.input.randaugment, scratch.input.mixup
+  assert (ra.num_layers, ra.magnitude, ra.prob, ra.exclude_ops) == (2, 15.0, 1.0, ())
+  assert (mix.mixup_alpha, mix.cutmix_alpha, scratch.input.label_smoothing) == (0.8, 0.0, 0.1)
+  assert scratch.input.mean == common.IMAGENET_MEAN and scratch.input.crop_pct == 224 / 256
+  finetune = maxvit_config.get_config("variant=base,res=512")
+  assert finetune.model.name == "maxvit_base_tf_512" and finetune.model.rel_pos_size == 13
+  assert (finetune.input.batch_size, finetune.num_epochs) == (512, 30)
+  assert (finetune.optimizer.lr, finetune.schedule.name) == (5e-5, "constant")
+  assert finetune.optimizer.weight_decay == 1e-8 and finetune.input.mean == (0.5,)
+  assert finetune.init_from.dont_load == ("head/(pre_logits|fc)/.*",)
+  assert finetune.input.crop_pct == 512 / 544
+  fmnist = maxvit_config.get_config("fashion_mnist")
+  assert fmnist.eval_splits == fmnist.final_eval_splits == ("test",)
+
+
+@pytest.mark.parametrize("arg, message", [
+    ("imagenet", "unknown MaxViT setting"),
+    ("variant=xlarge", r"variant in \('tiny', 'small', 'base', 'large'\)"),
+    ("finetune,variant=huge", "variant in"),
+    ("variant=tiny,res=256", r"res in \(224, 384, 512\)"),
+])
+def test_bad_maxvit_args(arg, message):
+  with pytest.raises(ValueError, match=message):
+    maxvit_config.get_config(arg)

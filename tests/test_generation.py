@@ -1,6 +1,6 @@
 """models.generate: greedy equals the argmax of the full forward at every step (KV-cache MatLM and
 recurrent TransNormerLLM), sampling filters (top-k, nucleus) and their frequencies, memory,
-inputs."""
+inputs; speculative decoding gives exactly the target's greedy tokens whatever the draft."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,7 +8,8 @@ import pytest
 from flax import nnx
 
 import models
-from models.generation import Sampling
+from models import matformer
+from models.generation import Sampling, speculative_generate
 
 SMALL_LMS = {
     "matlm_rope": ("matlm_tiny", dict(vocab_size=64, dim=32, depth=2, num_heads=4, mlp_dim=64)),
@@ -123,3 +124,47 @@ def test_bad_inputs_are_refused():
   with pytest.raises(ValueError, match="has no init_cache"):
     models.generate(models.create_model("itransformer_etth1_96"), PROMPT, 3)
   np.testing.assert_array_equal(models.generate(model, PROMPT, 0), PROMPT)
+
+
+# --- speculative decoding -------------------------------------------------------------------------
+
+
+def _drafts(target):
+  return {"itself": (target, {}), "extracted_s": (matformer.extract(target, 8), {}),
+          "own_s_width": (target, {"granularity": 8}),
+          "unrelated": (_model("matlm_alibi_mqa"), {})}
+
+
+def test_speculative_decoding_gives_the_targets_greedy_tokens():
+  target = _model("matlm_rope")
+  cases = {"itself": (target, {}), "extracted_s": (matformer.extract(target, 8), {}),
+           "own_s_width": (target, {"granularity": 8}),
+           "unrelated": (_model("matlm_alibi_mqa"), {})}
+  expected = models.generate(target, PROMPT, 12)
+  rates = {}
+  for name, (draft, kwargs) in cases.items():
+    out, stats = speculative_generate(target, draft, PROMPT, 12, num_draft=4,
+                                      draft_kwargs=kwargs)
+    np.testing.assert_array_equal(out, expected, err_msg=name)
+    # one token from the prompt's call, then the kept proposals + 1 per round (the last round
+    # may run past the end)
+    assert 12 <= 1 + stats["accepted"] + stats["rounds"] <= 12 + 4, (name, stats)
+    assert stats["proposed"] == 4 * stats["rounds"]
+    rates[name] = stats["acceptance_rate"]
+  assert rates["itself"] == 1.0 and rates["unrelated"] < 1.0
+  # the extracted sub-model is the target at width 8: the same proposals, the same rounds
+  assert rates["extracted_s"] == rates["own_s_width"]
+  # a one-token prompt, one proposal per round
+  out, stats = speculative_generate(target, target, PROMPT[:, :1], 7, num_draft=1)
+  np.testing.assert_array_equal(out, models.generate(target, PROMPT[:, :1], 7))
+  assert stats == {"rounds": 3, "accepted": 3, "proposed": 3, "acceptance_rate": 1.0}
+
+
+def test_speculative_decoding_refuses_models_without_a_kv_cache():
+  target = _model("matlm_rope")
+  with pytest.raises(ValueError, match=r"the draft TransNormerLLM has none"):
+    speculative_generate(target, _model("transnormer_llm"), PROMPT, 4)
+  with pytest.raises(ValueError, match="num_draft must be an int >= 1"):
+    speculative_generate(target, target, PROMPT, 4, num_draft=0)
+  with pytest.raises(ValueError, match="max_new_tokens must be an int >= 1"):
+    speculative_generate(target, target, PROMPT, 0)

@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import importlib
 import os
+import re
 from typing import Callable, Mapping
 
 import numpy as np
 
 _WRAPPER_KEYS = ("state_dict", "model")  # training scripts often save {"model": state_dict, "epoch": ...}
 _TORCH_SUFFIXES = (".pth", ".pt")
+# flax.serialization msgpack: flax.training.checkpoints' (scenic's) `checkpoint_<step>` files
+_FLAX_CHECKPOINT = re.compile(r"checkpoint_\d+|.*\.msgpack")
 
 
 def get_converter(family: str) -> Callable:
@@ -40,13 +43,20 @@ def known_families() -> list[str]:
 
 
 def is_official_checkpoint(path) -> bool:
-  return os.path.isfile(path) and str(path).endswith(_TORCH_SUFFIXES + (".safetensors",))
+  return os.path.isfile(path) and (str(path).endswith(_TORCH_SUFFIXES + (".safetensors",))
+                                   or _is_flax_checkpoint(path))
+
+
+def _is_flax_checkpoint(path) -> bool:
+  return bool(_FLAX_CHECKPOINT.fullmatch(os.path.basename(os.fspath(path))))
 
 
 def read_state_dict(path) -> dict[str, np.ndarray]:
-  """A `.pth`/`.pt` (read without torch, see torch_pickle) or `.safetensors` file -> {key: numpy array}.
+  """A `.pth`/`.pt` (read without torch, see torch_pickle), `.safetensors` or flax msgpack
+  (`checkpoint_<step>`, `.msgpack`) file -> {key: numpy array}.
 
-  Unwraps {"state_dict": ...} / {"model": ...} and strips DataParallel's `module.` prefix.
+  Unwraps {"state_dict": ...} / {"model": ...} and strips DataParallel's `module.` prefix. A flax
+  file's params (a train state's 'params') are flattened into '/'-joined names.
   """
   path = os.fspath(path)
   if not os.path.isfile(path):
@@ -57,8 +67,11 @@ def read_state_dict(path) -> dict[str, np.ndarray]:
   elif path.endswith(_TORCH_SUFFIXES):
     from models.convert import torch_pickle
     state = torch_pickle.load(path)
+  elif _is_flax_checkpoint(path):
+    state = _read_flax_params(path)
   else:
-    raise ValueError(f"expected a .pth, .pt or .safetensors file, got {path}")
+    raise ValueError(f"expected a .pth, .pt, .safetensors or flax msgpack (checkpoint_<step>, "
+                     f".msgpack) file, got {path}")
   while isinstance(state, Mapping) and not _is_state_dict(state):
     wrapped = [k for k in _WRAPPER_KEYS if isinstance(state.get(k), Mapping)]
     if not wrapped:
@@ -67,6 +80,22 @@ def read_state_dict(path) -> dict[str, np.ndarray]:
   if not isinstance(state, Mapping):
     raise ValueError(f"{path} holds a {type(state).__name__}, not a state_dict")
   return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def _read_flax_params(path: str) -> dict[str, np.ndarray]:
+  """The params of a flax msgpack file as {'a/b/kernel': array}: a train state's (or a flax
+  variables dict's) 'params' entry, else the whole tree."""
+  from flax import serialization, traverse_util
+  with open(path, "rb") as f:
+    try:
+      tree = serialization.msgpack_restore(f.read())
+    except Exception as e:  # msgpack raises several types for a file that is not msgpack
+      raise ValueError(f"{path} is not a flax msgpack checkpoint: {e}") from e
+  while isinstance(tree, Mapping) and isinstance(tree.get("params"), Mapping):
+    tree = tree["params"]
+  if not isinstance(tree, Mapping):
+    raise ValueError(f"{path} holds a {type(tree).__name__}, not a tree of params")
+  return {"/".join(k): np.asarray(v) for k, v in traverse_util.flatten_dict(tree).items()}
 
 
 def _is_state_dict(state: Mapping) -> bool:

@@ -35,7 +35,7 @@ def convert_file(family: str, src, dst, *, model_name: str | None = None, n_head
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(prog="python -m models.convert", description=__doc__.split("\n\n")[1])
   parser.add_argument("family", help="model family, e.g. itransformer")
-  parser.add_argument("src", help="official checkpoint: .pth, .pt or .safetensors")
+  parser.add_argument("src", help="official checkpoint: .pth, .pt, .safetensors, flax msgpack")
   parser.add_argument("dst", help="output params directory (must not exist)")
   parser.add_argument("--model", help="registered variant the checkpoint belongs to, e.g. itransformer_etth1_96")
   parser.add_argument("--n-heads", type=int, help="attention heads (not visible in the shapes; default 8)")

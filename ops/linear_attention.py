@@ -15,8 +15,8 @@ Paths:
   ``M_ts = lambda^(t-s)`` for ``t >= s``, in f32 with ``precision=HIGHEST``: O(L^2), the spec.
 * ``"xla"``: the chunked form of Lightning Attention-2 in jnp: within a block of C tokens the left
   product with the decay mask, across blocks the right product with a running f32 state
-  ``S = lambda^C S + (K * lambda^(C-1-c))^T V`` carried by ``lax.scan``, one block per step;
-  linear in L (time per token flat from 1K to 32K tokens on CPU).
+  ``S = lambda^C S + (K * lambda^(C-1-c))^T V`` carried by ``lax.fori_loop``, one block per
+  step, sliced in place: linear in L (time per token flat from 1K to 32K tokens on CPU).
 * ``"pallas"``: the same sweep as a Pallas kernel, one program per (batch, head, value-column
   block) looping over the sequence blocks with the state in registers/VMEM (Lightning
   Attention-2's forward); in the interpreter on CPU.
@@ -57,11 +57,11 @@ _HIGHEST = lax.Precision.HIGHEST
 
 # The Pallas kernel runs only when named until it has been validated and timed on a device.
 _PREFERENCE = {"cpu": ("xla",), "gpu": ("xla",), "tpu": ("xla",)}
-# Sequence block of the chunked sweep. XLA: every block is one sequential scan step, so a longer
-# block amortises the step's overhead while its [C, C] scores stay in cache; the Pallas kernel keeps
-# Lightning Attention-2's 64-token tiles.
-_XLA_BLOCK = 128
-_PALLAS_BLOCK = 64
+# Sequence block of the chunked sweep, both paths: Lightning Attention-2's 64-token tiles. XLA:CPU,
+# fwd+bwd: 64 takes ~25 % (D = E = 64) or ~10 % (128) less time than 128, whose [C, C] products
+# cost twice the flops per token; 32 is up to 10 % faster still on CPU, but too narrow a tile for
+# the XLA path on GPU and TPU matrix units.
+_BLOCK = 64
 # Widest value-column slice per Pallas program (Lightning Attention-2 splits the value dim so that
 # one program's f32 state stays small).
 _PALLAS_BLOCK_VALUE = 128
@@ -153,23 +153,22 @@ def _sweep_xla(q, k, v, decay, block, reverse=False):
   """Causal (or, with ``reverse``, anti-causal: ``o_t = sum_{s >= t} lambda^(s-t) ...``) chunked
   linear attention on validated inputs, ``[B, L, H, E]`` in ``q.dtype``.
 
-  One ``lax.scan`` step per block does all of that block's work (intra-block left product,
-  inter-block right product, state update), so the working set stays one block whatever L is:
-  the time per token does not grow with L as it does when the intra-block products of every block
-  are materialised at once (measured on CPU: ~3x more per token at 32K than at 1K). Blocks are
-  laid out ``[n, B, H, C, *]`` so that every per-step product is batched over leading (B, H).
-  The anti-causal sweep runs the scan backwards with the transposed mask and the mirrored decays
-  (no reversed copies of the inputs)."""
+  One ``lax.fori_loop`` step per block does all of that block's work (intra-block left product,
+  inter-block right product, state update) on a ``dynamic_slice`` of the ``[B, L, H, *]`` inputs
+  and writes its rows of the output in place, so that nothing of size L is copied or transposed
+  (and bf16 inputs are cast per block): materialising the intra-block products of every block at
+  once, or a blocked ``[n, B, H, C, *]`` copy of the inputs, streams the whole sequence through
+  memory again, which made the time per token grow once L left the cache (CPU: ~3x, then ~1.5x
+  more per token at 32K than at 1K). The anti-causal sweep visits the blocks last to first with the
+  transposed mask and the mirrored decays (no reversed copies of the inputs)."""
   b, length, h, d = q.shape
   e = v.shape[-1]
   c = _block_size(length, block)
   n = -(-length // c)
-  pad = ((0, 0), (0, n * c - length), (0, 0), (0, 0))
-
-  # Zero padding at the end: padded keys and values add nothing, padded queries are cut below.
-  def blocks(x):
-    x = jnp.pad(x.astype(_F32), pad).reshape(b, n, c, h, x.shape[-1])
-    return jnp.transpose(x, (1, 0, 3, 2, 4))                         # [n, B, H, C, *]
+  # Zero padding at the end: padded keys and values add nothing, padded query rows are cut.
+  if n * c != length:
+    pad = ((0, 0), (0, n * c - length), (0, 0), (0, 0))
+    q, k, v = (jnp.pad(x, pad) for x in (q, k, v))
 
   mask = _decay_mask(decay, c, c)                                     # [H or 1, C, C]
   if decay is None:
@@ -180,21 +179,24 @@ def _sweep_xla(q, k, v, decay, block, reverse=False):
   if reverse:  # key s of a later block is s - t + ... away: the causal factors mirrored
     mask = jnp.swapaxes(mask, -1, -2)
     q_decay, k_decay = q_decay[:, ::-1], k_decay[:, ::-1]
-  q_decay, k_decay = q_decay[..., None], k_decay[..., None]           # [H or 1, C, 1]
+  q_decay, k_decay = q_decay.T[:, :, None], k_decay.T[:, :, None]     # [C, H or 1, 1]
   block_decay = block_decay[:, None, None]
 
-  def step(state, blocks_t):                                          # state [B, H, D, E] f32
-    q_t, k_t, v_t = blocks_t                                          # [B, H, C, *]
-    scores = jnp.einsum("bhqd,bhkd->bhqk", q_t, k_t, precision=_HIGHEST) * mask
-    out = jnp.einsum("bhqk,bhke->bhqe", scores, v_t, precision=_HIGHEST)
-    out = out + jnp.einsum("bhqd,bhde->bhqe", q_t * q_decay, state, precision=_HIGHEST)
-    update = jnp.einsum("bhkd,bhke->bhde", k_t * k_decay, v_t, precision=_HIGHEST)
+  def step(i, carry):                                                 # state [B, H, D, E] f32
+    state, out = carry
+    start = (n - 1 - i if reverse else i) * c
+    q_t, k_t, v_t = (lax.dynamic_slice_in_dim(x, start, c, axis=1).astype(_F32)
+                     for x in (q, k, v))                              # [B, C, H, *]
+    scores = jnp.einsum("bqhd,bkhd->bhqk", q_t, k_t, precision=_HIGHEST) * mask
+    out_t = jnp.einsum("bhqk,bkhe->bqhe", scores, v_t, precision=_HIGHEST)
+    out_t = out_t + jnp.einsum("bqhd,bhde->bqhe", q_t * q_decay, state, precision=_HIGHEST)
+    update = jnp.einsum("bkhd,bkhe->bhde", k_t * k_decay, v_t, precision=_HIGHEST)
+    out = lax.dynamic_update_slice_in_dim(out, out_t.astype(out.dtype), start, axis=1)
     return block_decay * state + update, out
 
-  _, out = lax.scan(step, jnp.zeros((b, h, d, e), _F32), (blocks(q), blocks(k), blocks(v)),
-                    reverse=reverse)
-  out = jnp.transpose(out, (1, 0, 3, 2, 4)).reshape(b, n * c, h, e)
-  return out[:, :length].astype(q.dtype)
+  carry = (jnp.zeros((b, h, d, e), _F32), jnp.zeros((b, n * c, h, e), q.dtype))
+  _, out = lax.fori_loop(0, n, step, carry)
+  return out[:, :length]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -348,8 +350,8 @@ _lightning.defvjp(_lightning_fwd, _lightning_bwd)
 def _make_sweep(implementation, head_dim, v_head_dim, name):
   reasons = {"xla": lambda: None, "pallas": lambda: _pallas_reason(head_dim, v_head_dim)}
   if dispatch.choose(name, implementation, reasons, _PREFERENCE) == "pallas":
-    return _Sweep("pallas", _PALLAS_BLOCK, _default_target())
-  return _Sweep("xla", _XLA_BLOCK)
+    return _Sweep("pallas", _BLOCK, _default_target())
+  return _Sweep("xla", _BLOCK)
 
 
 def lightning_attention(q, k, v, *, decay=None, implementation=None):

@@ -59,7 +59,7 @@ DECAY3 = np.array([0.0, 0.05, 0.7], np.float32)
 
 @pytest.mark.parametrize("length,decay", [(1, DECAY3), (64, None), (150, DECAY3), (150, None)])
 def test_paths_match_the_recurrence(length, decay):
-  """150: a ragged last block for both paths' blocks (128 and 64)."""
+  """150: three blocks of 64 tokens (both paths), the last one ragged."""
   q, k, v = _qkv(2, length, 3, 16, 24, seed=length)
   want, _ = _recurrence(q, k, v, decay)
   _close(_reference(q, k, v, decay=decay), want, 1e-5)
@@ -122,6 +122,26 @@ def test_backward_is_deterministic():
                           (0, 1, 2)))
   for a, b in zip(grad(q, k, v), grad(q, k, v)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def _scratch_bytes(fn, *shapes):
+  analysis = jax.jit(fn).lower(*shapes).compile().memory_analysis()
+  assert analysis is not None, "XLA:CPU reports the compiled memory"
+  return analysis.temp_size_in_bytes
+
+
+def test_xla_path_copies_nothing_of_the_sequence_length():
+  """The chunked path slices its blocks out of [B, L, H, *] and writes the output rows in place:
+  the forward's scratch memory is the same at 2K and 16K tokens, and the backward's grows by less
+  than one [B, L, H, E] buffer (XLA zero-fills one and copies it into the three gradients). A
+  blocked or transposed copy of the inputs (8 MiB each at 16K here) made the time per token grow
+  with L once the sequence no longer fitted in the cache."""
+  forward = lambda q, k, v: lightning_attention(q, k, v, decay=DECAY3[:2], implementation="xla")
+  backward = lambda q, k, v, do: jax.vjp(forward, q, k, v)[1](do)
+  short, long = (jax.ShapeDtypeStruct((1, n, 2, 64), jnp.float32) for n in (2048, 16384))
+  assert _scratch_bytes(forward, *[long] * 3) == _scratch_bytes(forward, *[short] * 3)
+  growth = _scratch_bytes(backward, *[long] * 4) - _scratch_bytes(backward, *[short] * 4)
+  assert growth < 16384 * 2 * 64 * 4, growth
 
 
 # --- bf16: error-ratio rule (FlashAttention tests) ------------------------------------------------

@@ -1,13 +1,16 @@
-"""Benchmarks of the attention ops: forward, backward and forward+backward, side by side.
+"""Benchmarks of the attention ops and the depthwise convs beside them: forward, backward, both.
 
-    python benchmarks/ops.py --suite window_cpu      # CPU: the zoo's window attention vs the naive code
-    python benchmarks/ops.py --suite attention       # GPU/TPU: Pallas vs XLA vs cuDNN, dense and biased
-    python benchmarks/ops.py --suite window          # GPU/TPU: 49-token windows, Pallas vs XLA vs cuDNN
+    python benchmarks/ops.py --suite window_cpu     # CPU: the zoo's window attention vs naive code
+    python benchmarks/ops.py --suite attention      # GPU/TPU: Pallas vs XLA vs cuDNN, dense, biased
+    python benchmarks/ops.py --suite window         # GPU/TPU: 49-token windows, Pallas/XLA/cuDNN
+    python benchmarks/ops.py --suite routing_cpu    # CPU: BiFormer routing (gather) vs dense
+    python benchmarks/ops.py --suite routing        # GPU/TPU: routing Pallas vs gather, dense
+    python benchmarks/ops.py --suite depthwise_cpu  # CPU: layers.depthwise_conv2d vs grouped conv
 
 Every row is measured in this run on this machine; ratios are against the other implementations of
-the same row. Timing follows specs/kernels.md §4.5: jit, one call to compile (left out), >= 3 warm-up
-calls, then >= 10 repetitions of >= 25 ms each; median with p10/p90. Wall clock with
-`block_until_ready` (CUPTI needs a GPU and Mosaic GPU's profiler; on a GPU pass --cupti).
+the same row. Timing follows specs/kernels.md §4.5: jit, one call to compile (left out), >= 3
+warm-up calls, then >= 10 repetitions of >= 25 ms each; median with p10/p90. Wall clock with
+`block_until_ready`, host overhead included (no CUPTI kernel timing).
 FLOPs are logical (4 B H Lq Lk D forward, 2.5x that backward; half when causal); bytes are the
 minimum HBM traffic (q, k, v, o forward; + do, dq, dk, dv backward; + the bias once).
 `--json PATH` writes the rows with the device, versions and block sizes.
@@ -28,8 +31,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import ops  # noqa: E402
+from models.layers import depthwise_conv2d  # noqa: E402
 from ops import attention as attention_fn  # noqa: E402
-from ops import window_attention  # noqa: E402
+from ops import routing_attention, window_attention  # noqa: E402
 from ops.attention import _DEFAULT_BLOCK, _default_target  # noqa: E402
 
 # Dense bf16 peak (TFLOP/s, no sparsity) and HBM bandwidth (TB/s) by device kind (spec sheets).
@@ -91,14 +95,18 @@ def _inputs(shape, dtype, seed=0, lk=None):
 
 
 def _passes(f, args):
-  """Jitted forward, backward alone and forward+backward of f(*args) with a random cotangent."""
+  """Jitted forward, backward alone and forward+backward of f(*args) with a random cotangent.
+
+  The backward takes the VJP (its residuals) as an argument: closed over, the residuals would be
+  compile-time constants that XLA partly folds away, timing less work than a real backward.
+  """
   out = f(*args)
   do = jax.random.normal(jax.random.key(9), out.shape, out.dtype)
   fwd = jax.jit(f)
   _, vjp = jax.vjp(f, *args)
-  bwd = jax.jit(lambda ct: vjp(ct))
+  bwd = jax.jit(lambda vjp, ct: vjp(ct))
   both = jax.jit(lambda *a: jax.vjp(f, *a)[1](do))
-  return {"fwd": (fwd, args), "bwd": (bwd, (do,)), "fwd+bwd": (both, args)}
+  return {"fwd": (fwd, args), "bwd": (bwd, (vjp, do)), "fwd+bwd": (both, args)}
 
 
 def _row(case, impl, pass_name, seconds, flops, bytes_, peaks, extra=None):
@@ -135,10 +143,7 @@ def suite_window_cpu(args):
     }
     cost = _attention_cost(n, 49, 49, h, d, False, 4, 4 * h * 13 * 13)
     for impl, f in impls.items():
-      for pass_name, (fn, fargs) in _passes(f, (q, k, v, table)).items():
-        memory = temp_bytes(fn, *fargs)
-        rows.append(_row(case, impl, pass_name, time_fn(fn, *fargs), *cost[pass_name], None,
-                         {"temp_mib": None if memory is None else memory / 2 ** 20}))
+      rows += _measure(case, impl, f, (q, k, v, table), cost, with_memory=True)
   return rows
 
 
@@ -182,7 +187,69 @@ def suite_window(args):
   return rows
 
 
-def _measure(case, impl, f, fargs, cost):
+# BiFormer-T at 224 (n_win 7, head dim 32): (stage, map side, channels, heads, top-k regions).
+_BIFORMER_T_STAGES = ((1, 56, 64, 2, 1), (2, 28, 128, 4, 4), (3, 14, 256, 8, 16))
+
+
+def _routing_rows(batch, dtype, routing_impls, dense_impls, with_memory):
+  """Routing attention at the BiFormer-T stage shapes, and dense attention over the same tokens
+  (what routing replaces), both with BiFormer's scale qk_dim ** -0.5."""
+  rows = []
+  for stage, side, channels, heads, topk in _BIFORMER_T_STAGES:
+    q, k, v, _ = _inputs((batch, side, side, channels), dtype)
+    tokens, region_tokens, d = side * side, (side // 7) ** 2, channels // heads
+    case = f"stage{stage} {side}x{side} C{channels} H{heads} top{topk} B{batch}"
+    scale = channels ** -0.5
+    for impl in routing_impls:
+      f = (lambda q, k, v, impl=impl: routing_attention(
+          q, k, v, num_heads=heads, n_win=7, topk=topk, scale=scale, implementation=impl))
+      cost = _attention_cost(batch, tokens, topk * region_tokens, heads, d, False,
+                             jnp.dtype(dtype).itemsize, 0)
+      rows += _measure(case, f"routing {impl}", f, (q, k, v), cost, with_memory)
+    for impl in dense_impls:
+      def f(q, k, v, impl=impl):
+        split = [x.reshape(batch, tokens, heads, d) for x in (q, k, v)]
+        return attention_fn(*split, scale=scale, implementation=impl)
+      cost = _attention_cost(batch, tokens, tokens, heads, d, False, jnp.dtype(dtype).itemsize, 0)
+      rows += _measure(case, f"dense {impl}", f, (q, k, v), cost, with_memory)
+  return rows
+
+
+def suite_routing_cpu(args):
+  """BiFormer-T stages, f32, batch 2: the gather reference (the CPU path) vs dense attention.
+  The Pallas kernel only runs in the interpreter on CPU, which says nothing about its speed."""
+  return _routing_rows(2, jnp.float32, ["xla"], ["xla"], with_memory=True)
+
+
+def suite_routing(args):
+  """BiFormer-T stages, bf16, batch 64: the Pallas kernel vs the gather reference vs dense."""
+  return _routing_rows(64, jnp.bfloat16, ["xla", "pallas"], _implementations(), with_memory=True)
+
+
+def suite_depthwise_cpu(args):
+  """The depthwise convs beside the attention (BiFormer's 3x3 CPE and 5x5 LCE, HorNet's 7x7) at
+  BiFormer-T / HorNet-T stage shapes, batch 8: `layers.depthwise_conv2d` (its CPU path: shifted
+  products, custom VJP) vs XLA's grouped conv. FLOPs 2 k^2 per output, 3x that with the backward."""
+  rows = []
+  for side, channels, kernel in ((56, 64, 3), (56, 64, 5), (14, 256, 5), (56, 64, 7)):
+    x = jax.random.normal(jax.random.key(0), (8, side, side, channels))
+    w = jax.random.normal(jax.random.key(1), (kernel, kernel, channels))
+    impls = {
+        "zoo depthwise_conv2d": depthwise_conv2d,
+        "xla grouped conv": lambda x, w: jax.lax.conv_general_dilated(
+            x, w[:, :, None], (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"),
+            feature_group_count=x.shape[-1]),
+    }
+    flops = 2.0 * x.size * kernel * kernel
+    cost = {"fwd": (flops, 2 * x.nbytes), "bwd": (2 * flops, 3 * x.nbytes),
+            "fwd+bwd": (3 * flops, 4 * x.nbytes)}
+    for impl, f in impls.items():
+      rows += _measure(f"{side}x{side} C{channels} k{kernel} B8", impl, f, (x, w), cost,
+                       with_memory=True)
+  return rows
+
+
+def _measure(case, impl, f, fargs, cost, with_memory=False):
   peaks = PEAKS.get(jax.devices()[0].device_kind)
   rows = []
   try:
@@ -190,7 +257,11 @@ def _measure(case, impl, f, fargs, cost):
   except ValueError as e:  # this implementation cannot serve the case: say why, keep going
     return [dict(case=case, implementation=impl, skipped=str(e))]
   for pass_name, (fn, a) in passes.items():
-    rows.append(_row(case, impl, pass_name, time_fn(fn, *a), *cost[pass_name], peaks))
+    extra = None
+    if with_memory:
+      memory = temp_bytes(fn, *a)
+      extra = {"temp_mib": None if memory is None else memory / 2 ** 20}
+    rows.append(_row(case, impl, pass_name, time_fn(fn, *a), *cost[pass_name], peaks, extra))
   return rows
 
 
@@ -238,7 +309,9 @@ def add_ratios(rows, baseline):
 
 
 SUITES = {"window_cpu": (suite_window_cpu, "naive einsum"), "attention": (suite_attention, "xla"),
-          "window": (suite_window, "xla")}
+          "window": (suite_window, "xla"), "routing_cpu": (suite_routing_cpu, "routing xla"),
+          "routing": (suite_routing, "routing xla"),
+          "depthwise_cpu": (suite_depthwise_cpu, "xla grouped conv")}
 
 
 def main(argv=None):

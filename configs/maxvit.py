@@ -171,9 +171,16 @@ def _fashion_mnist(arg) -> ml_collections.ConfigDict:
   """A small MaxViT on Fashion-MNIST, sized for 2 CPU cores.
 
   Three stages of one MaxViT block each (widths 32/64/128, heads of 32 as in every variant) after
-  a 32-wide stem; the 28 x 28 images are resized to 32 so that every map divides into 2 x 2
-  windows and grids (stage maps 8, 4, 2). The block layout, MBConv, relative-position bias and
-  head are the published ones; only widths, depths and the window are small.
+  a 32-wide stem, 747,328 parameters; the 28 x 28 images are resized to 32 so that every map
+  divides into 2 x 2 windows and grids (stage maps 8, 4, 2). The block layout, MBConv,
+  relative-position bias and head are the published ones; only widths, depths and the window are
+  small.
+
+  4 epochs at a batch of 256 (936 steps), AdamW lr 3e-3, 100 warm-up steps, cosine to 0: 90.97 %
+  test accuracy in 16.4 min wall (21.6 CPU-min) on a shared 2-core CPU (benchmarks/RESULTS.md).
+  The test accuracy reads low early in the run (13.7 % after epoch 1 at ~85 % train accuracy):
+  BatchNorm's running statistics (momentum 0.99) trail weights that still move fast at the peak
+  lr, and catch up as the lr decays.
   """
   c = common.base_config()
   c.task = "classification"
@@ -193,16 +200,16 @@ def _fashion_mnist(arg) -> ml_collections.ConfigDict:
   c.input.hflip = 0.5
   c.input.mean, c.input.std = common.FASHION_MNIST_MEAN, common.FASHION_MNIST_STD
   c.input.label_smoothing = 0.1
-  c.input.batch_size = 128
+  c.input.batch_size = 256
   c.input.eval_batch_size = 500
   c.optimizer.name = "adamw"
-  c.optimizer.lr = 2e-3
+  c.optimizer.lr = 3e-3
   c.optimizer.weight_decay = 0.05
   c.optimizer.clip_norm = 1.0
   c.schedule.name = "warmup_cosine"
-  c.schedule.warmup_steps = 200
-  c.num_epochs = 5
-  c.log_every_steps = 50
+  c.schedule.warmup_steps = 100
+  c.num_epochs = 4
+  c.log_every_steps = 25
   c.eval_splits = ("test",)            # Fashion-MNIST has train and test only
   c.final_eval_splits = ("test",)
   return c

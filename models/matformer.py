@@ -21,9 +21,11 @@ Attention is causal `ops.attention` with a fused qkv projection, multi-head or m
 MatFormer-OLMo reproduction's sizes and architecture (sequential pre-LN blocks, LayerNorm with
 bias, exact GELU, biases everywhere, multi-query attention, ALiBi, mlp_ratio 8, tied embedding).
 
-Generation: `init_cache(batch, max_len)` allocates a KV cache (keys after RoPE, kv heads only);
-`decode_step(tokens, cache)` writes the new keys and values at the cache's offset and attends to
-every position written so far, so a prefill of T tokens and T single steps give the same logits.
+Generation: `init_cache(batch, max_len)` allocates a head-major KV cache (keys after RoPE, kv
+heads only); `decode_step(tokens, cache)` writes the new keys and values at the cache's offset
+and attends to every position written so far, block by block with an online softmax (the cost
+follows the filled length, not max_len), so a prefill of T tokens and T single steps give the
+same logits.
 An extracted sub-model drafts for the full model in `models.generation.speculative_generate`.
 """
 from __future__ import annotations
@@ -119,18 +121,69 @@ class CausalSelfAttention(nnx.Module):
 
   def step(self, x: jax.Array, cache: dict, offset: jax.Array) -> tuple[jax.Array, dict]:
     """Tokens at positions offset, offset + 1, ... after the ``cache`` {'k', 'v'}
-    [B, max_len, kv_heads, head_dim] filled up to ``offset``."""
+    [B, kv_heads, max_len, head_dim] filled up to ``offset``."""
     q_positions = offset + jnp.arange(x.shape[1])
     q, k, v = self._qkv(x, q_positions)
-    start = (0, offset, 0, 0)
-    keys = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), start)
-    values = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), start)
-    k_positions = jnp.arange(keys.shape[1])
-    visible = k_positions[None, :] <= q_positions[:, None]          # [T, max_len]
-    alibi = self._alibi(q_positions, k_positions)
-    bias = jnp.where(visible, 0.0 if alibi is None else alibi, _MASK_VALUE)
-    out = self._attend(q, keys.astype(q.dtype), values.astype(q.dtype), bias=bias, causal=False)
-    return out, {"k": keys, "v": values}
+    start = (0, 0, offset, 0)
+    # Head-major: the new [B, T, kv_heads, D] rows are transposed, not the whole cache.
+    keys, values = (jax.lax.dynamic_update_slice(cache[name], new.transpose(0, 2, 1, 3)
+                                                 .astype(cache[name].dtype), start)
+                    for name, new in (("k", k), ("v", v)))
+    slopes = None if self.slopes is None else jnp.asarray(self.slopes, jnp.float32)
+    out = _cached_attention(q, keys, values, q_positions, slopes=slopes)
+    return self.out(out.reshape(*out.shape[:2], -1)), {"k": keys, "v": values}
+
+
+# Key positions per block of the cached attention: the loop runs over the blocks written so far.
+_CACHE_BLOCK = 256
+
+
+def _cached_attention(q: jax.Array, keys: jax.Array, values: jax.Array, q_positions: jax.Array,
+                      *, slopes: jax.Array | None, block: int = _CACHE_BLOCK) -> jax.Array:
+  """Causal softmax attention of queries q [B, T, H, D] at ``q_positions`` [T] (consecutive)
+  to a head-major cache [B, kv_heads, max_len, D] written up to ``q_positions[-1]``.
+
+  The cost follows the filled length, not max_len: a loop over blocks of ``block`` key
+  positions up to the last query's position, with an online softmax (f32 running max, sum and
+  output). A group of H / kv_heads query heads shares each kv head through a reshape (no copies
+  of K and V). ALiBi's ``slope_h * (k - q)`` is added when ``slopes`` [H] is given.
+  Returns [B, T, H, D] in q's dtype."""
+  batch, length, num_heads, head_dim = q.shape
+  kv_heads, max_len = keys.shape[1], keys.shape[2]
+  group = num_heads // kv_heads
+  block = min(block, max_len)
+  qf = q.astype(jnp.float32).reshape(batch, length, kv_heads, group, head_dim)
+  qf = qf.transpose(0, 2, 3, 1, 4) * (1.0 / math.sqrt(head_dim))      # [B, KV, G, T, D]
+  if slopes is not None:
+    slopes = slopes.reshape(kv_heads, group)[:, :, None, None]
+
+  def attend_block(i, carry):
+    running_max, running_sum, acc = carry
+    # The last block is clamped to end at max_len; keys before i * block were already counted.
+    begin = jnp.minimum(i * block, max_len - block)
+    k_blk, v_blk = (jax.lax.dynamic_slice_in_dim(t, begin, block, axis=2).astype(jnp.float32)
+                    for t in (keys, values))
+    k_positions = begin + jnp.arange(block)
+    visible = ((k_positions[None, :] <= q_positions[:, None])
+               & (k_positions[None, :] >= i * block))                  # [T, block]
+    scores = jnp.einsum("bkgtd,bksd->bkgts", qf, k_blk)
+    if slopes is not None:
+      scores = scores + slopes * (k_positions[None, :] - q_positions[:, None])
+    scores = jnp.where(visible, scores, _MASK_VALUE)
+    new_max = jnp.maximum(running_max, scores.max(axis=-1))
+    probs = jnp.where(visible, jnp.exp(scores - new_max[..., None]), 0.0)
+    rescale = jnp.exp(running_max - new_max)
+    running_sum = running_sum * rescale + probs.sum(axis=-1)
+    acc = acc * rescale[..., None] + jnp.einsum("bkgts,bksd->bkgtd", probs, v_blk)
+    return new_max, running_sum, acc
+
+  stats_shape = (batch, kv_heads, group, length)
+  init = (jnp.full(stats_shape, _MASK_VALUE, jnp.float32), jnp.zeros(stats_shape, jnp.float32),
+          jnp.zeros((*stats_shape, head_dim), jnp.float32))
+  num_blocks = q_positions[-1] // block + 1
+  _, total, acc = jax.lax.fori_loop(0, num_blocks, attend_block, init)
+  out = acc / total[..., None]          # every query sees key 0, so the sum is positive
+  return out.transpose(0, 3, 1, 2, 4).reshape(q.shape).astype(q.dtype)
 
 
 class MatLMBlock(nnx.Module):
@@ -240,7 +293,8 @@ class MatLM(NestedFFNs, nnx.Module):
     act: 'gelu' (exact), 'gelu_tanh', 'relu' or 'silu'.
     use_bias: biases in every Linear (OLMo's include_bias).
     dropout: on the embedding, each branch output and the FFN hidden units (training only).
-    attn_implementation: passed to ``ops.attention`` (None: the platform's best).
+    attn_implementation: passed to ``ops.attention`` in the full forward (None: the
+      platform's best); ``decode_step`` attends to its cache with its own blocked einsums.
   """
 
   def __init__(self, vocab_size: int, dim: int, depth: int, num_heads: int,
@@ -305,13 +359,14 @@ class MatLM(NestedFFNs, nnx.Module):
     return total
 
   def init_cache(self, batch: int, max_len: int) -> dict:
-    """An empty KV cache for ``max_len`` positions: per layer 'k' and 'v' [batch, max_len,
-    kv_heads, head_dim] in the compute dtype, and the number of positions written ('offset')."""
+    """An empty KV cache for ``max_len`` positions: per layer 'k' and 'v' [batch, kv_heads,
+    max_len, head_dim] (head-major, the layout the decode step's matmuls contract) in the
+    compute dtype, and the number of positions written ('offset')."""
     if batch < 1 or max_len < 1:
       raise ValueError(f"init_cache needs batch >= 1 and max_len >= 1, got {batch}, {max_len}")
     caches = []
     for block in self.blocks:
-      shape = (batch, max_len, block.attn.num_kv_heads, block.attn.head_dim)
+      shape = (batch, block.attn.num_kv_heads, max_len, block.attn.head_dim)
       caches.append({"k": jnp.zeros(shape, self.dtype), "v": jnp.zeros(shape, self.dtype)})
     return {"offset": jnp.zeros((), jnp.int32), "layers": tuple(caches)}
 
@@ -341,8 +396,8 @@ class MatLM(NestedFFNs, nnx.Module):
   def _check_cache(self, tokens: jax.Array, cache: dict) -> None:
     got = [layer["k"].shape for layer in cache["layers"]]
     batch, length = tokens.shape
-    max_len = got[0][1] if got else 0
-    expected = [(batch, max_len, b.attn.num_kv_heads, b.attn.head_dim) for b in self.blocks]
+    max_len = got[0][2] if got else 0
+    expected = [(batch, b.attn.num_kv_heads, max_len, b.attn.head_dim) for b in self.blocks]
     if got != expected:
       raise ValueError(f"cache does not fit this model and batch {batch}: expected keys of "
                        f"shapes {expected}, got {got}")

@@ -14,6 +14,7 @@ from flax import nnx
 
 import eval as eval_lib
 import models
+import ops
 import tasks
 import train
 from configs import matformer as matformer_config
@@ -107,6 +108,27 @@ def test_kv_cache_decoding_equals_the_full_forward(variant, granularity):
     outputs.append(logits)
   _close(jnp.concatenate(outputs, axis=1), full)
   assert int(cache["offset"]) == tokens.shape[1]
+
+
+@pytest.mark.parametrize("kv_heads, alibi", [(4, False), (1, True), (2, True)])
+@pytest.mark.parametrize("offset, length", [(0, 5), (9, 1), (11, 4), (14, 2)])
+def test_blocked_cache_attention_equals_masked_attention(kv_heads, alibi, offset, length):
+  """Blocks of 3 over a 16-position cache: several blocks, a clamped last one (starting at 13,
+  its first keys already counted), positions past the queries masked, grouped heads, ALiBi."""
+  heads, dim, max_len = 4, 8, 16
+  q, keys, values = (jax.random.normal(jax.random.key(i), shape) for i, shape in enumerate(
+      [(2, length, heads, dim), (2, kv_heads, max_len, dim), (2, kv_heads, max_len, dim)]))
+  q_positions = offset + jnp.arange(length)
+  slopes = jnp.asarray(alibi_slopes(heads), jnp.float32) if alibi else None
+  got = matformer._cached_attention(q, keys, values, q_positions, slopes=slopes, block=3)
+  k_positions = jnp.arange(max_len)
+  bias = jnp.where(k_positions[None, :] <= q_positions[:, None], 0.0, -1e30)
+  if alibi:
+    bias = bias + slopes[:, None, None] * (k_positions[None, :] - q_positions[:, None])
+  group = heads // kv_heads
+  k_full, v_full = (jnp.repeat(t.transpose(0, 2, 1, 3), group, axis=2) for t in (keys, values))
+  want = ops.attention_reference(q, k_full, v_full, bias=bias)
+  _close(got, want)
 
 
 @pytest.mark.parametrize("variant", ["rope_mha", "gated_gqa"])

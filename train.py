@@ -345,6 +345,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
                        disable=jax.process_index() != 0, file=sys.stdout, mininterval=1.0)
   step, stopped = start_step, meta.get("stopped", False)
   t_log, steps_since_log = None, 0
+  last_eval = (None, {})  # (step, metrics) of the latest evaluation, reused by the final one
   try:
     while step < total_steps and not stopped:
       batch = put_batch(next(train_iter), mesh)
@@ -379,6 +380,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
         metrics = {f"{name}/{k}": v for name in config.eval_splits
                    for k, v in evaluate(task, eval_step, model_state, eval_splits[name],
                                         config.input, mesh).items()}
+        last_eval = (step, dict(metrics))
         metrics["epoch"] = step / steps_per_epoch
         improved = early_stopping.update(step, metrics)
         stopped = early_stopping.should_stop
@@ -403,12 +405,15 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
   if final_step != step:
     restore_model_items(mngr, final_step, model)
   model_state = nnx.state(model)
-  final = {"best_step": final_step, "steps": step, "epochs": step / steps_per_epoch,
-           "wall_time_sec": time.time() - t_start}
+  final = {"best_step": final_step, "steps": step, "epochs": step / steps_per_epoch}
   for name in config.final_eval_splits:
-    final |= {f"{name}/{k}": v for k, v in evaluate(task, eval_step, model_state,
-                                                      eval_splits[name], config.input,
-                                                      mesh).items()}
+    if last_eval[0] == final_step and name in config.eval_splits:  # evaluated there already
+      final |= {k: v for k, v in last_eval[1].items() if k.startswith(f"{name}/")}
+    else:
+      final |= {f"{name}/{k}": v for k, v in evaluate(task, eval_step, model_state,
+                                                        eval_splits[name], config.input,
+                                                        mesh).items()}
+  final["wall_time_sec"] = time.time() - t_start
   writer.write(step, {k: v for k, v in final.items() if "/" in k})
   writer.close()
   mngr.close()

@@ -9,7 +9,7 @@
 
 Every row is measured in this run on this machine; ratios are against the other implementations of
 the same row. Timing follows specs/kernels.md §4.5: jit, one call to compile (left out), >= 3
-warm-up calls and >= 0.25 s of them, then >= 10 repetitions of >= 25 ms each; median with p10/p90.
+warm-up calls, then >= 10 repetitions of >= 25 ms each; median with p10/p90.
 Wall clock with `block_until_ready`, host overhead included (no CUPTI kernel timing).
 FLOPs are logical (4 B H Lq Lk D forward, 2.5x that backward; half when causal); bytes are the
 minimum HBM traffic (q, k, v, o forward; + do, dq, dk, dv backward; + the bias once).
@@ -56,9 +56,7 @@ def time_fn(fn, *args, min_reps=10, min_rep_seconds=0.025):
   """Median, p10, p90 seconds per call of a jitted fn (compile and warm-up left out)."""
   jax.block_until_ready(fn(*args))
   start, warm = time.perf_counter(), 0
-  # >= 0.25 s: after 25 ms of warm-up the first op timed in a process ran 2x slower than the
-  # same math timed next (window_cpu, stage 1 forward on a 2-core CPU).
-  while warm < 3 or time.perf_counter() - start < 0.25:
+  while warm < 3 or time.perf_counter() - start < 0.025:
     jax.block_until_ready(fn(*args))
     warm += 1
   per_call = (time.perf_counter() - start) / warm

@@ -106,9 +106,12 @@ def evaluate_elastic(config, workdir: str, which: str, split_name: str) -> dict:
                  "params": models.count_params(sub), **metrics})
     print(f"{rows[-1]['name']:>11} {widths}: {rows[-1]['params']:,} params, " +
           ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()), flush=True)
+  # The curve's metric: the run's early-stopping one, else accuracy where the task has it.
   metric = config.early_stopping.metric.rpartition("/")[2]
+  if metric not in rows[0]:
+    metric = "accuracy" if "accuracy" in rows[0] else "loss"
   return {"model": config.model.name, "checkpoint": source, "split": split_name,
-          "metric": metric if metric in rows[0] else "loss", "rows": rows}
+          "metric": metric, "rows": rows}
 
 
 def elastic_markdown(result: dict) -> str:

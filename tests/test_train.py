@@ -111,6 +111,25 @@ def test_early_stopping_patience():
   assert restored.state() == stopper.state()
 
 
+def test_best_checkpoint_survives_a_restart(tmp_path):
+  """A resumed run reopens the checkpoint directory: the best checkpoint (by EarlyStopping's
+  'improved' mark) must outlive the latest-N rotation after that too."""
+  config = digits_config(**{"checkpoint.keep": 2})
+  assert config.early_stopping.metric
+
+  def save(mngr, step, improved):
+    mngr.save(step, metrics={"improved": improved},
+              args=ocp.args.Composite(params=ocp.args.StandardSave({"w": np.full(2, step)})))
+    mngr.wait_until_finished()
+
+  with train.make_checkpoint_manager(str(tmp_path), config) as mngr:
+    for step, improved in ((1, 1.0), (2, 0.0), (3, 0.0)):
+      save(mngr, step, improved)
+  with train.make_checkpoint_manager(str(tmp_path), config) as mngr:   # the resumed run
+    save(mngr, 4, 0.0)
+    assert mngr.all_steps() == [1, 3, 4]
+
+
 def test_gradient_accumulation_matches_large_batch(tmp_path):
   # 2 micro batches of 16 accumulated == 1 batch of 32 (same data order), up to float noise.
   # No dropout: its masks are drawn per micro batch, so they differ between the two runs.

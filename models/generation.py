@@ -65,6 +65,20 @@ def _nucleus(logits: jax.Array, top_p: float) -> jax.Array:
   return jnp.where(keep, logits, -jnp.inf)
 
 
+def _checked_prompt(prompt_tokens) -> jax.Array:
+  prompt_tokens = jnp.asarray(prompt_tokens)
+  if prompt_tokens.ndim != 2 or prompt_tokens.shape[1] < 1 or not jnp.issubdtype(
+      prompt_tokens.dtype, jnp.integer):
+    raise ValueError(f"prompt_tokens must be integers [batch, length >= 1], got shape "
+                     f"{tuple(prompt_tokens.shape)} and dtype {prompt_tokens.dtype}")
+  return prompt_tokens
+
+
+def _check_count(name: str, value, *, minimum: int) -> None:
+  if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+    raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+
+
 def generate(model: nnx.Module, prompt_tokens: jax.Array, max_new_tokens: int, *,
              temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
              rng: jax.Array | None = None, **decode_kwargs) -> jax.Array:
@@ -74,13 +88,8 @@ def generate(model: nnx.Module, prompt_tokens: jax.Array, max_new_tokens: int, *
   needed when sampling (temperature > 0); greedy decoding ignores it. ``decode_kwargs`` are
   passed to every ``model.decode_step`` call (e.g. MatLM's ``granularity``) and must be hashable.
   """
-  prompt_tokens = jnp.asarray(prompt_tokens)
-  if prompt_tokens.ndim != 2 or prompt_tokens.shape[1] < 1 or not jnp.issubdtype(
-      prompt_tokens.dtype, jnp.integer):
-    raise ValueError(f"prompt_tokens must be integers [batch, length >= 1], got shape "
-                     f"{tuple(prompt_tokens.shape)} and dtype {prompt_tokens.dtype}")
-  if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-    raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+  prompt_tokens = _checked_prompt(prompt_tokens)
+  _check_count("max_new_tokens", max_new_tokens, minimum=0)
   for method in ("init_cache", "decode_step"):
     if not callable(getattr(model, method, None)):
       raise ValueError(f"generate needs a model with init_cache and decode_step; "
@@ -142,15 +151,9 @@ def speculative_generate(target: nnx.Module, draft: nnx.Module, prompt_tokens: j
   after the prompt), ``accepted`` (proposals kept, summed over rounds), ``proposed``
   (``rounds * num_draft``) and ``acceptance_rate`` = accepted / proposed.
   """
-  prompt_tokens = jnp.asarray(prompt_tokens)
-  if prompt_tokens.ndim != 2 or prompt_tokens.shape[1] < 1 or not jnp.issubdtype(
-      prompt_tokens.dtype, jnp.integer):
-    raise ValueError(f"prompt_tokens must be integers [batch, length >= 1], got shape "
-                     f"{tuple(prompt_tokens.shape)} and dtype {prompt_tokens.dtype}")
-  if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-    raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
-  if isinstance(num_draft, bool) or not isinstance(num_draft, int) or num_draft < 1:
-    raise ValueError(f"num_draft must be an int >= 1, got {num_draft!r}")
+  prompt_tokens = _checked_prompt(prompt_tokens)
+  _check_count("max_new_tokens", max_new_tokens, minimum=1)
+  _check_count("num_draft", num_draft, minimum=1)
   for name, model in (("target", target), ("draft", draft)):
     if not all(callable(getattr(model, method, None))
                for method in ("init_cache", "decode_step", "rewind_cache")):

@@ -103,37 +103,16 @@ def _in1k(arg) -> ml_collections.ConfigDict:
 
 
 def _fashion_mnist() -> ml_collections.ConfigDict:
-  c = common.base_config()
-  c.task = "classification"
+  c = common.fashion_mnist_config()
   c.model.name = "biformer_tiny"
   # BiFormer-T's layout at a CPU's scale. The 28x28 images are upsampled to 32, so the stages see
   # 8x8, 4x4, 2x2 and 1x1 maps; n_win = 2 divides the routed ones: stage 1 attends inside its
   # 4x4-token region (topk 1, as stage 1 of the released models), stages 2 and 3 route each region
   # to 2 of the 4, stage 4 attends over everything. 2 heads in stage 1 (head_dim 16).
-  c.model.in_chans = 1
   c.model.depths = (1, 1, 2, 1)
   c.model.embed_dims = (32, 64, 128, 256)
   c.model.qk_dims = (32, 64, 128, 256)
   c.model.head_dim = 16
   c.model.n_win = 2
   c.model.topks = (1, 2, 2, -2)
-  c.data.name = "fashion_mnist"
-  c.input.image_size = 32
-  c.input.crop_pct = 1.0                   # eval: the whole image, resized to 32
-  c.input.train_crop = "resize"            # a few epochs: flips only, no crops
-  c.input.interpolation = "bilinear"
-  c.input.hflip = 0.5
-  c.input.mean, c.input.std = common.FASHION_MNIST_MEAN, common.FASHION_MNIST_STD
-  c.input.label_smoothing = 0.1
-  c.input.batch_size = 128
-  c.input.eval_batch_size = 500
-  c.optimizer.name = "adamw"
-  c.optimizer.lr = 2e-3
-  c.optimizer.weight_decay = 0.05
-  c.schedule.name = "warmup_cosine"
-  c.schedule.warmup_steps = 200
-  c.num_epochs = 4
-  c.log_every_steps = 50
-  c.eval_splits = ("test",)                # Fashion-MNIST has train and test only
-  c.final_eval_splits = ("test",)
   return c

@@ -128,3 +128,33 @@ def base_config() -> ml_collections.ConfigDict:
   c.mesh.fsdp = 1                  # reserved: parameter sharding
   c.mesh.tensor = 1                # reserved: tensor parallelism
   return c
+
+
+def fashion_mnist_config() -> ml_collections.ConfigDict:
+  """The small-CNN/ViT recipe the vision families share on Fashion-MNIST (2 CPU cores): the
+  28 x 28 images resized to 32 (so 4 stride-2 stages divide them), flips, label smoothing 0.1,
+  batch 128, AdamW lr 2e-3 wd 0.05, 200 warm-up steps then cosine, 4 epochs; evaluation on test,
+  the only other split. A family config sets its model and overrides what differs."""
+  c = base_config()
+  c.task = "classification"
+  c.model.in_chans = 1
+  c.data.name = "fashion_mnist"
+  c.input.image_size = 32
+  c.input.crop_pct = 1.0              # eval: the whole image, resized to 32
+  c.input.train_crop = "resize"       # a few epochs: flips only (random crops cost accuracy here)
+  c.input.interpolation = "bilinear"
+  c.input.hflip = 0.5
+  c.input.mean, c.input.std = FASHION_MNIST_MEAN, FASHION_MNIST_STD
+  c.input.label_smoothing = 0.1
+  c.input.batch_size = 128
+  c.input.eval_batch_size = 500
+  c.optimizer.name = "adamw"
+  c.optimizer.lr = 2e-3
+  c.optimizer.weight_decay = 0.05
+  c.schedule.name = "warmup_cosine"
+  c.schedule.warmup_steps = 200
+  c.num_epochs = 4
+  c.log_every_steps = 50
+  c.eval_splits = ("test",)            # Fashion-MNIST has train and test only
+  c.final_eval_splits = ("test",)
+  return c

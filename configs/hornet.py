@@ -188,34 +188,13 @@ def fashion_mnist_grids(image_size: int) -> tuple:
 
 def _fashion_mnist(arg) -> ml_collections.ConfigDict:
   variant = _check_variant(arg, ("tiny_7x7", "tiny_gf"), "tiny_7x7")
-  c = common.base_config()
-  c.task = "classification"
+  c = common.fashion_mnist_config()
   c.model.name = f"hornet_{variant}"
   # A narrow, shallow HorNet: the orders (2, 3, 4, 5), s = 1/3 and the layer scale stay. The 28x28
   # images are upsampled to 32 (the total stride): the stages see 8x8, 4x4, 2x2 and 1x1 maps.
   c.model.base_dim = 32
   c.model.depths = (1, 1, 3, 1)
-  c.model.in_chans = 1
   c.model.drop_path_rate = 0.0        # 4 epochs: too short to overfit
   if variant.endswith("_gf"):
     c.model.global_filter_sizes = fashion_mnist_grids(32)
-  c.data.name = "fashion_mnist"
-  c.input.image_size = 32
-  c.input.crop_pct = 1.0              # eval: the whole image, resized to 32
-  c.input.train_crop = "resize"       # a few epochs: flips only (random crops cost accuracy here)
-  c.input.interpolation = "bilinear"
-  c.input.hflip = 0.5
-  c.input.mean, c.input.std = common.FASHION_MNIST_MEAN, common.FASHION_MNIST_STD
-  c.input.label_smoothing = 0.1
-  c.input.batch_size = 128
-  c.input.eval_batch_size = 500
-  c.optimizer.name = "adamw"
-  c.optimizer.lr = 2e-3
-  c.optimizer.weight_decay = 0.05
-  c.schedule.name = "warmup_cosine"
-  c.schedule.warmup_steps = 200
-  c.num_epochs = 4
-  c.log_every_steps = 50
-  c.eval_splits = ("test",)            # Fashion-MNIST has train and test only
-  c.final_eval_splits = ("test",)
   return c

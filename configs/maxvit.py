@@ -182,34 +182,17 @@ def _fashion_mnist(arg) -> ml_collections.ConfigDict:
   BatchNorm's running statistics (momentum 0.99) trail weights that still move fast at the peak
   lr, and catch up as the lr decays.
   """
-  c = common.base_config()
-  c.task = "classification"
+  c = common.fashion_mnist_config()
   c.model.name = "maxvit_tiny_tf_224"
   c.model.embed_dims = (32, 64, 128)
   c.model.depths = (1, 1, 1)
   c.model.stem_widths = (32, 32)
   c.model.img_size = 32
   c.model.window_size = 2
-  c.model.in_chans = 1
   c.model.drop_path_rate = 0.1
-  c.data.name = "fashion_mnist"
-  c.input.image_size = 32
-  c.input.train_crop = "resize"       # the whole image, resized to 32
-  c.input.crop_pct = 1.0              # eval: the same resize
-  c.input.interpolation = "bilinear"
-  c.input.hflip = 0.5
-  c.input.mean, c.input.std = common.FASHION_MNIST_MEAN, common.FASHION_MNIST_STD
-  c.input.label_smoothing = 0.1
   c.input.batch_size = 256
-  c.input.eval_batch_size = 500
-  c.optimizer.name = "adamw"
   c.optimizer.lr = 3e-3
-  c.optimizer.weight_decay = 0.05
   c.optimizer.clip_norm = 1.0
-  c.schedule.name = "warmup_cosine"
   c.schedule.warmup_steps = 100
-  c.num_epochs = 4
   c.log_every_steps = 25
-  c.eval_splits = ("test",)            # Fashion-MNIST has train and test only
-  c.final_eval_splits = ("test",)
   return c

@@ -130,6 +130,26 @@ def test_best_checkpoint_survives_a_restart(tmp_path):
     assert mngr.all_steps() == [1, 3, 4]
 
 
+@pytest.mark.parametrize("select_best", [False, True])
+def test_final_evaluation_reuses_the_last_periodic_one(tmp_path, monkeypatch, select_best):
+  """A split the last periodic evaluation already measured on the final checkpoint is not
+  evaluated again; with early stopping on, the final checkpoint may be an older one, and then
+  the split is evaluated on it."""
+  calls = []
+  evaluate = train.evaluate
+  monkeypatch.setattr(train, "evaluate", lambda *a, **k: calls.append(1) or evaluate(*a, **k))
+  config = digits_config(num_epochs=2, eval_every_steps=20, eval_splits=("test",),
+                         final_eval_splits=("test",),
+                         **{"early_stopping.metric": "test/accuracy" if select_best else ""})
+  final = train.train_and_evaluate(config, str(tmp_path))
+  evals = [m for m in read_metrics(tmp_path) if "test/accuracy" in m and "epoch" in m]
+  reused = final["best_step"] == evals[-1]["step"]
+  assert select_best or reused
+  assert len(calls) == len(evals) + (not reused)
+  at_best = next(m for m in evals if m["step"] == final["best_step"])
+  assert final["test/accuracy"] == pytest.approx(at_best["test/accuracy"], abs=1e-6)
+
+
 def test_gradient_accumulation_matches_large_batch(tmp_path):
   # 2 micro batches of 16 accumulated == 1 batch of 32 (same data order), up to float noise.
   # No dropout: its masks are drawn per micro batch, so they differ between the two runs.

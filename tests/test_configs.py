@@ -26,6 +26,20 @@ ITRANSFORMER_SETTINGS = [f"{d}_{h}" for d in ("etth1", "etth2", "ettm1", "ettm2"
                         [f"pems0{i}_{h}" for i in (3, 4, 7, 8) for h in (12, 24, 48, 96)]
 
 
+def trace_logits(config, num_classes):
+  """Builds the config's model abstractly (no weights) and traces a batch of 2 images at the
+  config's image size: the model accepts that size (windows, regions, filters divide its maps)."""
+  overrides = {k: v for k, v in config.model.items() if k != "name"}
+  abstract = nnx.eval_shape(lambda: models.create_model(
+      config.model.name, num_classes=num_classes, rngs=nnx.Rngs(0), **overrides))
+  graphdef, state = nnx.split(abstract)
+  size, channels = config.input.image_size, overrides.get("in_chans", 3)
+  images = jax.ShapeDtypeStruct((2, size, size, channels), jnp.float32)
+  logits = jax.eval_shape(lambda s, x: nnx.merge(graphdef, s)(x), state, images)
+  assert logits.shape == (2, num_classes)
+  return abstract
+
+
 @pytest.mark.parametrize("setting", ITRANSFORMER_SETTINGS + ["digits"])
 def test_every_itransformer_setting_names_a_registered_model(setting):
   config = itransformer_config.get_config(setting)
@@ -49,14 +63,27 @@ def test_runlocal_and_seed_args():
   assert config.total_steps == 20 and config.seed == 7 and config.model.name == "itransformer_etth2_192"
 
 
-@pytest.mark.parametrize("arg, message", [
-    ("etth9_96", "unknown iTransformer setting"),
-    ("etth1_96,sed=3", "unknown config argument 'sed'"),
-    ("etth1_96,runlocal=maybe", "must be true or false"),
-])
-def test_bad_config_args(arg, message):
+@pytest.mark.parametrize("config_module, arg, message", [
+    (itransformer_config, "etth9_96", "unknown iTransformer setting"),
+    (itransformer_config, "etth1_96,sed=3", "unknown config argument 'sed'"),
+    (itransformer_config, "etth1_96,runlocal=maybe", "must be true or false"),
+    (transnormer_config, "tnl_3b", "unknown TransNormer setting"),
+    (transnormer_config, "tiny_shakespeare,tokenizer=x.model", "reads bytes"),
+    (transnormer_config, "wikitext103_t1,tokenizr=x.json", "unknown config argument 'tokenizr'"),
+    (biformer_config, "imagenet", "unknown BiFormer setting"),
+    (biformer_config, "variant=large", "variant in"),
+    (hornet_config, "imagenet", "unknown HorNet setting"),
+    (hornet_config, "variant=large_gf", "variant in"),
+    (hornet_config, "ft384,variant=tiny_gf", "variant in"),
+    (maxvit_config, "imagenet", "unknown MaxViT setting"),
+    (maxvit_config, "variant=xlarge", r"variant in \('tiny', 'small', 'base', 'large'\)"),
+    (maxvit_config, "finetune,variant=huge", "variant in"),
+    (maxvit_config, "variant=tiny,res=256", r"res in \(224, 384, 512\)"),
+    (matformer_config, "matvit_imagenet", "unknown MatFormer setting"),
+], ids=lambda v: v.__name__.rsplit(".", 1)[-1] if inspect.ismodule(v) else None)
+def test_bad_config_args_are_refused_with_a_message(config_module, arg, message):
   with pytest.raises(ValueError, match=message):
-    itransformer_config.get_config(arg)
+    config_module.get_config(arg)
 
 
 def test_parse_arg_types():
@@ -126,16 +153,6 @@ def test_tnl_tiny_shakespeare_is_the_softmax_baselines_recipe():
   assert sizes == [901_248, 900_128] and abs(sizes[0] / sizes[1] - 1) < 0.002
 
 
-@pytest.mark.parametrize("arg, message", [
-    ("tnl_3b", "unknown TransNormer setting"),
-    ("tiny_shakespeare,tokenizer=x.model", "reads bytes"),
-    ("wikitext103_t1,tokenizr=x.json", "unknown config argument 'tokenizr'"),
-])
-def test_bad_transnormer_args(arg, message):
-  with pytest.raises(ValueError, match=message):
-    transnormer_config.get_config(arg)
-
-
 BIFORMER_SETTINGS = ["in1k,variant=tiny", "variant=small", "variant=base", "fashion_mnist"]
 
 
@@ -143,17 +160,7 @@ BIFORMER_SETTINGS = ["in1k,variant=tiny", "variant=small", "variant=base", "fash
 def test_every_biformer_setting_builds_its_model_at_its_image_size(arg):
   config = biformer_config.get_config(arg)
   assert config.model.name in models.list_models("biformer*")
-  overrides = {k: v for k, v in config.model.items() if k != "name"}
-  num_classes = 10 if config.data.name == "fashion_mnist" else 1000
-  abstract = nnx.eval_shape(lambda: models.create_model(
-      config.model.name, num_classes=num_classes, rngs=nnx.Rngs(0), **overrides))
-  graphdef, state = nnx.split(abstract)
-  channels = config.model.get("in_chans", 3)
-  images = jax.ShapeDtypeStruct((2, config.input.image_size, config.input.image_size, channels),
-                                jnp.float32)
-  # The forward traces: n_win divides every routed stage's map at the config's image size.
-  logits = jax.eval_shape(lambda s, x: nnx.merge(graphdef, s)(x), state, images)
-  assert logits.shape == (2, num_classes)
+  trace_logits(config, 10 if config.data.name == "fashion_mnist" else 1000)
 
 
 def test_biformer_official_recipe_numbers():
@@ -169,15 +176,6 @@ def test_biformer_official_recipe_numbers():
   assert fmnist.total_steps == 4 and fmnist.seed == 5 and fmnist.eval_splits == ("test",)
 
 
-@pytest.mark.parametrize("arg, message", [
-    ("imagenet", "unknown BiFormer setting"),
-    ("variant=large", "variant in"),
-])
-def test_bad_biformer_args(arg, message):
-  with pytest.raises(ValueError, match=message):
-    biformer_config.get_config(arg)
-
-
 HORNET_SETTINGS = (
     [f"in1k,variant={v}" for v in ("tiny_7x7", "tiny_gf", "small_7x7", "small_gf", "base_7x7",
                                    "base_gf")]
@@ -189,16 +187,7 @@ HORNET_SETTINGS = (
 def test_every_hornet_setting_builds_its_model_at_its_image_size(arg):
   config = hornet_config.get_config(arg)
   assert config.model.name in models.list_models("hornet*")
-  overrides = {k: v for k, v in config.model.items() if k != "name"}
-  num_classes = 10 if config.data.name == "fashion_mnist" else 1000
-  abstract = nnx.eval_shape(lambda: models.create_model(
-      config.model.name, num_classes=num_classes, rngs=nnx.Rngs(0), **overrides))
-  graphdef, state = nnx.split(abstract)
-  channels = config.model.get("in_chans", 3)
-  images = jax.ShapeDtypeStruct((2, config.input.image_size, config.input.image_size, channels),
-                                jnp.float32)
-  logits = jax.eval_shape(lambda s, x: nnx.merge(graphdef, s)(x), state, images)
-  assert logits.shape == (2, num_classes)
+  abstract = trace_logits(config, 10 if config.data.name == "fashion_mnist" else 1000)
   if "gf" in config.model.name:  # the GF filters are sized for the config's maps: no resize
     grids = abstract.stages[2][0].gnconv.dwconv.complex_weight.shape[:2]
     assert grids == (config.input.image_size // 16, config.input.image_size // 32 + 1)
@@ -230,16 +219,6 @@ def test_hornet_official_recipe_numbers():
   assert finetune.input.crop_pct == 1.0 and finetune.init_from.dont_load == ("head/.*",)
 
 
-@pytest.mark.parametrize("arg, message", [
-    ("imagenet", "unknown HorNet setting"),
-    ("variant=large_gf", "variant in"),
-    ("ft384,variant=tiny_gf", "variant in"),
-])
-def test_bad_hornet_args(arg, message):
-  with pytest.raises(ValueError, match=message):
-    hornet_config.get_config(arg)
-
-
 MAXVIT_SETTINGS = ([f"variant={v},res={r}" for v in ("tiny", "small", "base", "large")
                     for r in (224, 384, 512)]
                    + ["fashion_mnist"]
@@ -268,15 +247,7 @@ def test_every_maxvit_setting_names_its_model_at_its_image_size(arg):
 
 @pytest.mark.parametrize("arg", ["fashion_mnist", "variant=tiny,res=384"])
 def test_maxvit_settings_trace_at_their_image_size(arg):
-  config = maxvit_config.get_config(arg)
-  overrides = {k: v for k, v in config.model.items() if k != "name"}
-  abstract = nnx.eval_shape(lambda: models.create_model(
-      config.model.name, num_classes=10, rngs=nnx.Rngs(0), **overrides))
-  graphdef, state = nnx.split(abstract)
-  size, channels = config.input.image_size, overrides.get("in_chans", 3)
-  images = jax.ShapeDtypeStruct((2, size, size, channels), jnp.float32)
-  logits = jax.eval_shape(lambda s, x: nnx.merge(graphdef, s)(x), state, images)
-  assert logits.shape == (2, 10)
+  trace_logits(maxvit_config.get_config(arg), 10)
 
 
 def test_maxvit_official_recipe_numbers():
@@ -305,12 +276,3 @@ def test_maxvit_official_recipe_numbers():
   assert (fmnist.schedule.name, fmnist.schedule.warmup_steps) == ("warmup_cosine", 100)
 
 
-@pytest.mark.parametrize("arg, message", [
-    ("imagenet", "unknown MaxViT setting"),
-    ("variant=xlarge", r"variant in \('tiny', 'small', 'base', 'large'\)"),
-    ("finetune,variant=huge", "variant in"),
-    ("variant=tiny,res=256", r"res in \(224, 384, 512\)"),
-])
-def test_bad_maxvit_args(arg, message):
-  with pytest.raises(ValueError, match=message):
-    maxvit_config.get_config(arg)

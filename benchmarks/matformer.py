@@ -253,10 +253,10 @@ def vit_part(root: str, data_root: str, total_steps: int, out_dir: str) -> dict:
   import eval as eval_lib
   train_run(root, "matvit_sum", data_root, total_steps)
   # Fashion-MNIST has no validation split: the last checkpoint is the one train.py tested
-  elastic = eval_lib.evaluate_elastic(run_config("matvit_sum", data_root, total_steps),
-                                      os.path.join(root, "matvit_sum"), "latest", "test")
+  config = run_config("matvit_sum", data_root, total_steps)
+  elastic = eval_lib.evaluate_elastic(config, os.path.join(root, "matvit_sum"), "latest", "test")
   write_elastic(elastic, os.path.join(out_dir, "matformer_fashion_mnist_elastic"))
-  return {"training": training_cost(root, "matvit_sum"),
+  return {"training": {**training_cost(root, "matvit_sum"), "batch_size": config.input.batch_size},
           "final": final_metrics(root, "matvit_sum"), "elastic": elastic}
 
 
@@ -266,7 +266,7 @@ def vit_markdown(result: dict) -> str:
   sizes = [name for name in SIZES if name in params]
   return "\n".join([
       f"Test accuracy of each granularity after one joint training (summed loss), "
-      f"{training['steps']} steps of batch 128 ({final['epochs']:.2f} epochs); "
+      f"{training['steps']} steps of batch {training['batch_size']} ({final['epochs']:.2f} epochs); "
       f"{training['wall_time_sec'] / 60:.1f} min, {training['steps_per_sec']:.2f} steps/s.", "",
       "| | " + " | ".join(f"{s} ({params[s] / 1e3:.0f}K)" for s in sizes) + " |",
       "|---|" + "---|" * len(sizes),

@@ -276,3 +276,14 @@ def test_maxvit_official_recipe_numbers():
   assert (fmnist.schedule.name, fmnist.schedule.warmup_steps) == ("warmup_cosine", 100)
 
 
+
+
+def test_matvit_fashion_mnist_is_the_reported_recipe():
+  """The run in RESULTS.md (S/M/L/XL 85.6-85.9 %): the shared Fashion-MNIST recipe at 28 x 28,
+  no crops, 3 epochs of batch 64, lr 3e-3, the granularities' losses summed."""
+  c = matformer_config.get_config("matvit_fashion_mnist")
+  assert c.model.name == "matvit_nano_patch4_28" and c.nested.objective == "sum"
+  assert (c.input.image_size, c.input.train_crop, c.input.hflip) == (28, "resize", 0.5)
+  assert (c.input.batch_size, c.num_epochs, c.optimizer.lr) == (64, 3, 3e-3)
+  assert (c.optimizer.clip_norm, c.schedule.warmup_steps) == (1.0, 312)
+  assert c.eval_splits == c.final_eval_splits == ("test",)

@@ -173,11 +173,12 @@ def make_checkpoint_manager(workdir: str, config, read_only: bool = False) -> oc
   if config.early_stopping.metric:
     # best_fn is what makes orbax read the saved metrics back when a resumed run reopens the
     # directory; without it they are None there and BestN deletes the best checkpoint.
-    best = dict(best_fn=lambda m: m["improved"], best_mode="max")
+    improved = lambda metrics: metrics["improved"]
+    best = dict(best_fn=improved, best_mode="max")
     # EarlyStopping decides what is best (ties are not improvements); orbax keeps the latest checkpoint it
     # marked as an improvement (a stable sort keeps step order among the 1.0s).
     policies.append(ocp.checkpoint_managers.BestN(
-        get_metric_fn=lambda m: m["improved"], n=1, keep_checkpoints_without_metrics=False))
+        get_metric_fn=improved, n=1, keep_checkpoints_without_metrics=False))
   options = ocp.CheckpointManagerOptions(
       preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies), **best,
       enable_async_checkpointing=config.checkpoint.async_save, read_only=read_only, create=not read_only)

@@ -33,7 +33,7 @@ from flax import nnx
 
 import ops
 from models.convert import check_state_dict
-from models.layers import DepthwiseConv, DropPath, get_activation, layer_norm
+from models.layers import DepthwiseConv, DropPath, Linear, get_activation, layer_norm
 from models.registry import register_model
 
 _LN_EPS = 1e-6                      # every LayerNorm of the official model
@@ -75,11 +75,11 @@ def _batch_norm(dim: int, *, dtype, param_dtype, rngs: nnx.Rngs) -> nnx.BatchNor
 
 
 def _linear(in_features: int, out_features: int, *, use_bias: bool = True, dtype, param_dtype,
-            rngs: nnx.Rngs) -> nnx.Linear:
+            rngs: nnx.Rngs) -> Linear:
   """Linear initialised as the official `_init_weights`: trunc-normal(0.02) weight, zero bias."""
-  return nnx.Linear(in_features, out_features, use_bias=use_bias,
-                    kernel_init=nnx.initializers.truncated_normal(0.02), dtype=dtype,
-                    param_dtype=param_dtype, rngs=rngs)
+  return Linear(in_features, out_features, use_bias=use_bias,
+                kernel_init=nnx.initializers.truncated_normal(0.02), dtype=dtype,
+                param_dtype=param_dtype, rngs=rngs)
 
 
 class ConvBN(nnx.Module):

@@ -19,7 +19,7 @@ import numpy as np
 from flax import nnx
 
 from models.convert import check_state_dict
-from models.layers import ACTIVATIONS, DepthwiseConv, DropPath, LayerScale, layer_norm
+from models.layers import ACTIVATIONS, DepthwiseConv, DropPath, LayerScale, Linear, layer_norm
 from models.registry import register_model
 
 _EPS = 1e-6  # every LayerNorm of HorNet, the final one included
@@ -30,10 +30,10 @@ _GELU = ACTIVATIONS["gelu"]  # the exact erf form, as torch.nn.GELU()
 
 
 def _linear(in_features: int, out_features: int, *, dtype, param_dtype,
-            rngs: nnx.Rngs) -> nnx.Linear:
+            rngs: nnx.Rngs) -> Linear:
   """A Linear or 1x1 conv of the official code (the same map on channels-last features)."""
-  return nnx.Linear(in_features, out_features, kernel_init=_INIT, bias_init=nnx.initializers.zeros,
-                    dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+  return Linear(in_features, out_features, kernel_init=_INIT, bias_init=nnx.initializers.zeros,
+                dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
 
 def _patchify(in_features: int, out_features: int, stride: int, *, dtype, param_dtype,

@@ -61,9 +61,34 @@ def _keep_mask(key: jax.Array, shape: tuple[int, ...], keep: float) -> jax.Array
   return random_bits(key, shape) < np.uint32(min(round(keep * 2.0**32), 2**32 - 1))
 
 
+class Linear(nnx.Linear):
+  """`nnx.Linear` that, on CPU, multiplies its input flattened to a [rows, features] matrix.
+
+  Same parameters and result. Why: the kernel gradient of an n-d input contracts every leading
+  axis at once, and XLA:CPU lays that dot out by transposing the incoming gradient to
+  [features, rows] inside the fusion that produces it (e.g. a BatchNorm backward), a strided
+  write of the whole activation map. On a 2-D input the contraction is over one axis and needs no
+  transpose: a 1x1 conv + BatchNorm + tanh took 540 -> 270 ms fwd+bwd at 8x112x112, 64 -> 256.
+  GPU and TPU keep the n-d dot (there a reshape can cost a relayout).
+  """
+
+  def __call__(self, inputs: jax.Array, out_sharding=None) -> jax.Array:
+    if out_sharding is not None:
+      return super().__call__(inputs, out_sharding)
+    return on_rows(super().__call__, inputs)
+
+
+def on_rows(fn: Callable[[jax.Array], jax.Array], x: jax.Array) -> jax.Array:
+  """`fn(x)` for an `fn` that maps the last axis; on CPU applied to x as [rows, features] (`Linear`)."""
+  if x.ndim <= 2 or ops.dispatch.platform() != "cpu":
+    return fn(x)
+  y = fn(x.reshape(-1, x.shape[-1]))
+  return y.reshape(*x.shape[:-1], y.shape[-1])
+
+
 def torch_linear(in_features: int, out_features: int, *, use_bias: bool = True, dtype=jnp.float32,
-                 param_dtype=jnp.float32, rngs: nnx.Rngs) -> nnx.Linear:
-  """nnx.Linear initialised like torch.nn.Linear (and Conv1d with kernel 1): weight and bias ~ U(+-1/sqrt(fan_in)).
+                 param_dtype=jnp.float32, rngs: nnx.Rngs) -> Linear:
+  """A `Linear` initialised like torch.nn.Linear (and Conv1d with kernel 1): weight and bias ~ U(+-1/sqrt(fan_in)).
 
   The official PyTorch codes train from this init, so reproducing their runs starts here.
   """
@@ -72,8 +97,8 @@ def torch_linear(in_features: int, out_features: int, *, use_bias: bool = True, 
   def uniform(key, shape, dtype):
     return jax.random.uniform(key, shape, dtype, -bound, bound)
 
-  return nnx.Linear(in_features, out_features, use_bias=use_bias, kernel_init=uniform, bias_init=uniform,
-                    dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+  return Linear(in_features, out_features, use_bias=use_bias, kernel_init=uniform, bias_init=uniform,
+                dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
 
 def layer_norm(dim: int, *, eps: float = 1e-5, dtype=jnp.float32, param_dtype=jnp.float32,
@@ -83,15 +108,19 @@ def layer_norm(dim: int, *, eps: float = 1e-5, dtype=jnp.float32, param_dtype=jn
                        rngs=rngs)
 
 
-def depthwise_conv2d(x: jax.Array, kernel: jax.Array) -> jax.Array:
-  """Stride-1 depthwise conv of NHWC `x` with a `[kh, kw, C]` kernel, zero padding `k // 2`.
+def depthwise_conv2d(x: jax.Array, kernel: jax.Array, stride: int = 1) -> jax.Array:
+  """Depthwise conv of NHWC `x` with an odd-sized `[kh, kw, C]` kernel and 'SAME' zero padding:
+  `k // 2` on each side at stride 1; TF's and lax's split at a larger stride (e.g. (0, 1) for a
+  3x3 kernel, stride 2, on an even side).
 
   Equals `lax.conv_general_dilated(..., feature_group_count=C)`. XLA:CPU runs grouped convs
   through a generic loop (a 5x5 depthwise conv on a 56x56x64 map is 15-25x slower than the same
   multiply-adds written out; benchmarks/ops.py --suite depthwise_cpu), so on CPU the conv is the
-  sum of the kh * kw shifted products in one fused loop, with a custom VJP: dx is the same sum
-  over the flipped kernel, dkernel the products summed per channel. Products accumulate in
-  float32. GPU and TPU keep XLA's conv (cuDNN / the TPU convolution unit).
+  sum of the kh * kw shifted (strided) products in one fused loop. Products accumulate in
+  float32. At stride 1 a custom VJP computes dx as the same sum over the flipped kernel and
+  dkernel as the products summed per channel; at a larger stride autodiff's transpose of the
+  strided slices is already one fused loop. GPU and TPU keep XLA's conv (cuDNN / the TPU
+  convolution unit).
   """
   kh, kw = kernel.shape[:2]
   if x.ndim != 4 or kernel.ndim != 3 or kernel.shape[2] != x.shape[3] or kh % 2 == 0 or kw % 2 == 0:
@@ -99,22 +128,30 @@ def depthwise_conv2d(x: jax.Array, kernel: jax.Array) -> jax.Array:
                      f"got x {tuple(x.shape)} and kernel {tuple(kernel.shape)}")
   if ops.dispatch.platform() != "cpu":
     return jax.lax.conv_general_dilated(
-        x, kernel[:, :, None], (1, 1), ((kh // 2, kh // 2), (kw // 2, kw // 2)),
+        x, kernel[:, :, None], (stride, stride), "SAME",
         dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=x.shape[3],
         preferred_element_type=jnp.float32).astype(x.dtype)
-  return _shifted_depthwise(x, kernel)
+  if stride == 1:
+    return _shifted_depthwise(x, kernel)
+  out_h, out_w = -(-x.shape[1] // stride), -(-x.shape[2] // stride)
+  out = _shift_sum(_pad_same(x, kernel.shape, stride), kernel.astype(jnp.float32), out_h, out_w,
+                   stride)
+  return out.astype(x.dtype)
 
 
-def _pad_same(x: jax.Array, kernel_shape: tuple[int, ...]) -> jax.Array:
-  kh, kw = kernel_shape[:2]
-  return jnp.pad(x, ((0, 0), (kh // 2, kh // 2), (kw // 2, kw // 2), (0, 0)))
+def _pad_same(x: jax.Array, kernel_shape: tuple[int, ...], stride: int = 1) -> jax.Array:
+  pads = jax.lax.padtype_to_pads(x.shape[1:3], kernel_shape[:2], (stride, stride), "SAME")
+  return jnp.pad(x, ((0, 0), *pads, (0, 0)))
 
 
-def _shift_sum(padded: jax.Array, kernel: jax.Array, height: int, width: int) -> jax.Array:
+def _shift_sum(padded: jax.Array, kernel: jax.Array, height: int, width: int,
+               stride: int = 1) -> jax.Array:
   out = jnp.zeros((padded.shape[0], height, width, padded.shape[3]), jnp.float32)
+  rows, cols = stride * (height - 1) + 1, stride * (width - 1) + 1
   for i in range(kernel.shape[0]):
     for j in range(kernel.shape[1]):
-      out = out + padded[:, i:i + height, j:j + width].astype(jnp.float32) * kernel[i, j]
+      shifted = padded[:, i:i + rows:stride, j:j + cols:stride]
+      out = out + shifted.astype(jnp.float32) * kernel[i, j]
   return out
 
 
@@ -152,24 +189,26 @@ _shifted_depthwise.defvjp(_shifted_depthwise_fwd, _shifted_depthwise_bwd)
 
 
 class DepthwiseConv(nnx.Module):
-  """Stride-1 depthwise conv with zero 'same' padding (`depthwise_conv2d`), its parameters laid
-  out as `nnx.Conv(C, C, k, feature_group_count=C)`'s (`kernel [kh, kw, 1, C]`, `bias [C]`), so
-  converters and checkpoints see no difference."""
+  """Depthwise conv with zero 'SAME' padding (`depthwise_conv2d`), its parameters laid out as
+  `nnx.Conv(C, C, k, strides=stride, feature_group_count=C)`'s (`kernel [kh, kw, 1, C]`,
+  `bias [C]`), so converters and checkpoints see no difference."""
 
-  def __init__(self, channels: int, kernel_size: int | tuple[int, int], *, use_bias: bool = True,
+  def __init__(self, channels: int, kernel_size: int | tuple[int, int], *, stride: int = 1,
+               use_bias: bool = True,
                kernel_init=nnx.initializers.lecun_normal(), bias_init=nnx.initializers.zeros_init(),
                dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
     kh, kw = (kernel_size, kernel_size) if isinstance(kernel_size, int) else kernel_size
     if kh % 2 == 0 or kw % 2 == 0:
       raise ValueError(f"DepthwiseConv needs odd kernel sides ('same' padding k // 2), got {(kh, kw)}")
     self.dtype = dtype
+    self.stride = stride
     self.kernel = nnx.Param(kernel_init(rngs.params(), (kh, kw, 1, channels), param_dtype))
     self.bias = nnx.Param(bias_init(rngs.params(), (channels,), param_dtype)) if use_bias else None
 
   def __call__(self, x: jax.Array) -> jax.Array:
     bias = None if self.bias is None else self.bias[...]
     x, kernel, bias = nnx.nn.dtypes.promote_dtype((x, self.kernel[...], bias), dtype=self.dtype)
-    y = depthwise_conv2d(x, kernel[:, :, 0])
+    y = depthwise_conv2d(x, kernel[:, :, 0], self.stride)
     return y if bias is None else y + bias
 
 
@@ -201,7 +240,7 @@ class Mlp(nnx.Module):
     return self.drop(self.fc2(x), train=train)
 
 
-def prefix_dense(layer: nnx.Linear, x: jax.Array, *, outputs: int | None = None,
+def prefix_dense(layer: Linear, x: jax.Array, *, outputs: int | None = None,
                  inputs: int | None = None) -> jax.Array:
   """`layer(x)` restricted to its first `outputs` output units or its first `inputs` input units.
 
@@ -211,7 +250,7 @@ def prefix_dense(layer: nnx.Linear, x: jax.Array, *, outputs: int | None = None,
   kernel = layer.kernel[...][:inputs, :outputs]
   bias = None if layer.bias is None else layer.bias[...][:outputs]
   x, kernel, bias = layer.promote_dtype((x, kernel, bias), dtype=layer.dtype)
-  y = jnp.dot(x, kernel, precision=layer.precision)
+  y = on_rows(lambda rows: jnp.dot(rows, kernel, precision=layer.precision), x)
   return y if bias is None else y + bias
 
 

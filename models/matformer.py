@@ -50,9 +50,9 @@ POSITIONS = ("rope", "alibi")
 
 
 def _linear(din: int, dout: int, *, use_bias: bool = True, dtype=jnp.float32,
-            param_dtype=jnp.float32, rngs: nnx.Rngs) -> nnx.Linear:
-  return nnx.Linear(din, dout, use_bias=use_bias, kernel_init=nnx.initializers.normal(_INIT_STD),
-                    dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+            param_dtype=jnp.float32, rngs: nnx.Rngs) -> layers.Linear:
+  return layers.Linear(din, dout, use_bias=use_bias, kernel_init=nnx.initializers.normal(_INIT_STD),
+                       dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
 
 def apply_rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
@@ -418,20 +418,20 @@ def _check_tokens(tokens: jax.Array) -> None:
 
 
 def _xavier_projection(din: int, dout: int, *, use_bias: bool = True, dtype=jnp.float32,
-                       param_dtype=jnp.float32, rngs: nnx.Rngs) -> nnx.Linear:
+                       param_dtype=jnp.float32, rngs: nnx.Rngs) -> layers.Linear:
   """Scenic's attention projections: xavier-uniform over each [dim, dim] projection, i.e.
   U(+-sqrt(3 / fan_in)) also for the fused qkv kernel; zero biases."""
   init = nnx.initializers.variance_scaling(1.0, "fan_in", "uniform")
-  return nnx.Linear(din, dout, use_bias=use_bias, kernel_init=init, dtype=dtype,
-                    param_dtype=param_dtype, rngs=rngs)
+  return layers.Linear(din, dout, use_bias=use_bias, kernel_init=init, dtype=dtype,
+                       param_dtype=param_dtype, rngs=rngs)
 
 
 def _xavier_mlp(din: int, dout: int, *, use_bias: bool = True, dtype=jnp.float32,
-                param_dtype=jnp.float32, rngs: nnx.Rngs) -> nnx.Linear:
+                param_dtype=jnp.float32, rngs: nnx.Rngs) -> layers.Linear:
   """Scenic's MlpBlock Dense: xavier-uniform kernel, N(0, 1e-6) bias."""
-  return nnx.Linear(din, dout, use_bias=use_bias, kernel_init=nnx.initializers.xavier_uniform(),
-                    bias_init=nnx.initializers.normal(1e-6), dtype=dtype,
-                    param_dtype=param_dtype, rngs=rngs)
+  return layers.Linear(din, dout, use_bias=use_bias, kernel_init=nnx.initializers.xavier_uniform(),
+                       bias_init=nnx.initializers.normal(1e-6), dtype=dtype,
+                       param_dtype=param_dtype, rngs=rngs)
 
 
 class MatViTBlock(nnx.Module):
@@ -555,7 +555,7 @@ class MatViT(NestedFFNs, nnx.Module):
     """A new logits layer (zero kernel, bias ``head_bias_init``); 0: none."""
     self.num_classes = num_classes
     self._record_init_args(**{**self.init_kwargs, "num_classes": num_classes})
-    self.head = None if num_classes <= 0 else nnx.Linear(
+    self.head = None if num_classes <= 0 else layers.Linear(
         self.num_features, num_classes, kernel_init=nnx.initializers.zeros_init(),
         bias_init=nnx.initializers.constant(self.head_bias_init), dtype=self.dtype,
         param_dtype=self.param_dtype, rngs=rngs if rngs is not None else nnx.Rngs(0))

@@ -51,7 +51,7 @@ import numpy as np
 from flax import nnx
 
 from models.convert import check_state_dict
-from models.layers import DepthwiseConv, DropPath, Mlp, layer_norm
+from models.layers import DepthwiseConv, DropPath, Linear, Mlp, layer_norm
 from models.registry import register_model
 from ops.window_attention import relative_position_bias, window_attention
 
@@ -68,10 +68,10 @@ _init = nnx.initializers.normal(0.02)  # TF: every kernel, conv and relative bia
 
 
 def dense(in_features: int, out_features: int, *, use_bias: bool = True, dtype=jnp.float32,
-          param_dtype=jnp.float32, rngs: nnx.Rngs) -> nnx.Linear:
+          param_dtype=jnp.float32, rngs: nnx.Rngs) -> Linear:
   """A Linear (or a 1x1 convolution, in NHWC) with TF's init."""
-  return nnx.Linear(in_features, out_features, use_bias=use_bias, kernel_init=_init, dtype=dtype,
-                    param_dtype=param_dtype, rngs=rngs)
+  return Linear(in_features, out_features, use_bias=use_bias, kernel_init=_init, dtype=dtype,
+                param_dtype=param_dtype, rngs=rngs)
 
 
 def conv3x3(in_features: int, out_features: int, *, stride: int = 1, dtype=jnp.float32,
@@ -182,7 +182,8 @@ class MBConv(nnx.Module):
     self.expand = dense(in_dim, hidden, use_bias=False, **kw)
     self.expand_norm = batch_norm(hidden, **kw)
     # nnx.Conv's layout ([3, 3, 1, C]); layers.DepthwiseConv avoids XLA:CPU's slow grouped conv.
-    self.depthwise = DepthwiseConv(hidden, 3, use_bias=False, kernel_init=_init, **kw)
+    self.depthwise = DepthwiseConv(hidden, 3, stride=stride, use_bias=False, kernel_init=_init,
+                                   **kw)
     self.depthwise_norm = batch_norm(hidden, **kw)
     self.se = SqueezeExcite(hidden, max(1, int(out_dim * _SE_RATIO)), **kw)
     self.shrink = dense(hidden, out_dim, **kw)
@@ -196,10 +197,6 @@ class MBConv(nnx.Module):
     h = self.expand(self.pre_norm(x, **stats))
     h = gelu(self.expand_norm(h, **stats))
     h = self.depthwise(h)
-    if self.stride == 2:
-      # TF's stride-2 'SAME' conv of an even map pads (0, 1): output i reads inputs 2i..2i+2,
-      # the window of the stride-1 conv (padding (1, 1)) centred on input 2i + 1.
-      h = h[:, 1::2, 1::2]
     h = gelu(self.depthwise_norm(h, **stats))
     h = self.shrink(self.se(h))
     return shortcut + self.drop_path(h, train=train)

@@ -32,6 +32,7 @@ import numpy as np
 from flax import nnx
 
 from models.convert import check_state_dict
+from models.layers import Linear
 from models.registry import register_model
 from ops import lightning_attention, lightning_decode_step, lightning_prefill
 
@@ -68,9 +69,9 @@ def srms_norm(x: jax.Array) -> jax.Array:
   return (xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + _NORM_EPS)).astype(x.dtype)
 
 
-def _linear(din: int, dout: int, *, dtype, param_dtype, rngs: nnx.Rngs) -> nnx.Linear:
-  return nnx.Linear(din, dout, use_bias=False, kernel_init=nnx.initializers.normal(_INIT_STD),
-                    dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+def _linear(din: int, dout: int, *, dtype, param_dtype, rngs: nnx.Rngs) -> Linear:
+  return Linear(din, dout, use_bias=False, kernel_init=nnx.initializers.normal(_INIT_STD),
+                dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
 
 class Lrpe(nnx.Module):

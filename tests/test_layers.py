@@ -1,31 +1,34 @@
-"""Shared layers: the depthwise conv's CPU path equals XLA's grouped conv, values and gradients."""
+"""Shared layers: the CPU paths of Linear and the depthwise conv equal the plain XLA ops, values and gradients."""
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
-from models.layers import DepthwiseConv, depthwise_conv2d
+from models.layers import DepthwiseConv, Linear, depthwise_conv2d, prefix_dense
 
 
-def _xla_depthwise(x, kernel):
-  kh, kw, channels = kernel.shape
+def _xla_depthwise(x, kernel, stride=1):
   return jax.lax.conv_general_dilated(
-      x, kernel[:, :, None], (1, 1), ((kh // 2, kh // 2), (kw // 2, kw // 2)),
-      dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=channels,
+      x, kernel[:, :, None], (stride, stride), "SAME",
+      dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=kernel.shape[-1],
       precision=jax.lax.Precision.HIGHEST)
 
 
 # Batches of 1, 3 and 16 (8 batch slices summed in the kernel gradient's fused loop, twice).
-@pytest.mark.parametrize("shape, kernel_size", [((16, 7, 9, 5), (3, 3)), ((3, 8, 8, 4), (5, 5)),
-                                                ((1, 4, 6, 3), (7, 3))])
-def test_depthwise_conv2d_matches_grouped_conv(shape, kernel_size):
+# Stride 2 on even and odd sides (TF's 'SAME' pads (0, 1) and (1, 1) for a 3x3 kernel there).
+@pytest.mark.parametrize("shape, kernel_size, stride", [
+    ((16, 7, 9, 5), (3, 3), 1), ((3, 8, 8, 4), (5, 5), 1), ((1, 4, 6, 3), (7, 3), 1),
+    ((3, 8, 8, 4), (3, 3), 2), ((2, 7, 10, 3), (3, 3), 2), ((2, 9, 8, 3), (5, 3), 2),
+    ((1, 9, 7, 2), (3, 5), 3)])
+def test_depthwise_conv2d_matches_grouped_conv(shape, kernel_size, stride):
   kx, kk, kg = jax.random.split(jax.random.key(0), 3)
   x = jax.random.normal(kx, shape)
   kernel = jax.random.normal(kk, (*kernel_size, shape[-1]))
-  cotangent = jax.random.normal(kg, shape)
-  out, vjp = jax.vjp(depthwise_conv2d, x, kernel)
-  want, want_vjp = jax.vjp(_xla_depthwise, x, kernel)
+  out, vjp = jax.vjp(lambda x, k: depthwise_conv2d(x, k, stride), x, kernel)
+  want, want_vjp = jax.vjp(lambda x, k: _xla_depthwise(x, k, stride), x, kernel)
+  assert out.shape == want.shape == (shape[0], -(-shape[1] // stride), -(-shape[2] // stride), shape[3])
+  cotangent = jax.random.normal(kg, out.shape)
   np.testing.assert_allclose(out, want, atol=2e-5, rtol=1e-5)
   for got, ref in zip(vjp(cotangent), want_vjp(cotangent)):
     np.testing.assert_allclose(got, ref, atol=1e-4, rtol=1e-5)
@@ -42,9 +45,11 @@ def test_depthwise_conv2d_bfloat16_accumulates_in_float32():
   np.testing.assert_allclose(out.astype(jnp.float32), want, rtol=2 ** -8, atol=1e-2)
 
 
-def test_depthwise_module_has_the_grouped_conv_layout():
-  conv = DepthwiseConv(6, 5, rngs=nnx.Rngs(0))
-  reference = nnx.Conv(6, 6, (5, 5), feature_group_count=6, padding="SAME", rngs=nnx.Rngs(0))
+@pytest.mark.parametrize("stride", [1, 2])
+def test_depthwise_module_has_the_grouped_conv_layout(stride):
+  conv = DepthwiseConv(6, 5, stride=stride, rngs=nnx.Rngs(0))
+  reference = nnx.Conv(6, 6, (5, 5), strides=stride, feature_group_count=6, padding="SAME",
+                       rngs=nnx.Rngs(0))
   assert conv.kernel.shape == reference.kernel.shape == (5, 5, 1, 6)
   np.testing.assert_array_equal(conv.kernel[...], reference.kernel[...])  # same init draws
   x = jax.random.normal(jax.random.key(3), (2, 10, 10, 6))
@@ -56,3 +61,22 @@ def test_depthwise_module_has_the_grouped_conv_layout():
 def test_depthwise_conv2d_refuses_bad_shapes(x_shape, kernel_shape):
   with pytest.raises(ValueError, match="odd-sized kernel"):
     depthwise_conv2d(jnp.zeros(x_shape), jnp.zeros(kernel_shape))
+
+
+@pytest.mark.parametrize("shape", [(5, 3), (2, 3, 4, 3), (4, 7, 3)])
+def test_linear_on_rows_equals_nnx_linear(shape):
+  layer = Linear(3, 6, rngs=nnx.Rngs(0))
+  reference = nnx.Linear(3, 6, rngs=nnx.Rngs(0))
+  x = jax.random.normal(jax.random.key(4), shape)
+
+  def loss(module, x):
+    return jnp.sum(jnp.tanh(module(x)) ** 2)
+
+  out, ref = layer(x), reference(x)
+  assert out.shape == ref.shape == (*shape[:-1], 6)
+  np.testing.assert_allclose(out, ref, atol=1e-6, rtol=1e-6)
+  grads, ref_grads = (nnx.grad(loss, argnums=(0, 1))(m, x) for m in (layer, reference))
+  for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+  # prefix_dense takes the same path: the first 4 outputs of the layer.
+  np.testing.assert_allclose(prefix_dense(layer, x, outputs=4), ref[..., :4], atol=1e-6, rtol=1e-6)

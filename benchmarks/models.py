@@ -22,6 +22,10 @@ so that a changing load falls on both alike; `zoo/timm` is the ratio of examples
 zoo is faster), the median over the rounds' ratios. XLA:CPU runs on as many threads as the
 process may use cores (`os.sched_getaffinity`, printed as `cpu_affinity`).
 
+`--keep_freed_memory` says whose malloc keeps freed memory mapped. `zoo` (the default) runs the
+zoo as train.py does (`train.keep_freed_memory_mapped`) and timm as it comes; `both` gives timm's
+process the same glibc settings (GLIBC_TUNABLES), an equal footing; `none` leaves both alone.
+
 Another model gets one line in MODELS: its registered name, the task train.py trains it with, a
 batch maker, its batch sizes, timm's name of it and (other than image classifiers) its inference
 call.
@@ -165,13 +169,14 @@ class ZooBench:
 class TimmBench:
   """benchmarks/timm_reference.py --serve in another Python: one measurement per call."""
 
-  def __init__(self, torch_python: str, entry: Entry, batch_size: int, threads: int, reps: int):
+  def __init__(self, torch_python: str, entry: Entry, batch_size: int, threads: int, reps: int,
+               env: dict[str, str]):
     drop_path_rate = models.model_info(entry.model).defaults.get("drop_path_rate", 0.0)
     command = [torch_python, str(REPO / "benchmarks" / "timm_reference.py"), "--serve",
                "--model", entry.timm, "--batch", str(batch_size), "--threads", str(threads),
                "--reps", str(reps), "--drop_path_rate", str(drop_path_rate)]
     self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                    text=True)
+                                    text=True, env=env)
 
   def measure(self) -> dict:
     self.process.stdin.write("measure\n")
@@ -226,6 +231,11 @@ def print_row(r: dict, no_timm: str = "") -> None:
         f"{r['train_cpu_per_wall']:.2f} | {ratios[0]} | {ratios[1]} |", flush=True)
 
 
+# train.keep_freed_memory_mapped's mallopt calls, as tunables read at a process's start.
+_KEEP_FREED_MEMORY = ("glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:"
+                      "glibc.malloc.trim_threshold=18446744073709551615")
+
+
 def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--models", nargs="*", help="names from MODELS (default: all)")
@@ -235,13 +245,21 @@ def main(argv=None) -> None:
   parser.add_argument("--torch_python", help="a Python with torch and timm: timm's twin beside")
   parser.add_argument("--torch_threads", type=int, default=len(os.sched_getaffinity(0)),
                       help="torch intra-op threads (default: the cores this process may use)")
+  parser.add_argument("--keep_freed_memory", choices=("zoo", "both", "none"), default="zoo",
+                      help="whose malloc keeps freed memory mapped (module docstring)")
   args = parser.parse_args(argv)
   known = {entry.model: entry for entry in MODELS}
   unknown = sorted(set(args.models or ()) - set(known))
   if unknown:
     parser.error(f"unknown models {unknown}; MODELS has {sorted(known)}")
+  if args.keep_freed_memory != "none":
+    train.keep_freed_memory_mapped()
+  timm_env = dict(os.environ)
+  if args.keep_freed_memory == "both":
+    timm_env["GLIBC_TUNABLES"] = _KEEP_FREED_MEMORY
   env = dict(environment(), cpu_affinity=len(os.sched_getaffinity(0)),
-             xla_flags=os.environ.get("XLA_FLAGS", ""), rounds=args.rounds, reps=args.reps)
+             xla_flags=os.environ.get("XLA_FLAGS", ""), rounds=args.rounds, reps=args.reps,
+             keep_freed_memory=args.keep_freed_memory)
   if args.torch_python:
     env["torch_threads"] = args.torch_threads
   print(json.dumps(env))
@@ -253,7 +271,7 @@ def main(argv=None) -> None:
     reference = None
     if args.torch_python and entry.timm:
       reference = TimmBench(args.torch_python, entry, zoo.batch_size, args.torch_threads,
-                            args.reps)
+                            args.reps, timm_env)
     zoo_rounds, timm_rounds = [], []
     try:
       for _ in range(args.rounds):

@@ -159,6 +159,7 @@ def elastic_plot(result: dict, path: str) -> bool:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  train.keep_freed_memory_mapped()  # XLA:CPU's per-call buffers stay mapped (train.py)
   evaluate = evaluate_elastic if _ELASTIC.value else evaluate_checkpoint
   try:
     result = evaluate(_CONFIG.value, _WORKDIR.value, _CHECKPOINT.value, _SPLIT.value)

@@ -39,6 +39,8 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "The run's directory (checkpoint
 _CHECKPOINT = flags.DEFINE_string("checkpoint", "latest", "latest | best | <step> | <path>")
 _SPLIT = flags.DEFINE_string("split", "test", "Split to evaluate.")
 _OUTPUT = flags.DEFINE_string("output", "", "JSON path; default <workdir>/eval_<split>_<checkpoint>.json")
+_KEEP_FREED_MEMORY = flags.DEFINE_bool("keep_freed_memory", True, "Keep freed host memory mapped "
+                                        "(train.keep_freed_memory_mapped).")
 _ELASTIC = flags.DEFINE_bool("elastic", False, "MatFormer: evaluate every granularity and the "
                              "Mix'n'Match sweep (elastic_<split>_<checkpoint>.json/.md/.png)")
 
@@ -159,7 +161,8 @@ def elastic_plot(result: dict, path: str) -> bool:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  train.keep_freed_memory_mapped()  # XLA:CPU's per-call buffers stay mapped (train.py)
+  if _KEEP_FREED_MEMORY.value:
+    train.keep_freed_memory_mapped()  # XLA:CPU's per-call buffers stay mapped (train.py)
   evaluate = evaluate_elastic if _ELASTIC.value else evaluate_checkpoint
   try:
     result = evaluate(_CONFIG.value, _WORKDIR.value, _CHECKPOINT.value, _SPLIT.value)

@@ -41,6 +41,12 @@ class NonFiniteLossError(RuntimeError):
 
 # ----------------------------------------------------------------------------- host memory
 
+# malloc.h's mallopt option, the same setting as a GLIBC_TUNABLES entry, its value. A trim
+# threshold of -1 (as size_t: the largest) disables trimming (mallopt(3)).
+_KEPT_MEMORY_SETTINGS = ((-8, "glibc.malloc.arena_max", 1), (-4, "glibc.malloc.mmap_max", 0),
+                         (-1, "glibc.malloc.trim_threshold", -1))
+
+
 def keep_freed_memory_mapped() -> bool:
   """Makes glibc's malloc keep freed memory mapped (one arena, no mmap, no trimming).
 
@@ -56,10 +62,12 @@ def keep_freed_memory_mapped() -> bool:
     libc = ctypes.CDLL("libc.so.6")
   except OSError:
     return False
-  m_trim_threshold, m_mmap_max, m_arena_max = -1, -4, -8  # malloc.h
-  # A trim threshold of -1 disables trimming (mallopt(3)).
-  return all(libc.mallopt(option, value) == 1
-             for option, value in ((m_arena_max, 1), (m_mmap_max, 0), (m_trim_threshold, -1)))
+  return all(libc.mallopt(option, value) == 1 for option, _, value in _KEPT_MEMORY_SETTINGS)
+
+
+def kept_memory_tunables() -> str:
+  """`keep_freed_memory_mapped`'s settings as GLIBC_TUNABLES, for a process started from here."""
+  return ":".join(f"{name}={value % 2**64}" for _, name, value in _KEPT_MEMORY_SETTINGS)
 
 
 # ----------------------------------------------------------------------------- mesh

@@ -231,11 +231,6 @@ def print_row(r: dict, no_timm: str = "") -> None:
         f"{r['train_cpu_per_wall']:.2f} | {ratios[0]} | {ratios[1]} |", flush=True)
 
 
-# train.keep_freed_memory_mapped's mallopt calls, as tunables read at a process's start.
-_KEEP_FREED_MEMORY = ("glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:"
-                      "glibc.malloc.trim_threshold=18446744073709551615")
-
-
 def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--models", nargs="*", help="names from MODELS (default: all)")
@@ -256,7 +251,7 @@ def main(argv=None) -> None:
     train.keep_freed_memory_mapped()
   timm_env = dict(os.environ)
   if args.keep_freed_memory == "both":
-    timm_env["GLIBC_TUNABLES"] = _KEEP_FREED_MEMORY
+    timm_env["GLIBC_TUNABLES"] = train.kept_memory_tunables()
   env = dict(environment(), cpu_affinity=len(os.sched_getaffinity(0)),
              xla_flags=os.environ.get("XLA_FLAGS", ""), rounds=args.rounds, reps=args.reps,
              keep_freed_memory=args.keep_freed_memory)

@@ -126,6 +126,8 @@ def depthwise_conv2d(x: jax.Array, kernel: jax.Array, stride: int = 1) -> jax.Ar
   if x.ndim != 4 or kernel.ndim != 3 or kernel.shape[2] != x.shape[3] or kh % 2 == 0 or kw % 2 == 0:
     raise ValueError(f"depthwise_conv2d: expected x [B, H, W, C] and an odd-sized kernel [kh, kw, C], "
                      f"got x {tuple(x.shape)} and kernel {tuple(kernel.shape)}")
+  if not isinstance(stride, int) or stride < 1:
+    raise ValueError(f"depthwise_conv2d: expected a positive integer stride, got {stride!r}")
   if ops.dispatch.platform() != "cpu":
     return jax.lax.conv_general_dilated(
         x, kernel[:, :, None], (stride, stride), "SAME",

@@ -276,8 +276,6 @@ def test_maxvit_official_recipe_numbers():
   assert (fmnist.schedule.name, fmnist.schedule.warmup_steps) == ("warmup_cosine", 100)
 
 
-
-
 def test_matvit_fashion_mnist_is_the_reported_recipe():
   """The run in RESULTS.md (S/M/L/XL 85.6-85.9 %): the shared Fashion-MNIST recipe at 28 x 28,
   no crops, 3 epochs of batch 64, lr 3e-3, the granularities' losses summed."""

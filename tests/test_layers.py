@@ -63,6 +63,12 @@ def test_depthwise_conv2d_refuses_bad_shapes(x_shape, kernel_shape):
     depthwise_conv2d(jnp.zeros(x_shape), jnp.zeros(kernel_shape))
 
 
+@pytest.mark.parametrize("stride", [0, -1, 1.5])
+def test_depthwise_conv2d_refuses_bad_strides(stride):
+  with pytest.raises(ValueError, match="positive integer stride"):
+    depthwise_conv2d(jnp.zeros((1, 4, 4, 3)), jnp.zeros((3, 3, 3)), stride)
+
+
 @pytest.mark.parametrize("shape", [(5, 3), (2, 3, 4, 3), (4, 7, 3)])
 def test_linear_on_rows_equals_nnx_linear(shape):
   layer = Linear(3, 6, rngs=nnx.Rngs(0))
@@ -80,3 +86,14 @@ def test_linear_on_rows_equals_nnx_linear(shape):
     np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
   # prefix_dense takes the same path: the first 4 outputs of the layer.
   np.testing.assert_allclose(prefix_dense(layer, x, outputs=4), ref[..., :4], atol=1e-6, rtol=1e-6)
+
+
+def test_linear_kernel_gradient_contracts_one_axis_on_cpu():
+  """What Linear is for: on a 4-D map every dot, the kernel gradient's included, is a 2-D matmul
+  (an n-d one makes XLA:CPU transpose the whole incoming gradient; models/layers.py)."""
+  layer = Linear(3, 6, rngs=nnx.Rngs(0))
+  x = jnp.ones((2, 5, 5, 3))
+  jaxpr = jax.make_jaxpr(nnx.grad(lambda m, x: jnp.sum(m(x) ** 2)))(layer, x)
+  dots = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "dot_general"]
+  assert len(dots) >= 2  # forward and kernel gradient
+  assert all(v.aval.ndim == 2 for e in dots for v in e.invars)

@@ -76,44 +76,44 @@ def load_model(config, workdir: str, which: str, split, task, mesh):
 
 
 def evaluate_checkpoint(config, workdir: str, which: str, split_name: str) -> dict:
-  task = tasks.from_config(config)
-  mesh = train.make_mesh(config.mesh)
-  split = data.load(config.data, split_name)
-  model, source = load_model(config, workdir, which, split, task, mesh)
-  eval_step = train.make_eval_step(task, nnx.graphdef(model))
-  metrics = train.evaluate(task, eval_step, nnx.state(model), split, config.input, mesh)
-  print(train.format_table({f"{split_name}/{k}": v for k, v in metrics.items()},
-                           title=f"{config.model.name} on {config.data.name}/{split_name} "
-                                 f"({source})"))
-  return {"checkpoint": source, "split": split_name, **metrics}
+  with train.on_mesh(config) as mesh:
+    task = tasks.from_config(config)
+    split = data.load(config.data, split_name)
+    model, source = load_model(config, workdir, which, split, task, mesh)
+    eval_step = train.make_eval_step(task, nnx.graphdef(model))
+    metrics = train.evaluate(task, eval_step, nnx.state(model), split, config.input, mesh)
+    print(train.format_table({f"{split_name}/{k}": v for k, v in metrics.items()},
+                             title=f"{config.model.name} on {config.data.name}/{split_name} "
+                                   f"({source})"))
+    return {"checkpoint": source, "split": split_name, **metrics}
 
 
 def evaluate_elastic(config, workdir: str, which: str, split_name: str) -> dict:
   """Every balanced Mix'n'Match sub-model (S, M, L and XL among them), extracted and evaluated
   with the plain task: {checkpoint, split, metric, rows: [{name, widths, params, metrics...}]}."""
-  task = tasks.get_task(config.task)
-  mesh = train.make_mesh(config.mesh)
-  split = data.load(config.data, split_name)
-  model, source = load_model(config, workdir, which, split, task, mesh)
-  if not isinstance(model, matformer.NestedFFNs):
-    raise ValueError(f"--elastic needs a nested (MatFormer) model, got {config.model.name}")
-  names = dict(zip((model.layer_widths(g) for g in model.granularities),
-                   granularity_names(len(model.granularities))))
-  rows = []
-  for widths in matformer.balanced_configs(model):
-    sub = matformer.extract(model, widths)
-    eval_step = train.make_eval_step(task, nnx.graphdef(sub))
-    metrics = train.evaluate(task, eval_step, nnx.state(sub), split, config.input, mesh)
-    rows.append({"name": names.get(widths, "mix'n'match"), "widths": list(widths),
-                 "params": models.count_params(sub), **metrics})
-    print(f"{rows[-1]['name']:>11} {widths}: {rows[-1]['params']:,} params, " +
-          ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()), flush=True)
-  # The curve's metric: the run's early-stopping one, else accuracy where the task has it.
-  metric = config.early_stopping.metric.rpartition("/")[2]
-  if metric not in rows[0]:
-    metric = "accuracy" if "accuracy" in rows[0] else "loss"
-  return {"model": config.model.name, "checkpoint": source, "split": split_name,
-          "metric": metric, "rows": rows}
+  with train.on_mesh(config) as mesh:
+    task = tasks.get_task(config.task)
+    split = data.load(config.data, split_name)
+    model, source = load_model(config, workdir, which, split, task, mesh)
+    if not isinstance(model, matformer.NestedFFNs):
+      raise ValueError(f"--elastic needs a nested (MatFormer) model, got {config.model.name}")
+    names = dict(zip((model.layer_widths(g) for g in model.granularities),
+                     granularity_names(len(model.granularities))))
+    rows = []
+    for widths in matformer.balanced_configs(model):
+      sub = matformer.extract(model, widths)
+      eval_step = train.make_eval_step(task, nnx.graphdef(sub))
+      metrics = train.evaluate(task, eval_step, nnx.state(sub), split, config.input, mesh)
+      rows.append({"name": names.get(widths, "mix'n'match"), "widths": list(widths),
+                   "params": models.count_params(sub), **metrics})
+      print(f"{rows[-1]['name']:>11} {widths}: {rows[-1]['params']:,} params, " +
+            ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()), flush=True)
+    # The curve's metric: the run's early-stopping one, else accuracy where the task has it.
+    metric = config.early_stopping.metric.rpartition("/")[2]
+    if metric not in rows[0]:
+      metric = "accuracy" if "accuracy" in rows[0] else "loss"
+    return {"model": config.model.name, "checkpoint": source, "split": split_name,
+            "metric": metric, "rows": rows}
 
 
 def elastic_markdown(result: dict) -> str:

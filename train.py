@@ -11,6 +11,7 @@ final_metrics.json.
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import json
@@ -33,6 +34,7 @@ from flax import nnx
 
 import data
 import models
+import ops
 import tasks
 
 class NonFiniteLossError(RuntimeError):
@@ -82,6 +84,15 @@ def make_mesh(mesh_config) -> jax.sharding.Mesh:
                      f" does not cover the {n} devices")
   return jax.make_mesh((data_axis, mesh_config.fsdp, mesh_config.tensor), ("data", "fsdp", "tensor"),
                        axis_types=(jax.sharding.AxisType.Auto,) * 3)
+
+
+@contextlib.contextmanager
+def on_mesh(config):
+  """The config's mesh, set (jax.set_mesh) with its sharding rules (ops.sharding) inside: what
+  models, kernels and steps traced there split over."""
+  mesh = make_mesh(config.mesh)
+  with jax.set_mesh(mesh), ops.sharding.use_rules(config.mesh.rules):
+    yield mesh
 
 
 def batch_sharding(mesh) -> jax.sharding.NamedSharding:
@@ -150,10 +161,16 @@ def create_model_and_optimizer(config, meta: dict, task, mesh, tx=None):
 
   with jax.set_mesh(mesh):
     abstract = nnx.eval_shape(build)
-    specs = nnx.get_partition_spec(nnx.state(abstract))
-    shardings = jax.tree.map(lambda p: jax.sharding.NamedSharding(mesh, p), specs)
+    shardings = state_shardings(nnx.state(abstract), mesh)
     state = jax.jit(lambda: nnx.state(build()), out_shardings=shardings)()
   return nnx.merge(nnx.graphdef(abstract), state)
+
+
+def state_shardings(state, mesh):
+  """NamedShardings of a model's (or optimizer's) state: each parameter by its logical axes
+  through the active rules (ops.sharding), optimizer state as its parameter, the rest replicated."""
+  return jax.tree.map(lambda p: jax.sharding.NamedSharding(mesh, p),
+                      ops.sharding.tree_specs(state, mesh))
 
 
 def rng_streams(model) -> list[str]:
@@ -316,15 +333,17 @@ def check_finite(losses: list, first_step: int, mngr) -> None:
 
 def train_and_evaluate(config, workdir: str) -> dict[str, float]:
   """Runs (or resumes) the whole recipe; returns the final metrics also written to final_metrics.json."""
+  with on_mesh(config) as mesh:
+    return _train_and_evaluate(config, workdir, mesh)
+
+
+def _train_and_evaluate(config, workdir: str, mesh) -> dict[str, float]:
   t_start = time.time()
   os.makedirs(workdir, exist_ok=True)
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(config.to_json_best_effort(indent=2))
   task = tasks.from_config(config)
-
-  # Mesh.
-  mesh = make_mesh(config.mesh)
 
   # Data.
   train_split = data.load(config.data, "train")

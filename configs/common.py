@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import ml_collections
 
+from ops import sharding
+
 # Per-channel pixel statistics (pixel / 255) for `config.input.mean` / `std`.
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 FASHION_MNIST_MEAN, FASHION_MNIST_STD = (0.286,), (0.353,)   # its 60,000 training images
@@ -124,9 +126,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.init_from.dont_load = ()       # regexes of param paths kept fresh, e.g. ('head/.*',)
 
   c.mesh = ml_collections.ConfigDict()
-  c.mesh.data = -1                 # -1 = all devices not used by the other axes
-  c.mesh.fsdp = 1                  # reserved: parameter sharding
-  c.mesh.tensor = 1                # reserved: tensor parallelism
+  c.mesh.data = -1                 # data parallelism; -1 = all devices not used by the other axes
+  c.mesh.fsdp = 1                  # data parallelism with parameters and optimizer state split (FSDP)
+  c.mesh.tensor = 1                # tensor parallelism: heads and hidden units split (Megatron)
+  # Logical axis -> mesh axes (ops.sharding.RULES), e.g. --config.mesh.rules.mlp='("fsdp",)'
+  # or --config.mesh.rules.embed='()' to keep the model width whole.
+  c.mesh.rules = ml_collections.ConfigDict(sharding.RULES)
   return c
 
 

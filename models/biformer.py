@@ -35,6 +35,7 @@ import ops
 from models.convert import check_state_dict
 from models.layers import DepthwiseConv, DropPath, Linear, get_activation, layer_norm
 from models.registry import register_model
+from ops.sharding import axes as logical
 
 _LN_EPS = 1e-6                      # every LayerNorm of the official model
 _BN_EPS, _BN_MOMENTUM = 1e-5, 0.9   # torch BatchNorm2d defaults (torch momentum 0.1)
@@ -59,7 +60,8 @@ def _torch_conv(in_ch: int, out_ch: int, kernel: int, *, stride: int = 1, dtype,
   init = _torch_uniform(in_ch * kernel * kernel)
   pad = kernel // 2
   return nnx.Conv(in_ch, out_ch, (kernel, kernel), strides=stride, padding=((pad, pad), (pad, pad)),
-                  kernel_init=init, bias_init=init, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+                  kernel_init=init, bias_init=init, kernel_metadata=logical(None, None, "conv_in", "conv_out"), bias_metadata=logical("conv_out"),
+                  dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
 
 def _torch_dwconv(dim: int, kernel: int, *, dtype, param_dtype, rngs: nnx.Rngs) -> DepthwiseConv:
@@ -71,13 +73,14 @@ def _torch_dwconv(dim: int, kernel: int, *, dtype, param_dtype, rngs: nnx.Rngs) 
 
 def _batch_norm(dim: int, *, dtype, param_dtype, rngs: nnx.Rngs) -> nnx.BatchNorm:
   return nnx.BatchNorm(dim, momentum=_BN_MOMENTUM, epsilon=_BN_EPS, use_fast_variance=False,
-                       dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+                       scale_metadata=logical("norm"), bias_metadata=logical("norm"), dtype=dtype,
+                       param_dtype=param_dtype, rngs=rngs)
 
 
-def _linear(in_features: int, out_features: int, *, use_bias: bool = True, dtype, param_dtype,
-            rngs: nnx.Rngs) -> Linear:
+def _linear(in_features: int, out_features: int, *, use_bias: bool = True,
+            axes=("embed", "mlp"), dtype, param_dtype, rngs: nnx.Rngs) -> Linear:
   """Linear initialised as the official `_init_weights`: trunc-normal(0.02) weight, zero bias."""
-  return Linear(in_features, out_features, use_bias=use_bias,
+  return Linear(in_features, out_features, use_bias=use_bias, axes=axes,
                 kernel_init=nnx.initializers.truncated_normal(0.02), dtype=dtype,
                 param_dtype=param_dtype, rngs=rngs)
 

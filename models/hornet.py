@@ -21,6 +21,7 @@ from flax import nnx
 from models.convert import check_state_dict
 from models.layers import ACTIVATIONS, DepthwiseConv, DropPath, LayerScale, Linear, layer_norm
 from models.registry import register_model
+from ops.sharding import axes as logical
 
 _EPS = 1e-6  # every LayerNorm of HorNet, the final one included
 # The official init, timm's trunc_normal_(std=.02), truncates at +-2 in absolute terms, i.e. at 100
@@ -29,10 +30,11 @@ _INIT = jax.nn.initializers.normal(0.02)
 _GELU = ACTIVATIONS["gelu"]  # the exact erf form, as torch.nn.GELU()
 
 
-def _linear(in_features: int, out_features: int, *, dtype, param_dtype,
+def _linear(in_features: int, out_features: int, *, axes=("embed", "mlp"), dtype, param_dtype,
             rngs: nnx.Rngs) -> Linear:
   """A Linear or 1x1 conv of the official code (the same map on channels-last features)."""
-  return Linear(in_features, out_features, kernel_init=_INIT, bias_init=nnx.initializers.zeros,
+  return Linear(in_features, out_features, axes=axes, kernel_init=_INIT,
+                bias_init=nnx.initializers.zeros,
                 dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
 
@@ -40,7 +42,8 @@ def _patchify(in_features: int, out_features: int, stride: int, *, dtype, param_
               rngs: nnx.Rngs) -> nnx.Conv:
   """The stem's and the downsamplings' conv: kernel = stride, no padding."""
   return nnx.Conv(in_features, out_features, (stride, stride), strides=stride, padding="VALID",
-                  kernel_init=_INIT, bias_init=nnx.initializers.zeros, dtype=dtype,
+                  kernel_init=_INIT, bias_init=nnx.initializers.zeros,
+                  kernel_metadata=logical(None, None, "conv_in", "conv_out"), bias_metadata=logical("conv_out"), dtype=dtype,
                   param_dtype=param_dtype, rngs=rngs)
 
 
@@ -92,7 +95,8 @@ class GlobalLocalFilter(nnx.Module):
     half = dim // 2
     self.pre_norm = layer_norm(dim, eps=_EPS, **kw)
     self.dw = _depthwise(half, 3, use_bias=False, **kw)
-    self.complex_weight = nnx.Param(_INIT(rngs.params(), (h, w, half, 2), param_dtype))
+    self.complex_weight = nnx.Param(_INIT(rngs.params(), (h, w, half, 2), param_dtype),
+                                    **logical(None, None, "conv_out", None))
     self.post_norm = layer_norm(dim, eps=_EPS, **kw)
 
   def __call__(self, x: jax.Array) -> jax.Array:

@@ -15,6 +15,7 @@ import numpy as np
 from flax import nnx
 
 import ops
+from ops.sharding import axes as logical
 
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     # PyTorch's F.gelu is the exact erf form; jax.nn.gelu defaults to the tanh approximation.
@@ -70,7 +71,15 @@ class Linear(nnx.Linear):
   write of the whole activation map. On a 2-D input the contraction is over one axis and needs no
   transpose: a 1x1 conv + BatchNorm + tanh took 540 -> 270 ms fwd+bwd at 8x112x112, 64 -> 256.
   GPU and TPU keep the n-d dot (there a reshape can cost a relayout).
+
+  `axes` names the kernel's (input, output) dimensions for sharding (`ops.sharding`); the bias
+  takes the output's name. The default fits a layer that reads the model width.
   """
+
+  def __init__(self, in_features: int, out_features: int, *,
+               axes: tuple[str | None, str | None] = ("embed", "mlp"), **kwargs):
+    super().__init__(in_features, out_features, kernel_metadata=logical(*axes),
+                     bias_metadata=logical(axes[1]), **kwargs)
 
   def __call__(self, inputs: jax.Array, out_sharding=None) -> jax.Array:
     if out_sharding is not None:
@@ -86,7 +95,8 @@ def on_rows(fn: Callable[[jax.Array], jax.Array], x: jax.Array) -> jax.Array:
   return y.reshape(*x.shape[:-1], y.shape[-1])
 
 
-def torch_linear(in_features: int, out_features: int, *, use_bias: bool = True, dtype=jnp.float32,
+def torch_linear(in_features: int, out_features: int, *, use_bias: bool = True,
+                 axes: tuple[str | None, str | None] = ("embed", "mlp"), dtype=jnp.float32,
                  param_dtype=jnp.float32, rngs: nnx.Rngs) -> Linear:
   """A `Linear` initialised like torch.nn.Linear (and Conv1d with kernel 1): weight and bias ~ U(+-1/sqrt(fan_in)).
 
@@ -97,15 +107,15 @@ def torch_linear(in_features: int, out_features: int, *, use_bias: bool = True, 
   def uniform(key, shape, dtype):
     return jax.random.uniform(key, shape, dtype, -bound, bound)
 
-  return Linear(in_features, out_features, use_bias=use_bias, kernel_init=uniform, bias_init=uniform,
-                dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+  return Linear(in_features, out_features, use_bias=use_bias, axes=axes, kernel_init=uniform,
+                bias_init=uniform, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
 
 def layer_norm(dim: int, *, eps: float = 1e-5, dtype=jnp.float32, param_dtype=jnp.float32,
                rngs: nnx.Rngs) -> nnx.LayerNorm:
   """PyTorch-compatible LayerNorm: eps 1e-5 (Flax defaults to 1e-6), two-pass variance in float32."""
   return nnx.LayerNorm(dim, epsilon=eps, use_fast_variance=False, dtype=dtype, param_dtype=param_dtype,
-                       rngs=rngs)
+                       scale_metadata=logical("norm"), bias_metadata=logical("norm"), rngs=rngs)
 
 
 def depthwise_conv2d(x: jax.Array, kernel: jax.Array, stride: int = 1) -> jax.Array:
@@ -204,8 +214,10 @@ class DepthwiseConv(nnx.Module):
       raise ValueError(f"DepthwiseConv needs odd kernel sides ('same' padding k // 2), got {(kh, kw)}")
     self.dtype = dtype
     self.stride = stride
-    self.kernel = nnx.Param(kernel_init(rngs.params(), (kh, kw, 1, channels), param_dtype))
-    self.bias = nnx.Param(bias_init(rngs.params(), (channels,), param_dtype)) if use_bias else None
+    self.kernel = nnx.Param(kernel_init(rngs.params(), (kh, kw, 1, channels), param_dtype),
+                            **logical(None, None, None, "conv_out"))
+    self.bias = (nnx.Param(bias_init(rngs.params(), (channels,), param_dtype), **logical("norm"))
+                 if use_bias else None)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     bias = None if self.bias is None else self.bias[...]
@@ -225,21 +237,29 @@ class Mlp(nnx.Module):
   """fc1 -> act -> dropout -> fc2 -> dropout (timm's Mlp; the Conv1d(k=1) pair of the official
   iTransformer).
 
-  `linear(in_features, out_features, *, dtype, param_dtype, rngs)` builds the two layers: torch's
-  init by default; a family trained from another init (e.g. TF's normal(0.02)) passes its own.
+  `linear(in_features, out_features, *, axes, dtype, param_dtype, rngs)` builds the two layers:
+  torch's init by default; a family trained from another init (e.g. TF's normal(0.02)) passes its
+  own. The hidden units are split over the mesh's `tensor` axis (`ops.sharding`).
   """
 
   def __init__(self, dim: int, hidden_dim: int, *, act: Callable = ACTIVATIONS["gelu"],
                drop: float = 0.0, linear: Callable[..., nnx.Module] = torch_linear,
                dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
-    self.fc1 = linear(dim, hidden_dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    self.fc2 = linear(hidden_dim, dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.fc1 = linear(dim, hidden_dim, axes=("embed", "mlp"), **kw)
+    self.fc2 = linear(hidden_dim, dim, axes=("mlp", "embed"), **kw)
     self.act = act
     self.drop = Dropout(drop, rngs=rngs)
 
   def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
     x = self.drop(self.act(self.fc1(x)), train=train)
+    x = ops.sharding.constrain(x, hidden_axes(x))
     return self.drop(self.fc2(x), train=train)
+
+
+def hidden_axes(x: jax.Array) -> tuple[str | None, ...]:
+  """Logical axes of a feed-forward block's hidden activations [batch, ..., mlp]."""
+  return ("batch",) + (None,) * (x.ndim - 2) + ("mlp",)
 
 
 def prefix_dense(layer: Linear, x: jax.Array, *, outputs: int | None = None,
@@ -274,11 +294,11 @@ class NestedMlp(nnx.Module):
     self.hidden_dim = hidden_dim
     self.gated = gated
     if gated:
-      self.fc1_g = linear(dim, hidden_dim, **kw)
-      self.fc1_x = linear(dim, hidden_dim, **kw)
+      self.fc1_g = linear(dim, hidden_dim, axes=("embed", "mlp"), **kw)
+      self.fc1_x = linear(dim, hidden_dim, axes=("embed", "mlp"), **kw)
     else:
-      self.fc1 = linear(dim, hidden_dim, **kw)
-    self.fc2 = linear(hidden_dim, dim, **kw)
+      self.fc1 = linear(dim, hidden_dim, axes=("embed", "mlp"), **kw)
+    self.fc2 = linear(hidden_dim, dim, axes=("mlp", "embed"), **kw)
     self.act = act
     self.drop = Dropout(drop, rngs=rngs)
 
@@ -313,8 +333,11 @@ class NestedMlp(nnx.Module):
                 * prefix_dense(self.fc1_x, x, outputs=width))
     else:
       hidden = self.act(prefix_dense(self.fc1, x, outputs=width))
-    hidden = self.drop(hidden, train=train)
+    hidden = ops.sharding.constrain(self.drop(hidden, train=train), hidden_axes(hidden))
     return self.drop(prefix_dense(self.fc2, hidden, inputs=width), train=train)
+
+
+HEADS_AXES = ("batch", None, "heads", None)  # logical axes of q, k, v [B, L, H, D] (ops.attention)
 
 
 class Attention(nnx.Module):
@@ -336,16 +359,17 @@ class Attention(nnx.Module):
       raise ValueError(f"dim must be divisible by num_heads, got dim={dim}, num_heads={num_heads}")
     self.num_heads = num_heads
     self.attn_implementation = attn_implementation
-    self.qkv = linear(dim, 3 * dim, use_bias=qkv_bias, dtype=dtype, param_dtype=param_dtype,
-                      rngs=rngs)
-    self.proj = linear(dim, dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.qkv = linear(dim, 3 * dim, use_bias=qkv_bias, axes=("embed", "heads"), **kw)
+    self.proj = linear(dim, dim, axes=("heads", "embed"), **kw)
     self.attn_drop = Dropout(attn_drop, rngs=rngs)
     self.proj_drop = Dropout(proj_drop, rngs=rngs)
 
   def __call__(self, x: jax.Array, *, train: bool = False, num_queries: int | None = None) -> jax.Array:
     batch, tokens, dim = x.shape
     qkv = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, dim // self.num_heads)
-    q, k, v = qkv[:, :num_queries, 0], qkv[:, :, 1], qkv[:, :, 2]
+    q, k, v = (ops.sharding.constrain(t, HEADS_AXES)
+               for t in (qkv[:, :num_queries, 0], qkv[:, :, 1], qkv[:, :, 2]))
     if train and self.attn_drop.rate > 0:
       out = self._attend_with_dropout(q, k, v)
     else:  # ops.attention (softmax in float32); it has no dropout on the probabilities
@@ -395,7 +419,7 @@ class LayerScale(nnx.Module):
 
   def __init__(self, dim: int, init_value: float = 1e-5, *, dtype=jnp.float32,
                param_dtype=jnp.float32):
-    self.gamma = nnx.Param(jnp.full((dim,), init_value, param_dtype))
+    self.gamma = nnx.Param(jnp.full((dim,), init_value, param_dtype), **logical("norm"))
     self.dtype = dtype
 
   def __call__(self, x: jax.Array) -> jax.Array:

@@ -43,15 +43,17 @@ import ops
 from models import layers
 from models.convert import check_state_dict
 from models.registry import register_model
+from ops.sharding import axes as logical
 
 _INIT_STD = 0.02  # OLMo's init_std: every kernel and the embedding ~ N(0, 0.02), biases 0
 _MASK_VALUE = -1e30  # additive bias of a masked key (finite: a row is never all -inf)
 POSITIONS = ("rope", "alibi")
 
 
-def _linear(din: int, dout: int, *, use_bias: bool = True, dtype=jnp.float32,
-            param_dtype=jnp.float32, rngs: nnx.Rngs) -> layers.Linear:
-  return layers.Linear(din, dout, use_bias=use_bias, kernel_init=nnx.initializers.normal(_INIT_STD),
+def _linear(din: int, dout: int, *, use_bias: bool = True, axes=("embed", "mlp"),
+            dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs) -> layers.Linear:
+  return layers.Linear(din, dout, use_bias=use_bias, axes=axes,
+                       kernel_init=nnx.initializers.normal(_INIT_STD),
                        dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
 
@@ -321,7 +323,7 @@ class MatLM(NestedFFNs, nnx.Module):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.vocab_size, self.dim, self.dtype = vocab_size, dim, dtype
     self.embed = nnx.Embed(vocab_size, dim, embedding_init=nnx.initializers.normal(_INIT_STD),
-                           **kw)
+                           embedding_metadata=logical("vocab", "embed"), **kw)
     self.drop = layers.Dropout(dropout, rngs=rngs)
     self.blocks = nnx.List([
         MatLMBlock(dim, num_heads, num_kv_heads, layer_mlp_dim, positions=positions,
@@ -417,19 +419,21 @@ def _check_tokens(tokens: jax.Array) -> None:
 # --- MatViT ---------------------------------------------------------------------------------------
 
 
-def _xavier_projection(din: int, dout: int, *, use_bias: bool = True, dtype=jnp.float32,
-                       param_dtype=jnp.float32, rngs: nnx.Rngs) -> layers.Linear:
+def _xavier_projection(din: int, dout: int, *, use_bias: bool = True, axes=("embed", "heads"),
+                       dtype=jnp.float32, param_dtype=jnp.float32,
+                       rngs: nnx.Rngs) -> layers.Linear:
   """Scenic's attention projections: xavier-uniform over each [dim, dim] projection, i.e.
   U(+-sqrt(3 / fan_in)) also for the fused qkv kernel; zero biases."""
   init = nnx.initializers.variance_scaling(1.0, "fan_in", "uniform")
-  return layers.Linear(din, dout, use_bias=use_bias, kernel_init=init, dtype=dtype,
+  return layers.Linear(din, dout, use_bias=use_bias, axes=axes, kernel_init=init, dtype=dtype,
                        param_dtype=param_dtype, rngs=rngs)
 
 
-def _xavier_mlp(din: int, dout: int, *, use_bias: bool = True, dtype=jnp.float32,
-                param_dtype=jnp.float32, rngs: nnx.Rngs) -> layers.Linear:
+def _xavier_mlp(din: int, dout: int, *, use_bias: bool = True, axes=("embed", "mlp"),
+                dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs) -> layers.Linear:
   """Scenic's MlpBlock Dense: xavier-uniform kernel, N(0, 1e-6) bias."""
-  return layers.Linear(din, dout, use_bias=use_bias, kernel_init=nnx.initializers.xavier_uniform(),
+  return layers.Linear(din, dout, use_bias=use_bias, axes=axes,
+                       kernel_init=nnx.initializers.xavier_uniform(),
                        bias_init=nnx.initializers.normal(1e-6), dtype=dtype,
                        param_dtype=param_dtype, rngs=rngs)
 
@@ -501,10 +505,14 @@ class MatViT(NestedFFNs, nnx.Module):
     self.head_bias_init, self.dtype, self.param_dtype = head_bias_init, dtype, param_dtype
     num_patches = (img_size // patch_size) ** 2
     self.patch_embed = nnx.Conv(in_chans, dim, (patch_size, patch_size),
-                                strides=(patch_size, patch_size), padding="VALID", **kw)
-    self.cls_token = nnx.Param(jnp.zeros((1, 1, dim), param_dtype)) if class_token else None
+                                strides=(patch_size, patch_size), padding="VALID",
+                                kernel_metadata=logical(None, None, "conv_in", "embed"),
+                                bias_metadata=logical("embed"), **kw)
+    self.cls_token = (nnx.Param(jnp.zeros((1, 1, dim), param_dtype), **logical(None, None, "embed"))
+                      if class_token else None)
     self.pos_embed = nnx.Param(nnx.initializers.normal(0.02)(
-        rngs.params(), (1, num_patches + class_token, dim), param_dtype))
+        rngs.params(), (1, num_patches + class_token, dim), param_dtype),
+        **logical(None, "length", "embed"))
     self.drop = layers.Dropout(dropout, rngs=rngs)
     self.blocks = nnx.List([
         MatViTBlock(dim, num_heads, layer_mlp_dim, act=layers.get_activation(act),

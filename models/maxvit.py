@@ -53,6 +53,7 @@ from flax import nnx
 from models.convert import check_state_dict
 from models.layers import DepthwiseConv, DropPath, Linear, Mlp, layer_norm
 from models.registry import register_model
+from ops.sharding import axes as logical
 from ops.window_attention import relative_position_bias, window_attention
 
 _HEAD_DIM = 32
@@ -67,25 +68,27 @@ gelu = functools.partial(jax.nn.gelu, approximate=True)  # TF's activation_fn('g
 _init = nnx.initializers.normal(0.02)  # TF: every kernel, conv and relative bias; biases 0
 
 
-def dense(in_features: int, out_features: int, *, use_bias: bool = True, dtype=jnp.float32,
-          param_dtype=jnp.float32, rngs: nnx.Rngs) -> Linear:
+def dense(in_features: int, out_features: int, *, use_bias: bool = True, axes=("embed", "mlp"),
+          dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs) -> Linear:
   """A Linear (or a 1x1 convolution, in NHWC) with TF's init."""
-  return Linear(in_features, out_features, use_bias=use_bias, kernel_init=_init, dtype=dtype,
-                param_dtype=param_dtype, rngs=rngs)
+  return Linear(in_features, out_features, use_bias=use_bias, axes=axes, kernel_init=_init,
+                dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
 
 def conv3x3(in_features: int, out_features: int, *, stride: int = 1, dtype=jnp.float32,
             param_dtype=jnp.float32, rngs: nnx.Rngs) -> nnx.Conv:
   """3x3 conv with TF's 'SAME' padding: on a stride 2 it pads (0, 1), not (1, 1)."""
   return nnx.Conv(in_features, out_features, (3, 3), strides=stride, padding="SAME",
-                  kernel_init=_init, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+                  kernel_init=_init, kernel_metadata=logical(None, None, "conv_in", "conv_out"), bias_metadata=logical("conv_out"),
+                  dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
 
 def batch_norm(dim: int, *, dtype=jnp.float32, param_dtype=jnp.float32,
                rngs: nnx.Rngs) -> nnx.BatchNorm:
   """TF's BatchNorm: eps 1e-3, momentum 0.99; statistics in float32, two-pass variance."""
   return nnx.BatchNorm(dim, momentum=_BN_MOMENTUM, epsilon=_BN_EPS, use_fast_variance=False,
-                       dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+                       scale_metadata=logical("norm"), bias_metadata=logical("norm"), dtype=dtype,
+                       param_dtype=param_dtype, rngs=rngs)
 
 
 def resize_rel_pos_table(table, size: int):
@@ -223,7 +226,8 @@ class RelPosAttention(nnx.Module):
     self.qkv = dense(dim, 3 * dim, **kw)
     self.proj = dense(dim, dim, **kw)
     self.rel_pos_table = nnx.Param(
-        _init(rngs.params(), (self.num_heads, rel_pos_size, rel_pos_size), param_dtype))
+        _init(rngs.params(), (self.num_heads, rel_pos_size, rel_pos_size), param_dtype),
+        **logical("heads", None, None))
 
   def _qkv_and_table(self, x: jax.Array):
     groups, tokens, _ = x.shape

@@ -36,6 +36,7 @@ from models.convert import check_state_dict
 from models.layers import ACTIVATIONS, Buffer, Dropout, layer_norm, torch_linear
 from models.registry import register_model
 from ops import diag_attention, lightning_decode_step, norm_attention, simple_rms_norm
+from ops.sharding import axes as logical
 
 KERNELS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "elu": jax.nn.elu,                       # T1: signed features
@@ -72,7 +73,7 @@ class Urpe(nnx.Module):
 
   def __init__(self, head_dim: int, *, param_dtype=jnp.float32, rngs: nnx.Rngs):
     self.theta = nnx.Param(jnp.asarray(10000.0 ** (-2.0 / head_dim * np.arange(head_dim // 2)),
-                                       param_dtype))
+                                       param_dtype), **logical("kv"))
     direction = jax.random.normal(rngs.params(), (head_dim,), jnp.float32)
     self.v = Buffer((direction / jnp.linalg.norm(direction)).astype(param_dtype))
 
@@ -289,7 +290,8 @@ def _embedding(vocab_size: int, dim: int, std: float, pad_token_id: int, **kw) -
   """nn.Embedding(padding_idx) initialised N(0, std) with a zero pad row."""
   def init(key, shape, dtype):
     return nnx.initializers.normal(std)(key, shape, dtype).at[pad_token_id].set(0)
-  return nnx.Embed(vocab_size, dim, embedding_init=init, **kw)
+  return nnx.Embed(vocab_size, dim, embedding_init=init,
+                   embedding_metadata=logical("vocab", "embed"), **kw)
 
 
 class TransNormerLM(nnx.Module):
@@ -386,7 +388,7 @@ class TransNormerMLM(nnx.Module):
                           init="bert", attn_implementation=attn_implementation, **kw)
     self.lm_head_dense = torch_linear(dim, dim, **kw)
     self.lm_head_norm = layer_norm(dim, **kw)
-    self.lm_head_bias = nnx.Param(jnp.zeros((vocab_size,), param_dtype))
+    self.lm_head_bias = nnx.Param(jnp.zeros((vocab_size,), param_dtype), **logical("vocab"))
 
   def __call__(self, tokens: jax.Array, *, train: bool = False) -> jax.Array:
     _check_tokens(tokens)

@@ -35,6 +35,7 @@ from models.convert import check_state_dict
 from models.layers import Linear
 from models.registry import register_model
 from ops import lightning_attention, lightning_decode_step, lightning_prefill
+from ops.sharding import axes as logical
 
 _NORM_EPS = 1e-6
 _INIT_STD = 0.02  # TransnormerConfig.init_std: every Linear and the embedding ~ N(0, 0.02)
@@ -82,7 +83,8 @@ class Lrpe(nnx.Module):
   def __init__(self, num_heads: int, head_dim: int, *, param_dtype=jnp.float32):
     total = num_heads * head_dim
     ladder = 10000.0 ** (-2.0 / total * np.arange(total))
-    self.theta = nnx.Param(jnp.asarray(ladder.reshape(num_heads, head_dim), param_dtype))
+    self.theta = nnx.Param(jnp.asarray(ladder.reshape(num_heads, head_dim), param_dtype),
+                           **logical("heads", "kv"))
 
   def __call__(self, x: jax.Array, offset) -> jax.Array:
     """``x`` [B, T, H, D] at positions offset, ..., offset + T - 1 -> [B, T, H, 2 D]."""
@@ -215,7 +217,8 @@ class TransNormerLLM(nnx.Module):
       table = nnx.initializers.normal(_INIT_STD)(key, shape, dtype)
       return table if pad_token_id is None else table.at[pad_token_id].set(0)
 
-    self.embed_tokens = nnx.Embed(vocab_size, dim, embedding_init=embedding_init, **kw)
+    self.embed_tokens = nnx.Embed(vocab_size, dim, embedding_init=embedding_init,
+                                  embedding_metadata=logical("vocab", "embed"), **kw)
     rates = decay_rates(num_heads, depth)
     self.layers = nnx.List([
         TransNormerLLMBlock(dim, hidden_dim, num_heads, glu_dim, rates[i],

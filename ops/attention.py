@@ -34,7 +34,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from ops import dispatch
+from ops import dispatch, sharding
 
 _F32 = jnp.float32
 _HIGHEST = lax.Precision.HIGHEST
@@ -645,26 +645,35 @@ def attention_pallas(q, k, v, *, bias=None, segment_ids=None, causal=False, scal
   Residuals are (q, k, v, bias, segment ids, out, lse); the backward is the Pallas dK/dV and dQ/dbias
   kernels (see the module docstring). On GPU the compiled kernels are not yet validated on a device.
   """
-  return _pallas_attention(*_pallas_args(q, k, v, bias, segment_ids, causal, scale, block_q, block_k,
-                                         target))
+  arrays, static = _pallas_args(q, k, v, bias, segment_ids, causal, scale, block_q, block_k, target)
+  return sharding.shard_map(lambda *a: _pallas_attention(*a, *static), _KERNEL_AXES,
+                            _QKV_AXES)(*arrays)
 
 
 def attention_pallas_with_lse(q, k, v, *, bias=None, segment_ids=None, causal=False, scale=None,
                               block_q=None, block_k=None, target=None):
   """Forward only: returns ``(out, lse)`` with ``lse`` ``[B, H, Lq]`` f32 (natural log)."""
-  return _pallas_forward(*_pallas_args(q, k, v, bias, segment_ids, causal, scale, block_q, block_k,
-                                       target))
+  arrays, static = _pallas_args(q, k, v, bias, segment_ids, causal, scale, block_q, block_k, target)
+  return sharding.shard_map(lambda *a: _pallas_forward(*a, *static), _KERNEL_AXES,
+                            (_QKV_AXES, ("batch", "heads", None)))(*arrays)
 
 
-def _pallas_args(q, k, v, bias, segment_ids, causal, scale, block_q, block_k, target) -> tuple:
-  """Validated positional arguments of the Pallas forward/custom_vjp."""
+# The kernels' arrays by logical axis: q, k, v, bias, q and kv segment ids. Under a mesh they run
+# per shard of the batch and the heads (sharding.shard_map), the only axes they are independent
+# along; Mosaic (TPU) kernels cannot be partitioned by XLA, and Triton's are not.
+_QKV_AXES = ("batch", None, "heads", None)
+_KERNEL_AXES = (_QKV_AXES,) * 3 + (("batch", "heads", None, None), ("batch", None), ("batch", None))
+
+
+def _pallas_args(q, k, v, bias, segment_ids, causal, scale, block_q, block_k, target):
+  """Validated positional arguments of the Pallas forward/custom_vjp: (arrays, static ones)."""
   bias, q_seg, kv_seg = _validate(q, k, v, bias, segment_ids)
   target = _default_target() if target is None else target
   _check_pallas_supported(target, q.shape[-1], v.shape[-1])
   block_q = _DEFAULT_BLOCK[target] if block_q is None else int(block_q)
   block_k = _DEFAULT_BLOCK[target] if block_k is None else int(block_k)
-  return (q, k, v, bias, q_seg, kv_seg, bool(causal), _default_scale(scale, q.shape[-1]), block_q,
-          block_k, target)
+  return ((q, k, v, bias, q_seg, kv_seg),
+          (bool(causal), _default_scale(scale, q.shape[-1]), block_q, block_k, target))
 
 
 # --------------------------------------------------------------------------------------------------

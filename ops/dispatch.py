@@ -16,8 +16,12 @@ Reason = str | None  # why an implementation cannot serve a call; None when it c
 
 
 def platform() -> str:
-  """``"cpu"``, ``"gpu"`` or ``"tpu"`` (the default backend, where un-placed arrays live)."""
-  backend = jax.default_backend()
+  """``"cpu"``, ``"gpu"`` or ``"tpu"``: the devices of the mesh set by ``jax.set_mesh``, else the
+  default backend (where un-placed arrays live). Following the mesh lets a CPU trace and compile
+  a program for TPU devices it does not have (``aot.py``)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  device = None if mesh.empty else mesh.abstract_device
+  backend = device.platform if device is not None else jax.default_backend()
   return "gpu" if backend in ("cuda", "rocm") else backend
 
 

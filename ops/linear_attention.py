@@ -49,7 +49,7 @@ import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 
-from ops import dispatch
+from ops import dispatch, sharding
 from ops.attention import _backend_params, _block_size, _default_target, _round_up, attention
 
 _F32 = jnp.float32
@@ -368,7 +368,13 @@ def lightning_attention(q, k, v, *, decay=None, implementation=None):
   """
   decay = _validate(q, k, v, decay)
   sweep = _make_sweep(implementation, q.shape[-1], v.shape[-1], "lightning_attention")
-  return _lightning(q, k, v, decay, sweep)
+  if sweep.implementation != "pallas":
+    return _lightning(q, k, v, decay, sweep)
+  # Under a mesh the kernel runs per shard of the batch and the heads (XLA cannot partition a
+  # Pallas kernel).
+  qkv = ("batch", None, "heads", None)
+  return sharding.shard_map(lambda q, k, v, decay: _lightning(q, k, v, decay, sweep),
+                            (qkv, qkv, qkv, ("heads",)), qkv)(q, k, v, decay)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -51,7 +51,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from ops import dispatch
+from ops import dispatch, sharding
 # The attention kernels' conventions: targets, per-target pallas_call keywords, tile matmuls.
 from ops.attention import TARGETS, _backend_params, _default_target, _mm
 
@@ -439,15 +439,22 @@ def routing_attention_pallas(q, k, v, *, num_heads, n_win, topk, scale=None, blo
   padded = _next_pow2(tokens)
   target = _default_target() if target is None else target
   _check_pallas_supported(target, padded, c // num_heads, v.shape[-1] // num_heads)
-  routes = region_routes(q, k, n_win=n_win, topk=topk, scale=scale)
 
-  def regions(x):
-    x = _to_regions(x, n_win, num_heads)
-    return jnp.pad(x, ((0, 0), (0, 0), (0, 0), (0, padded - tokens), (0, 0)))
+  def per_shard(q, k, v):  # every example is routed and attended on its own
+    routes = region_routes(q, k, n_win=n_win, topk=topk, scale=scale)
 
-  out = _routed_attention(regions(q), regions(k), regions(v), routes, scale, tokens, block_k,
-                          target)
-  return _from_regions(out[:, :, :, :tokens], n_win, height, width)
+    def regions(x):
+      x = _to_regions(x, n_win, num_heads)
+      return jnp.pad(x, ((0, 0), (0, 0), (0, 0), (0, padded - tokens), (0, 0)))
+
+    out = _routed_attention(regions(q), regions(k), regions(v), routes, scale, tokens, block_k,
+                            target)
+    return _from_regions(out[:, :, :, :tokens], n_win, height, width)
+
+  # Under a mesh the kernels run per shard of the batch (Mosaic and Triton kernels cannot be
+  # partitioned by XLA); the heads share the channel axis and the routing, so they stay whole.
+  maps = ("batch", None, None, None)
+  return sharding.shard_map(per_shard, (maps,) * 3, maps)(q, k, v)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -74,16 +74,17 @@ def kept_memory_tunables() -> str:
 
 # ----------------------------------------------------------------------------- mesh
 
-def make_mesh(mesh_config) -> jax.sharding.Mesh:
-  """A (data, fsdp, tensor) mesh over all devices; data=-1 takes what the other axes leave."""
-  n = jax.device_count()
+def make_mesh(mesh_config, devices=None) -> jax.sharding.Mesh:
+  """A (data, fsdp, tensor) mesh over `devices` (default: all); data=-1 takes what the other axes
+  leave."""
+  n = len(devices) if devices is not None else jax.device_count()
   model_axes = mesh_config.fsdp * mesh_config.tensor
   data_axis = n // model_axes if mesh_config.data == -1 else mesh_config.data
   if data_axis * model_axes != n:
     raise ValueError(f"mesh data={mesh_config.data} x fsdp={mesh_config.fsdp} x tensor={mesh_config.tensor}"
                      f" does not cover the {n} devices")
   return jax.make_mesh((data_axis, mesh_config.fsdp, mesh_config.tensor), ("data", "fsdp", "tensor"),
-                       axis_types=(jax.sharding.AxisType.Auto,) * 3)
+                       axis_types=(jax.sharding.AxisType.Auto,) * 3, devices=devices)
 
 
 @contextlib.contextmanager

@@ -184,9 +184,11 @@ _DEFAULT_BLOCK = {"interpret": 64, "gpu": 64, "tpu": 128}
 
 
 def _default_target() -> str:
-  """The platform's compiled kernel; on CPU the interpreter (the only way a CPU runs Pallas)."""
-  backend = jax.default_backend()
-  return "interpret" if backend == "cpu" else backend
+  """The platform's compiled kernel; on CPU the interpreter (the only way a CPU runs Pallas). The
+  platform is the active mesh's (ops.dispatch), not the default backend: a CPU compiling for a TPU
+  mesh (aot.py) must get Mosaic kernels, not the interpreter's loops compiled for the TPU."""
+  platform = dispatch.platform()
+  return "interpret" if platform == "cpu" else platform
 
 
 def _backend_params(target: str, grid_rank: int) -> dict:

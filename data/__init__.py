@@ -4,6 +4,7 @@
 
   split = data.load(config.data, "train")          # ForecastingSplit | ClassificationSplit | TokenSplit
   len(split); split.gather(np.arange(32)); split.spec; split.meta
+  data.abstract_meta(config.data)   # what split.meta tells a model, from the catalog (no files)
   data.train_batches(split, batch_size, seed, input_config=config.input)   # element e = step e
   data.eval_batches(split, batch_size, input_config=config.input)   # each example once, + 'mask'
 
@@ -15,11 +16,11 @@ SentencePiece / HF tokenizers file) and packed into sequences of config.data.seq
 """
 from data.catalog import CUSTOM, DATASETS, IMAGE_FOLDER
 from data.errors import DataError
-from data.loading import load
+from data.loading import abstract_meta, load
 from data.pipeline import eval_batches, steps_per_epoch, train_batches
 from data.splits import ClassificationSplit, EncodedImageSplit, ForecastingSplit, TokenSplit
 from data.tokenizers import get_tokenizer
 
 __all__ = ["CUSTOM", "DATASETS", "IMAGE_FOLDER", "ClassificationSplit", "DataError",
-           "EncodedImageSplit", "ForecastingSplit", "TokenSplit", "eval_batches", "get_tokenizer",
-           "load", "steps_per_epoch", "train_batches"]
+           "EncodedImageSplit", "ForecastingSplit", "TokenSplit", "abstract_meta", "eval_batches",
+           "get_tokenizer", "load", "steps_per_epoch", "train_batches"]

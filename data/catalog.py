@@ -57,6 +57,10 @@ class ImageDataset:
   layout: str = "arrays"
   root: str = ""                     # image_folder: the tree it was listed from (its manual_dir)
   validation_fraction: float = 0.0   # image_folder without val/: share of train/ held out
+  # What a model is built for, known before the files are read (data.abstract_meta); None: known
+  # only from the prepared files (an image folder's classes), or a size that varies per image.
+  num_classes: int | None = None
+  image_shape: tuple[int | None, int | None, int] | None = None   # stored (H, W, C)
 
   @property
   def encoded(self) -> bool:
@@ -108,9 +112,9 @@ DATASETS: dict[str, SeriesDataset | ImageDataset | TextDataset] = {d.name: d for
     *(_bundle(f"pems{n}", f"PEMS{n}.npz", protocols.PEMS) for n in ("03", "04", "07", "08")),
     ImageDataset("fashion_mnist", ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
                                    "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
-                 FASHION_MNIST_SOURCE, pixel_max=255),
+                 FASHION_MNIST_SOURCE, pixel_max=255, num_classes=10, image_shape=(28, 28, 1)),
     ImageDataset("digits", (), "scikit-learn (sklearn.datasets.load_digits), installed with the zoo",
-                 pixel_max=16),
+                 pixel_max=16, num_classes=10, image_shape=(8, 8, 1)),
     TextDataset("tiny_shakespeare", ("input.txt",), TINY_SHAKESPEARE_SOURCE, layout="one_file",
                 num_chars=1_115_394),
     TextDataset("wikitext2", ("wiki.valid.tokens", "wiki.test.tokens"), WIKITEXT2_SOURCE,
@@ -122,7 +126,8 @@ DATASETS: dict[str, SeriesDataset | ImageDataset | TextDataset] = {d.name: d for
                 split_files=(("train", "wiki.train.tokens"), ("validation", "wiki.valid.tokens"),
                              ("test", "wiki.test.tokens"))),
     ImageDataset("imagenet2012", ("ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar"),
-                 IMAGENET_SOURCE, pixel_max=255, layout="imagenet"),
+                 IMAGENET_SOURCE, pixel_max=255, layout="imagenet", num_classes=1000,
+                 image_shape=(None, None, 3)),
 ]}
 CUSTOM = "custom"   # any CSV of the iTransformer `custom` protocol; the user names the file
 IMAGE_FOLDER = "image_folder"   # any class-per-subfolder tree of JPEG/PNG images (manual_dir)

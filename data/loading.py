@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-from data import builders, catalog, images, series, text
+from data import builders, catalog, images, series, text, timefeatures, tokenizers
 from data.errors import DataError
 from data.splits import ClassificationSplit, ForecastingSplit, TokenSplit
 
@@ -36,6 +36,38 @@ def load(config_data: Mapping[str, Any],
   if isinstance(dataset, catalog.TextDataset):
     return text.load_split(dataset_dir, split)
   return series.load_split(dataset_dir, dataset, split, _series_options(config_data, dataset))
+
+
+def abstract_meta(config_data: Mapping[str, Any]) -> dict[str, Any]:
+  """What `load(config_data, split).meta` says that a model and a batch's shape depend on, from the
+  catalog's facts and the config alone: no file is read or prepared (aot.py compiles a step from it).
+
+  Images: num_classes, image_shape (stored H, W, C; None for sizes that vary per image). Series:
+  n_vars, n_marks. Text: seq_len, and vocab_size for the byte tokenizer (a tokenizer file's
+  vocabulary is known only from the file: left out, the model's default applies). A config that
+  names no dataset (a private corpus) gives {}. Raises DataError for a fact the catalog lacks.
+  """
+  name = config_data.get("name", "")
+  if not name:
+    return {}
+  tokenizer, seq_len = config_data.get("tokenizer", "byte"), config_data.get("seq_len") or 0
+  dataset = catalog.lookup(name, config_data.get("file", ""), config_data.get("manual_dir", ""),
+                           config_data.get("validation_fraction", 0.0), tokenizer, seq_len)
+  if isinstance(dataset, catalog.TextDataset):
+    byte = dataset.tokenizer == tokenizers.BYTE
+    vocab = {"vocab_size": tokenizers.ByteTokenizer.vocab_size} if byte else {}
+    return {"seq_len": dataset.seq_len, **vocab}
+  if isinstance(dataset, catalog.ImageDataset):
+    if dataset.num_classes is None or dataset.image_shape is None:
+      raise DataError(f"dataset {dataset.name!r}: its classes and image shape are known only from "
+                      "its prepared files; the catalog does not record them")
+    return {"num_classes": dataset.num_classes, "image_shape": dataset.image_shape}
+  if dataset.num_vars is None:
+    raise DataError(f"dataset {dataset.name!r}: its number of variates is known only from its "
+                    "file; the catalog does not record it")
+  options = _series_options(config_data, dataset)
+  n_marks = len(timefeatures.feature_names(options.freq)) if options.time_marks else 0
+  return {"n_vars": dataset.num_vars, "n_marks": n_marks}
 
 
 def _series_options(config_data: Mapping[str, Any], dataset: catalog.SeriesDataset) -> series.SeriesOptions:

@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Protocol
 
 import jax
+import numpy as np
 from flax import nnx
 
 from tasks.classification import Classification
@@ -21,6 +22,10 @@ Sums = dict[str, tuple[jax.Array, jax.Array]]  # metric name -> (weighted sum, w
 class Task(Protocol):
   def model_overrides(self, meta: dict) -> dict:
     """create_model kwargs that follow from the data (e.g. the number of classes)."""
+
+  def example_spec(self, config, meta: dict, train: bool) -> dict:
+    """{key: (shape, dtype)} of one example of a training (or evaluation) batch, from the config
+    and the data's meta (a split's, or data.abstract_meta's): what `abstract_batch` builds on."""
 
   def loss(self, model: nnx.Module, batch: dict) -> tuple[jax.Array, dict]:
     """Mean training loss of a batch (model in training mode) and extra scalars to log."""
@@ -50,6 +55,18 @@ def from_config(config) -> Task:
   if nested is not None and nested.objective:
     task = Nested(task, objective=nested.objective, weights=tuple(nested.weights))
   return task
+
+
+def abstract_batch(task: Task, config, meta: dict, batch_size: int, *, train: bool = True,
+                   sharding=None) -> dict[str, jax.ShapeDtypeStruct]:
+  """A batch of `batch_size` examples as data.train_batches (train) or data.eval_batches (with
+  its 'mask') would give it, as ShapeDtypeStructs placed by `sharding`: a step can be traced and
+  compiled without the data (aot.py)."""
+  spec = task.example_spec(config, meta, train)
+  if not train:
+    spec = {**spec, "mask": ((), np.float32)}
+  return {key: jax.ShapeDtypeStruct((batch_size, *shape), dtype, sharding=sharding)
+          for key, (shape, dtype) in spec.items()}
 
 
 def finalize(sums: dict[str, tuple[float, float]], task: Task | None = None) -> dict[str, float]:

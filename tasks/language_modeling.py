@@ -10,12 +10,22 @@ byte tokenizer), and next-token `accuracy`.
 import math
 
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 
 class LanguageModeling:
   def model_overrides(self, meta: dict) -> dict:
-    return {"vocab_size": meta["vocab_size"]}
+    # A prepared corpus always knows its vocabulary; data.abstract_meta may not (a tokenizer file
+    # not at hand, a private corpus): the model's default vocabulary then applies.
+    return {"vocab_size": meta["vocab_size"]} if "vocab_size" in meta else {}
+
+  def example_spec(self, config, meta: dict, train: bool) -> dict:
+    """{key: (shape, dtype)} of one packed sequence (split.spec's format), config.data.seq_len long."""
+    del meta, train
+    length = config.data.seq_len
+    return {"tokens": ((length + 1,), np.int32), "weights": ((length,), np.float32),
+            "num_bytes": ((), np.float32)}
 
   def _nll_and_correct(self, model, batch, train: bool):
     tokens = batch["tokens"]

@@ -65,6 +65,9 @@ class Nested:
   def model_overrides(self, meta: dict) -> dict:
     return self.task.model_overrides(meta)
 
+  def example_spec(self, config, meta: dict, train: bool) -> dict:
+    return self.task.example_spec(config, meta, train)
+
   def _granularities(self, model) -> tuple:
     granularities = getattr(model, "granularities", None)
     if granularities is None:

@@ -11,6 +11,9 @@ r"""MatFormer (MatLM, MatViT) and the softmax-attention LM baseline on the share
       --split=validation --elastic            # S, M, L, XL and Mix'n'Match: table + plot
   python train.py --config configs/matformer.py:matvit_fashion_mnist --workdir runs/matvit
 
+  python train.py --config configs/matformer.py:matlm_olmo_180m --workdir runs/matlm_olmo_180m \
+      --config.data.name=wikitext103 --config.data.tokenizer=~/neox/tokenizer.json
+
 Settings:
 
 - `lm_tiny_shakespeare`: byte-level language modelling of tiny Shakespeare (TFDS's 90/5/5 split)
@@ -32,6 +35,13 @@ Settings:
 - `matvit_fashion_mnist`: `matvit_nano_patch4_28` (4 layers, width 64, MLP 256: S, M, L, XL =
   32, 64, 128, 256; patches of 4 x 4 on the 28 x 28 images) trained jointly on Fashion-MNIST
   for 3 epochs (test accuracy S/M/L/XL 85.6 / 85.9 / 85.8 / 85.9 %, benchmarks/RESULTS.md).
+- `matlm_olmo_180m`, `matlm_olmo_460m`, `matlm_olmo_1300m`: MatFormer-OLMo's pre-training of
+  `matlm_olmo_<size>` [Mat-OLMo], its four granularities summed on every batch (its objective):
+  the Pile with the GPT-NeoX-20B tokenizer (not in the catalog: `data.name` is left empty, name
+  your prepared corpus and bring the tokenizer's .json), sequences of 2048 tokens, global batch
+  128 / 256 / 512 for 75K / 75K / 150K steps (20B / 40B / 160B tokens), AdamW (0.9, 0.95) with
+  weight decay 0.01, lr 1e-3 after 4,000 warm-up steps then a cosine to 10 %, clipping 1.0, bf16
+  compute (f32 params), no dropout.
 
 Args: `model=NAME`, `objective=sum|sample|none`, `mlp_dim=N` (0: the variant's), `runlocal` (a
 few steps, for a smoke run), `seed=N`. Longer runs: --config.total_steps=N.
@@ -40,10 +50,15 @@ import ml_collections
 
 from configs import common
 
-_SETTINGS = ("lm_tiny_shakespeare", "matlm_tiny_shakespeare", "matvit_fashion_mnist")
+# MatFormer-OLMo's sizes: global batch (sequences of 2048 tokens) and steps [Mat-OLMo].
+_OLMO_PRETRAINING = {"180m": (128, 75_000), "460m": (256, 75_000), "1300m": (512, 150_000)}
+_OLMO_SETTINGS = tuple(f"matlm_olmo_{size}" for size in _OLMO_PRETRAINING)
+_SETTINGS = ("lm_tiny_shakespeare", "matlm_tiny_shakespeare", "matvit_fashion_mnist",
+             *_OLMO_SETTINGS)
 _DEFAULT_MODEL = {"lm_tiny_shakespeare": "transformer_lm_tiny",
                   "matlm_tiny_shakespeare": "matlm_tiny",
-                  "matvit_fashion_mnist": "matvit_nano_patch4_28"}
+                  "matvit_fashion_mnist": "matvit_nano_patch4_28",
+                  **{setting: setting for setting in _OLMO_SETTINGS}}
 _OBJECTIVES = ("sum", "sample", "none")
 
 
@@ -54,7 +69,12 @@ def get_config(arg: str = "lm_tiny_shakespeare") -> ml_collections.ConfigDict:
     raise ValueError(f"unknown MatFormer setting {arg.setting!r}; expected one of {_SETTINGS}")
   if arg.objective not in _OBJECTIVES:
     raise ValueError(f"objective must be one of {_OBJECTIVES}, got {arg.objective!r}")
-  c = _fashion_mnist() if arg.setting == "matvit_fashion_mnist" else _tiny_shakespeare()
+  if arg.setting == "matvit_fashion_mnist":
+    c = _fashion_mnist()
+  elif arg.setting in _OLMO_SETTINGS:
+    c = _olmo_pretraining(arg.setting.removeprefix("matlm_olmo_"))
+  else:
+    c = _tiny_shakespeare()
   c.seed = arg.seed
   c.model.name = arg.model or _DEFAULT_MODEL[arg.setting]
   if arg.mlp_dim:
@@ -73,6 +93,10 @@ def get_config(arg: str = "lm_tiny_shakespeare") -> ml_collections.ConfigDict:
     c.log_every_steps = 5
     c.eval_every_steps = 10
     c.schedule.warmup_steps = 5
+    if arg.setting in _OLMO_SETTINGS:   # pre-training sizes: short sequences, a small batch
+      c.data.seq_len = 128
+      c.input.batch_size = 2
+      c.input.eval_batch_size = 2
   return c
 
 
@@ -98,6 +122,35 @@ def _tiny_shakespeare() -> ml_collections.ConfigDict:
   c.total_steps = 150
   c.log_every_steps = 10
   c.eval_every_steps = 50
+  c.eval_splits = ("validation",)
+  c.final_eval_splits = ("validation", "test")
+  c.early_stopping.metric = "validation/loss"
+  c.early_stopping.mode = "min"
+  return c
+
+
+def _olmo_pretraining(size: str) -> ml_collections.ConfigDict:
+  """MatFormer-OLMo-<size> on a corpus of your own (see the module docstring)."""
+  batch_size, steps = _OLMO_PRETRAINING[size]
+  c = common.base_config()
+  c.task = "language_modeling"
+  c.model.dtype = "bfloat16"         # compute; params stay f32 (the official amp bf16)
+  c.data.name = ""                   # the Pile is not in the catalog: name your prepared corpus
+  c.data.tokenizer = ""              # the GPT-NeoX-20B tokenizer's .json (50,277 entries)
+  c.data.seq_len = 2048
+  c.input.batch_size = batch_size
+  c.input.eval_batch_size = 64
+  c.optimizer.name = "adamw"
+  c.optimizer.lr = 1e-3
+  c.optimizer.b1, c.optimizer.b2 = 0.9, 0.95
+  c.optimizer.weight_decay = 0.01
+  c.optimizer.clip_norm = 1.0
+  c.schedule.name = "warmup_cosine"
+  c.schedule.warmup_steps = 4000
+  c.schedule.end_lr_factor = 0.1
+  c.total_steps = steps
+  c.log_every_steps = 100
+  c.eval_every_steps = 5000
   c.eval_splits = ("validation",)
   c.final_eval_splits = ("validation", "test")
   c.early_stopping.metric = "validation/loss"

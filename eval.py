@@ -43,6 +43,7 @@ _KEEP_FREED_MEMORY = flags.DEFINE_bool("keep_freed_memory", True, "Keep freed ho
                                         "(train.keep_freed_memory_mapped).")
 _ELASTIC = flags.DEFINE_bool("elastic", False, "MatFormer: evaluate every granularity and the "
                              "Mix'n'Match sweep (elastic_<split>_<checkpoint>.json/.md/.png)")
+train.define_multihost_flags()
 
 
 def resolve_step(mngr, which: str) -> int:
@@ -75,16 +76,24 @@ def load_model(config, workdir: str, which: str, split, task, mesh):
   return model, f"step {step}"
 
 
+def load_split(config, split_name: str, mesh):
+  """The split to evaluate, once the mesh and the evaluation batch are known to fit the processes."""
+  train.check_mesh_over_processes(mesh)
+  train.check_eval_batch_size(config.input, mesh)
+  return train.load_splits(config.data, (split_name,))[split_name]
+
+
 def evaluate_checkpoint(config, workdir: str, which: str, split_name: str) -> dict:
   with train.on_mesh(config) as mesh:
     task = tasks.from_config(config)
-    split = data.load(config.data, split_name)
+    split = load_split(config, split_name, mesh)
     model, source = load_model(config, workdir, which, split, task, mesh)
     eval_step = train.make_eval_step(task, nnx.graphdef(model))
     metrics = train.evaluate(task, eval_step, nnx.state(model), split, config.input, mesh)
-    print(train.format_table({f"{split_name}/{k}": v for k, v in metrics.items()},
-                             title=f"{config.model.name} on {config.data.name}/{split_name} "
-                                   f"({source})"))
+    if train.is_main_process():
+      print(train.format_table({f"{split_name}/{k}": v for k, v in metrics.items()},
+                               title=f"{config.model.name} on {config.data.name}/{split_name} "
+                                     f"({source})"))
     return {"checkpoint": source, "split": split_name, **metrics}
 
 
@@ -93,7 +102,7 @@ def evaluate_elastic(config, workdir: str, which: str, split_name: str) -> dict:
   with the plain task: {checkpoint, split, metric, rows: [{name, widths, params, metrics...}]}."""
   with train.on_mesh(config) as mesh:
     task = tasks.get_task(config.task)
-    split = data.load(config.data, split_name)
+    split = load_split(config, split_name, mesh)
     model, source = load_model(config, workdir, which, split, task, mesh)
     if not isinstance(model, matformer.NestedFFNs):
       raise ValueError(f"--elastic needs a nested (MatFormer) model, got {config.model.name}")
@@ -106,8 +115,9 @@ def evaluate_elastic(config, workdir: str, which: str, split_name: str) -> dict:
       metrics = train.evaluate(task, eval_step, nnx.state(sub), split, config.input, mesh)
       rows.append({"name": names.get(widths, "mix'n'match"), "widths": list(widths),
                    "params": models.count_params(sub), **metrics})
-      print(f"{rows[-1]['name']:>11} {widths}: {rows[-1]['params']:,} params, " +
-            ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()), flush=True)
+      if train.is_main_process():
+        print(f"{rows[-1]['name']:>11} {widths}: {rows[-1]['params']:,} params, " +
+              ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()), flush=True)
     # The curve's metric: the run's early-stopping one, else accuracy where the task has it.
     metric = config.early_stopping.metric.rpartition("/")[2]
     if metric not in rows[0]:
@@ -165,10 +175,17 @@ def main(argv):
     train.keep_freed_memory_mapped()  # XLA:CPU's per-call buffers stay mapped (train.py)
   evaluate = evaluate_elastic if _ELASTIC.value else evaluate_checkpoint
   try:
+    train.initialize_multihost()
     result = evaluate(_CONFIG.value, _WORKDIR.value, _CHECKPOINT.value, _SPLIT.value)
   except (data.DataError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(1)
+  if train.is_main_process():  # the others computed the same result
+    write_result(result)
+
+
+def write_result(result: dict) -> None:
+  """The result as JSON (and --elastic's table and plot) where --output says."""
   tag = os.path.basename(os.path.normpath(_CHECKPOINT.value))
   default = os.path.join(_WORKDIR.value, f"{'elastic' if _ELASTIC.value else 'eval'}_"
                          f"{_SPLIT.value}_{tag}.json")

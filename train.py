@@ -19,10 +19,12 @@ import math
 import os
 import sys
 import time
+from typing import Sequence
 
 from absl import app, flags, logging
 import grain
 import jax
+from jax.experimental import multihost_utils
 import jax.numpy as jnp
 from ml_collections import config_flags
 import numpy as np
@@ -72,6 +74,51 @@ def kept_memory_tunables() -> str:
   return ":".join(f"{name}={value % 2**64}" for _, name, value in _KEPT_MEMORY_SETTINGS)
 
 
+# ----------------------------------------------------------------------------- processes
+
+_CLUSTER_FLAGS = ("coordinator_address", "num_processes", "process_id", "local_device_ids")
+
+
+def define_multihost_flags() -> None:
+  """--multihost and the flags naming the cluster explicitly (train.py and eval.py)."""
+  flags.DEFINE_bool("multihost", False, "Join a multi-process run (jax.distributed.initialize); "
+                    "without the flags below the cluster is detected (SLURM, Open MPI, Cloud TPU).")
+  flags.DEFINE_string("coordinator_address", None, "HOST:PORT where process 0 serves the "
+                      "coordinator (implies --multihost).")
+  flags.DEFINE_integer("num_processes", None, "Processes in the run (implies --multihost).",
+                       lower_bound=1)
+  flags.DEFINE_integer("process_id", None, "This process's index, 0 to num_processes - 1 "
+                       "(implies --multihost).", lower_bound=0)
+  flags.DEFINE_list("local_device_ids", None, "This process's devices, e.g. 0,1 (default: all "
+                    "it sees; implies --multihost).")
+
+
+def initialize_multihost(flag_values=flags.FLAGS) -> None:
+  """Joins the run's other processes when --multihost or an explicit cluster flag asks for it.
+
+  Call it before anything touches a device. Failures are raised as one-line ValueErrors.
+  """
+  explicit = {name: flag_values[name].value for name in _CLUSTER_FLAGS
+              if flag_values[name].value is not None}
+  if not (flag_values["multihost"].value or explicit):
+    return
+  given = ", ".join(f"{name}={value}" for name, value in explicit.items()) or "the detected cluster"
+  num_processes, process_id = explicit.get("num_processes"), explicit.get("process_id")
+  if None not in (num_processes, process_id) and process_id >= num_processes:
+    raise ValueError(f"--process_id={process_id} must be below --num_processes={num_processes}")
+  if "local_device_ids" in explicit:
+    try:
+      explicit["local_device_ids"] = [int(i) for i in explicit["local_device_ids"]]
+    except ValueError:
+      raise ValueError(f"--local_device_ids={','.join(explicit['local_device_ids'])}: expected "
+                       "device numbers, e.g. 0,1") from None
+  try:
+    jax.distributed.initialize(**explicit)
+  except (ValueError, RuntimeError) as e:
+    first_line = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
+    raise ValueError(f"could not join the multi-process run ({given}): {first_line}") from e
+
+
 # ----------------------------------------------------------------------------- mesh
 
 def make_mesh(mesh_config, devices=None) -> jax.sharding.Mesh:
@@ -108,6 +155,65 @@ def put_batch(batch: dict, mesh) -> dict:
 
 def batch_divisor(mesh) -> int:
   return mesh.shape["data"] * mesh.shape["fsdp"]
+
+
+def check_mesh_over_processes(mesh) -> None:
+  """Refuses a mesh on which the processes cannot each feed their own rows of every batch.
+
+  A batch is split over data x fsdp (`batch_sharding`); the devices along `tensor` hold the same
+  rows. So each process's devices must be whole data x fsdp slices, one contiguous block of them:
+  data x fsdp a multiple of the process count and `tensor` inside a process. Otherwise processes
+  would feed different rows to devices that must hold the same ones, and train silently wrong.
+  """
+  processes, local = jax.process_count(), jax.local_device_count()
+  data_parallel, tensor = batch_divisor(mesh), mesh.shape["tensor"]
+  shape = " x ".join(f"{axis}={size}" for axis, size in mesh.shape.items())
+  if local % tensor or data_parallel % processes:
+    raise ValueError(
+        f"mesh {shape} does not fit {processes} processes of {local} devices: data x fsdp "
+        f"({data_parallel}) must be a multiple of the process count and tensor ({tensor}) must "
+        f"divide a process's {local} devices (tensor parallelism stays inside a process); e.g. "
+        f"--config.mesh.data=-1 --config.mesh.tensor={math.gcd(tensor, local)}")
+  block = data_parallel // processes
+  for process, positions in sorted(_data_positions_by_process(mesh).items()):
+    if positions != list(range(positions[0], positions[0] + block)):
+      raise ValueError(f"mesh {shape} gives process {process} the data x fsdp positions {positions}, "
+                       f"not one contiguous block of {block}; lay the devices out by process")
+
+
+def process_batch_slice(mesh) -> tuple[int, int]:
+  """(i, n): this process feeds slice i of n equal, contiguous slices of every global batch, the
+  rows its devices hold (check_mesh_over_processes must accept the mesh)."""
+  positions = _data_positions_by_process(mesh)[jax.process_index()]
+  return positions[0] // len(positions), jax.process_count()
+
+
+def _data_positions_by_process(mesh) -> dict[int, list[int]]:
+  """The data x fsdp positions (row blocks of a batch) each process's devices hold, sorted."""
+  fsdp = mesh.shape["fsdp"]
+  positions = {}
+  for (data_index, fsdp_index, _), device in np.ndenumerate(mesh.devices):
+    positions.setdefault(device.process_index, set()).add(data_index * fsdp + fsdp_index)
+  return {process: sorted(held) for process, held in positions.items()}
+
+
+def check_batch_sizes(config, mesh) -> None:
+  """Refuses batch sizes that the data-parallel devices cannot split evenly, before training (an
+  evaluation batch would otherwise fail at the first evaluation)."""
+  accum, divisor = config.optimizer.accum_steps, batch_divisor(mesh)
+  if config.input.batch_size % (accum * divisor):
+    raise ValueError(f"input.batch_size={config.input.batch_size} must be divisible by optimizer.accum_steps={accum}"
+                     f" x the {divisor} data-parallel devices")
+  check_eval_batch_size(config.input, mesh)
+
+
+def check_eval_batch_size(input_config, mesh) -> None:
+  """The evaluation batch splits over the data x fsdp devices (so over the processes too)."""
+  size, divisor = input_config.eval_batch_size, batch_divisor(mesh)
+  if size % divisor:
+    raise ValueError(f"input.eval_batch_size={size} must be divisible by the {divisor} data-parallel "
+                     f"devices (data x fsdp); e.g. --config.input.eval_batch_size="
+                     f"{-(-size // divisor) * divisor}")
 
 
 # ----------------------------------------------------------------------------- model + optimizer
@@ -207,9 +313,9 @@ def make_eval_step(task, graphdef):
 def evaluate(task, eval_step, model_state, split, input_config, mesh) -> dict[str, float]:
   """Metrics over every example of a split (the last batch padded and masked)."""
   sums = None
+  index, count = process_batch_slice(mesh)
   for batch in data.eval_batches(split, input_config.eval_batch_size, input_config=input_config,
-                                 process_index=jax.process_index(),
-                                 process_count=jax.process_count()):
+                                 process_index=index, process_count=count):
     out = eval_step(model_state, put_batch(batch, mesh))
     sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
   return tasks.finalize(jax.device_get(sums), task)
@@ -256,11 +362,16 @@ def restore_model_items(mngr, step: int, model) -> None:
       nnx.update(model, state)
 
 
-def restore_training(mngr, step: int, model, optimizer, train_iter) -> dict:
-  """Loads everything a run needs to continue exactly from `step`; returns the loop's saved meta."""
+def restore_training(mngr, step: int, model, optimizer) -> dict:
+  """Loads everything a run needs to continue exactly from `step`; returns the loop's saved meta.
+
+  The data position is the step itself (batch e of the pipeline is step e), so nothing of the
+  data iterator is read: a run resumes on any number of processes. Checkpoints that also hold
+  grain's per-process `data_iter` files (written before) resume the same way.
+  """
   restored = mngr.restore(step, args=ocp.args.Composite(
       opt_state=ocp.args.StandardRestore(nnx.to_pure_dict(nnx.state(optimizer))),
-      data_iter=grain.checkpoint.CheckpointRestore(train_iter), meta=ocp.args.JsonRestore()))
+      meta=ocp.args.JsonRestore()))
   restore_model_items(mngr, step, model)
   opt_state = nnx.state(optimizer)
   nnx.replace_by_pure_dict(opt_state, restored["opt_state"])
@@ -269,6 +380,24 @@ def restore_training(mngr, step: int, model, optimizer, train_iter) -> dict:
 
 
 # ----------------------------------------------------------------------------- logging
+
+def is_main_process() -> bool:
+  """Process 0 writes the run's files and prints its lines; the others compute the same values."""
+  return jax.process_index() == 0
+
+
+def make_metric_writer(workdir: str):
+  """A MetricWriter on process 0, one that writes nothing on the others (one copy of each record)."""
+  return MetricWriter(workdir) if is_main_process() else NoMetricWriter()
+
+
+class NoMetricWriter:
+  def write(self, step: int, metrics: dict[str, float]) -> None:
+    pass
+
+  def close(self) -> None:
+    pass
+
 
 class MetricWriter:
   """metrics.jsonl (one JSON object per line, big_vision style) + TensorBoard events."""
@@ -330,37 +459,65 @@ def check_finite(losses: list, first_step: int, mngr) -> None:
                              f"(step {mngr.latest_step()}) stays in {mngr.directory}")
 
 
+# ----------------------------------------------------------------------------- data
+
+def load_splits(config_data, names: Sequence[str]) -> dict:
+  """{name: data.load(config_data, name)}. With several processes, process 0 loads first, so that
+  a dataset prepared on first use (config.data.manual_dir) is prepared once: the others wait for
+  it, then load what it wrote (processes preparing into one data_dir race and fail)."""
+  def load():
+    return {name: data.load(config_data, name) for name in names}
+
+  if jax.process_count() == 1:
+    return load()
+  if is_main_process():
+    try:
+      splits = load()
+    except BaseException:
+      _tell_all_processes(False)  # the others are waiting for process 0: let them stop too
+      raise
+    _tell_all_processes(True)
+    return splits
+  if not _tell_all_processes(False):
+    raise data.DataError(f"process 0 could not load dataset {config_data.name!r}; see its error")
+  return load()
+
+
+def _tell_all_processes(flag: bool) -> bool:
+  """Process 0's `flag`, on every process; a barrier: returns when all processes have called it."""
+  return bool(multihost_utils.broadcast_one_to_all(np.int32(flag)))
+
+
 # ----------------------------------------------------------------------------- the loop
 
 def train_and_evaluate(config, workdir: str) -> dict[str, float]:
   """Runs (or resumes) the whole recipe; returns the final metrics also written to final_metrics.json."""
   with on_mesh(config) as mesh:
+    check_mesh_over_processes(mesh)
+    check_batch_sizes(config, mesh)
     return _train_and_evaluate(config, workdir, mesh)
 
 
 def _train_and_evaluate(config, workdir: str, mesh) -> dict[str, float]:
   t_start = time.time()
   os.makedirs(workdir, exist_ok=True)
-  if jax.process_index() == 0:
+  if is_main_process():
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(config.to_json_best_effort(indent=2))
   task = tasks.from_config(config)
 
   # Data.
-  train_split = data.load(config.data, "train")
-  eval_splits = {name: data.load(config.data, name) for name in (*config.eval_splits, *config.final_eval_splits)}
+  eval_splits = load_splits(config.data, ("train", *config.eval_splits, *config.final_eval_splits))
+  train_split = eval_splits.pop("train")
   accum = config.optimizer.accum_steps
-  if config.input.batch_size % (accum * batch_divisor(mesh)):
-    raise ValueError(f"input.batch_size={config.input.batch_size} must be divisible by optimizer.accum_steps={accum}"
-                     f" x the {batch_divisor(mesh)} data-parallel devices")
   micro_batch = config.input.batch_size // accum  # the loop steps over micro batches; MultiSteps accumulates
   steps_per_epoch = data.steps_per_epoch(train_split, micro_batch)
   total_steps = config.total_steps or config.num_epochs * steps_per_epoch
   eval_every = config.eval_every_steps or steps_per_epoch
   checkpoint_every = config.checkpoint.every_steps or eval_every
+  index, count = process_batch_slice(mesh)
   train_data = data.train_batches(train_split, micro_batch, seed=config.seed,
-                                  input_config=config.input, process_index=jax.process_index(),
-                                  process_count=jax.process_count())
+                                  input_config=config.input, process_index=index, process_count=count)
 
   # Model and optimizer.
   schedule = make_schedule(config, steps_per_epoch / accum, total_steps // accum)
@@ -375,11 +532,13 @@ def _train_and_evaluate(config, workdir: str, mesh) -> dict[str, float]:
   # compete with XLA's; decoding and augmenting images may want more (config.input.num_threads).
   read_options = grain.ReadOptions(num_threads=config.input.num_threads,
                                    prefetch_buffer_size=max(2, config.input.num_threads))
-  train_iter = iter(train_data.to_iter_dataset(read_options))
   start_step, meta = mngr.latest_step() or 0, {}
+  # Batch e is step e's: the iterator starts at the step resumed from, whatever the process count.
+  train_iter = iter(train_data[start_step:].to_iter_dataset(read_options))
   if start_step:
-    meta = restore_training(mngr, start_step, model, optimizer, train_iter)
-    print(f"Resumed from step {start_step} in {mngr.directory}", flush=True)
+    meta = restore_training(mngr, start_step, model, optimizer)
+    if is_main_process():
+      print(f"Resumed from step {start_step} in {mngr.directory}", flush=True)
   elif config.init_from.path:
     models.load_pretrained(model, config.init_from.path, dont_load=tuple(config.init_from.dont_load))
   state = nnx.state((model, optimizer))
@@ -390,15 +549,15 @@ def _train_and_evaluate(config, workdir: str, mesh) -> dict[str, float]:
     items = {k: ocp.args.StandardSave(v) for k, v in model_items(model_).items()}
     mngr.save(step, metrics=metrics, args=ocp.args.Composite(
         opt_state=ocp.args.StandardSave(nnx.to_pure_dict(nnx.state(optimizer_))),
-        data_iter=grain.checkpoint.CheckpointSave(train_iter),
         meta=ocp.args.JsonSave({"step": step, "stopped": stopped, "early_stopping": early_stopping.state()}),
         **items))
 
   # Train.
-  writer = MetricWriter(workdir)
+  writer = make_metric_writer(workdir)
   pending, pending_from = [], start_step  # per-step losses not yet checked (checking syncs the device)
   progress = tqdm.tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True,
-                       disable=jax.process_index() != 0, file=sys.stdout, mininterval=1.0)
+                       disable=not is_main_process(), file=sys.stdout, mininterval=1.0)
+  say = progress.write if is_main_process() else lambda line: None  # one copy of each line
   step, stopped = start_step, meta.get("stopped", False)
   t_log, steps_since_log = None, 0
   last_eval = (None, {})  # (step, metrics) of the latest evaluation, reused by the final one
@@ -441,16 +600,16 @@ def _train_and_evaluate(config, workdir: str, mesh) -> dict[str, float]:
         improved = early_stopping.update(step, metrics)
         stopped = early_stopping.should_stop
         writer.write(step, metrics)
-        progress.write(f"step {step} (epoch {metrics['epoch']:.2f}): " +
-                       ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if k != "epoch"))
+        say(f"step {step} (epoch {metrics['epoch']:.2f}): " +
+            ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if k != "epoch"))
         if t_log is not None:
           t_log, steps_since_log = time.perf_counter(), 0  # evaluation time is not training throughput
       if is_eval or step % checkpoint_every == 0 or stopped:
         save(step, {**metrics, "improved": float(improved)} if metrics and early_stopping.metric else None)
     if stopped and step < total_steps:
-      progress.write(f"Early stopping at step {step}: no better {early_stopping.metric} for "
-                     f"{early_stopping.patience} evaluations (best {early_stopping.best_value:.4f} at step "
-                     f"{early_stopping.best_step}).")
+      say(f"Early stopping at step {step}: no better {early_stopping.metric} for "
+          f"{early_stopping.patience} evaluations (best {early_stopping.best_value:.4f} at step "
+          f"{early_stopping.best_step}).")
   finally:
     progress.close()
     mngr.wait_until_finished()
@@ -473,10 +632,10 @@ def _train_and_evaluate(config, workdir: str, mesh) -> dict[str, float]:
   writer.write(step, {k: v for k, v in final.items() if "/" in k})
   writer.close()
   mngr.close()
-  if jax.process_index() == 0:
+  if is_main_process():
     with open(os.path.join(workdir, "final_metrics.json"), "w") as f:
       json.dump(final, f, indent=2)
-  print(format_table(final, title=f"Final metrics (checkpoint of step {final_step})"), flush=True)
+    print(format_table(final, title=f"Final metrics (checkpoint of step {final_step})"), flush=True)
   return final
 
 
@@ -492,9 +651,8 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)  # orbax and tfds log every file they touch at INFO
   if flags.FLAGS.keep_freed_memory:
     keep_freed_memory_mapped()
-  if flags.FLAGS.multihost:
-    jax.distributed.initialize()
   try:
+    initialize_multihost()
     train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
   except (NonFiniteLossError, data.DataError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
@@ -505,7 +663,7 @@ if __name__ == "__main__":
   # Flags are defined here, not at import, so that eval.py and tests can import this module.
   config_flags.DEFINE_config_file("config", None, "configs/<family>.py:<arg>", lock_config=True)
   flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and logs.")
-  flags.DEFINE_bool("multihost", False, "Call jax.distributed.initialize() first.")
+  define_multihost_flags()
   flags.DEFINE_bool("keep_freed_memory", True, "Keep freed host memory mapped (glibc malloc), so "
                     "XLA:CPU's per-step buffers are not page-faulted again at every step.")
   flags.mark_flags_as_required(["config", "workdir"])

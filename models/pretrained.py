@@ -64,8 +64,9 @@ def load_pretrained(model: nnx.Module, path, dont_load: Iterable[str] = ()) -> n
 
   if convert.is_official_checkpoint(path):
     params, _, _ = convert.get_converter(family_of(model))(convert.read_state_dict(path))
-  else:
-    params = _restore_weights(_params_item_dir(Path(path)))
+  else:  # orbax needs an absolute path
+    item_dir = _params_item_dir(Path(path).expanduser().absolute())
+    params = _restore_weights(item_dir, _restore_targets(model, dont_load))
   assign_params(model, params, dont_load)
   return model
 
@@ -86,10 +87,10 @@ def assign_params(model: nnx.Module, params: Mapping, dont_load: Iterable[str] =
 
   problems = [f"missing from the checkpoint: {k} {tuple(v.shape)}" for k, v in current.items()
               if not skip(k) and k not in incoming]
-  problems += [f"not in the model: {k} {tuple(np.shape(v))}" for k, v in incoming.items()
+  problems += [f"not in the model: {k} {_shape(v)}" for k, v in incoming.items()
                if not skip(k) and k not in current]
-  problems += [f"mis-shaped: {k} model {tuple(v.shape)}, checkpoint {tuple(np.shape(incoming[k]))}"
-               for k, v in current.items() if not skip(k) and k in incoming and v.shape != np.shape(incoming[k])]
+  problems += [f"mis-shaped: {k} model {tuple(v.shape)}, checkpoint {_shape(incoming[k])}"
+               for k, v in current.items() if not skip(k) and k in incoming and tuple(v.shape) != _shape(incoming[k])]
   if problems:
     raise ValueError(f"cannot load the checkpoint into {type(model).__name__} ({len(problems)} problems):\n  "
                      + "\n  ".join(problems))
@@ -99,8 +100,22 @@ def assign_params(model: nnx.Module, params: Mapping, dont_load: Iterable[str] =
 
 
 def _like(value, reference) -> jax.Array:
-  """`value` with the dtype and sharding of the param it replaces."""
-  return jax.device_put(np.asarray(value).astype(reference.dtype), getattr(reference, "sharding", None))
+  """`value` with the dtype and sharding of the param it replaces (a restored array has them)."""
+  sharding = _sharding_of(reference)
+  if isinstance(value, jax.Array) and value.dtype == reference.dtype and value.sharding == sharding:
+    return value
+  return jax.device_put(np.asarray(value).astype(reference.dtype), sharding)
+
+
+def _sharding_of(reference) -> jax.sharding.Sharding:
+  """Where a param lives; an abstract one (nnx.eval_shape) without a sharding: the default device."""
+  sharding = getattr(reference, "sharding", None)
+  return sharding if sharding is not None else jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+
+
+def _shape(value) -> tuple[int, ...]:
+  """The shape of an array or of a checkpoint entry's metadata."""
+  return tuple(value.shape) if hasattr(value, "shape") else np.shape(value)
 
 
 def _flatten(tree: Mapping) -> dict[str, Any]:
@@ -131,18 +146,35 @@ def _params_item_dir(path: Path) -> Path:
   return step_dir / PARAMS_ITEM
 
 
-def _restore_weights(item_dir: Path) -> dict:
+def _restore_targets(model: nnx.Module, dont_load: Iterable[str]) -> dict[str, jax.ShapeDtypeStruct]:
+  """What each weight the checkpoint may fill becomes: the model's shape, dtype and sharding, by
+  '/'-joined path (the `dont_load` ones are not read)."""
+  excluded = [re.compile(p) for p in dont_load]
+  current = _flatten(nnx.to_pure_dict(nnx.state(model, WEIGHTS)))
+  return {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=_sharding_of(v)) for k, v in current.items()
+          if not any(p.fullmatch(k) for p in excluded)}
+
+
+def _restore_weights(item_dir: Path, targets: Mapping[str, jax.ShapeDtypeStruct]) -> dict:
   """The params item merged with the batch statistics saved beside it (models with BatchNorm)."""
-  params = _restore_params(item_dir)
+  params = _restore_into(item_dir, targets)
   if not (item_dir.parent / STATS_ITEM).is_dir():
     return params
-  stats = _restore_params(item_dir.parent / STATS_ITEM)
+  stats = _restore_into(item_dir.parent / STATS_ITEM, targets)
   return traverse_util.unflatten_dict({**traverse_util.flatten_dict(params), **traverse_util.flatten_dict(stats)})
 
 
-def _restore_params(item_dir: Path) -> dict:
-  """Restores as numpy on the host (whatever sharding it was saved with); assign_params places it."""
-  checkpointer = ocp.StandardCheckpointer()
-  metadata = checkpointer.metadata(item_dir).item_metadata.tree
-  target = jax.tree.map(lambda m: np.empty(m.shape, m.dtype), metadata)
-  return checkpointer.restore(item_dir, target)
+def _restore_into(item_dir: Path, targets: Mapping[str, jax.ShapeDtypeStruct]) -> dict:
+  """The item's entries that fit a target, restored straight into its dtype and sharding: each
+  process reads only the shards its devices hold. The other entries (to be skipped, or reported
+  by assign_params) stay as their metadata, never read."""
+  checkpointer = ocp.PyTreeCheckpointer()
+  saved = traverse_util.flatten_dict(checkpointer.metadata(item_dir).item_metadata.tree)
+  wanted = {keys: targets[name] for keys, entry in saved.items()
+            if (name := "/".join(map(str, keys))) in targets and _shape(entry) == targets[name].shape}
+  restored = {}
+  if wanted:
+    tree = traverse_util.unflatten_dict(wanted)
+    restored = traverse_util.flatten_dict(checkpointer.restore(item_dir, args=ocp.args.PyTreeRestore(
+        item=tree, restore_args=ocp.checkpoint_utils.construct_restore_args(tree), partial_restore=True)))
+  return traverse_util.unflatten_dict({**saved, **restored})

@@ -1,0 +1,273 @@
+"""Two processes x 2 CPU devices on loopback, started with train.py's / eval.py's cluster flags:
+the same metrics as one process, one writer, an exact resume after SIGKILL, resume on another
+process count, a mesh that splits `tensor` over processes refused, eval.py on two processes.
+
+Each run serves several tests (module fixtures); the compiled steps are shared through jax's
+persistent compilation cache.
+"""
+import json
+import os
+import pathlib
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+import train
+from configs import itransformer as itransformer_config
+from configs import matformer as matformer_config
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DIGITS = {"total_steps": 30, "eval_every_steps": 15, "log_every_steps": 5}
+TIMEOUT = 300  # seconds, per run
+
+
+# ----------------------------------------------------------------------------- helpers
+
+def free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def cli_args(config: str, workdir, overrides: dict) -> list[str]:
+  return ["--config", config, f"--workdir={workdir}",
+          *(f"--config.{key}={value!r}" if isinstance(value, tuple) else f"--config.{key}={value}"
+            for key, value in overrides.items())]
+
+
+def configured(config, overrides: dict):
+  """`config` with the dotted-key overrides the CLI gets as --config.<key>=<value>."""
+  config.unlock()
+  for key, value in overrides.items():
+    *parents, leaf = key.split(".")
+    node = config
+    for parent in parents:
+      node = node[parent]
+    node[leaf] = value
+  config.lock()
+  return config
+
+
+class Pair:
+  """Two processes of one run, process i started with --process_id=i; output in files."""
+
+  def __init__(self, root: pathlib.Path, name: str, script: str, args: list[str]):
+    port = free_port()
+    env = {**os.environ, "JAX_PLATFORMS": "cpu",
+           "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+           "JAX_COMPILATION_CACHE_DIR": str(root / "jax_cache"),
+           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+    self.logs = [root / f"{name}.{i}.{kind}" for i in range(2) for kind in ("out", "err")]
+    self.procs = []
+    for i in range(2):
+      with open(self.logs[2 * i], "w") as out, open(self.logs[2 * i + 1], "w") as err:
+        self.procs.append(subprocess.Popen(
+            [sys.executable, os.path.join(REPO, script), *args,
+             f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"],
+            cwd=REPO, env=env, stdout=out, stderr=err))
+
+  def wait(self) -> "Pair":
+    deadline = time.time() + TIMEOUT
+    try:
+      for proc in self.procs:
+        proc.wait(timeout=max(1, deadline - time.time()))
+    finally:
+      self.kill()
+    return self
+
+  def kill(self) -> None:
+    for proc in self.procs:
+      if proc.poll() is None:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+
+  @property
+  def returncodes(self) -> list[int]:
+    return [proc.returncode for proc in self.procs]
+
+  def stdout(self, i: int) -> str:
+    return self.logs[2 * i].read_text()
+
+  def stderr(self, i: int) -> str:
+    return self.logs[2 * i + 1].read_text()
+
+  def check(self) -> "Pair":
+    assert self.returncodes == [0, 0], (self.stderr(0)[-3000:], self.stderr(1)[-3000:])
+    return self
+
+
+def run_pair(root, name, script, args) -> Pair:
+  return Pair(root, name, script, args).wait()
+
+
+def read_metrics(workdir) -> list[dict]:
+  return [json.loads(line) for line in (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def final_params(workdir):
+  """(step, params) of the latest checkpoint of a run, as host arrays (whatever its processes)."""
+  checkpoints = pathlib.Path(workdir).absolute() / "checkpoints"
+  step = max(ocp.utils.checkpoint_steps(checkpoints))
+  checkpointer = ocp.StandardCheckpointer()
+  item = checkpoints / str(step) / "params"
+  metadata = checkpointer.metadata(item).item_metadata.tree
+  return step, checkpointer.restore(item, jax.tree.map(lambda m: np.empty(m.shape, m.dtype), metadata))
+
+
+def assert_trees_equal(a, b) -> None:
+  leaves_a, leaves_b = jax.tree.leaves(a), jax.tree.leaves(b)
+  assert len(leaves_a) == len(leaves_b) > 0
+  for x, y in zip(leaves_a, leaves_b):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def final_metrics(workdir) -> dict:
+  return json.loads((pathlib.Path(workdir) / "final_metrics.json").read_text())
+
+
+def assert_same_metrics(got: dict, want: dict, rtol: float) -> None:
+  keys = [k for k in want if "/" in k]
+  assert keys and {k: got[k] for k in keys} == pytest.approx({k: want[k] for k in keys}, rel=rtol)
+  assert (got["best_step"], got["steps"]) == (want["best_step"], want["steps"])
+
+
+def keep_steps_up_to(workdir, step: int) -> pathlib.Path:
+  """A copy of a finished run cut back to its checkpoint of `step`, as if it had stopped there."""
+  copy = pathlib.Path(f"{workdir}_cut{step}")
+  shutil.copytree(workdir, copy)
+  for saved in (copy / "checkpoints").iterdir():
+    if saved.name.isdigit() and int(saved.name) > step:
+      shutil.rmtree(saved)
+  return copy
+
+
+# ----------------------------------------------------------------------------- digits runs
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+  return tmp_path_factory.mktemp("multihost")
+
+
+@pytest.fixture(scope="module")
+def digits(root):
+  """The quick start, shortened; a fresh data dir, so that the first run prepares the dataset."""
+  return {**DIGITS, "data.data_dir": str(root / "tfds")}
+
+
+@pytest.fixture(scope="module")
+def two_process_run(root, digits):
+  workdir = root / "two"
+  return workdir, run_pair(root, "two", "train.py", cli_args("configs/itransformer.py:digits", workdir,
+                                                            digits)).check()
+
+
+@pytest.fixture(scope="module")
+def one_process_run(root, digits, two_process_run):
+  workdir = root / "one"   # after the two-process run, which prepared the dataset
+  train.train_and_evaluate(configured(itransformer_config.get_config("digits"), digits), str(workdir))
+  return workdir
+
+
+def test_two_processes_train_as_one_and_write_once(two_process_run, one_process_run):
+  workdir, pair = two_process_run
+  assert_same_metrics(final_metrics(workdir), final_metrics(one_process_run), rtol=1e-6)
+  # One copy of every record, the same records as one process writes, and the same losses.
+  records, reference = read_metrics(workdir), read_metrics(one_process_run)
+  assert [(r["step"], sorted(r)) for r in records] == [(r["step"], sorted(r)) for r in reference]
+  losses = [[r["train/loss"] for r in rs if "train/loss" in r] for rs in (records, reference)]
+  assert len(losses[0]) == DIGITS["total_steps"] // DIGITS["log_every_steps"]
+  np.testing.assert_allclose(losses[0], losses[1], rtol=1e-5)
+  assert len(os.listdir(workdir / "tensorboard")) == 1
+  # Process 0 prints the evaluations and the table; process 1 computes the same, silently.
+  assert "Final metrics" in pair.stdout(0) and "step 15 (epoch" in pair.stdout(0)
+  assert "Final metrics" not in pair.stdout(1) and "step 15 (epoch" not in pair.stdout(1)
+
+
+def test_sigkill_resumes_exactly_and_on_one_process(root, digits, two_process_run, one_process_run):
+  args = cli_args("configs/itransformer.py:digits", root / "killed", digits)
+  pair = Pair(root, "killed", "train.py", args)
+  deadline = time.time() + TIMEOUT
+  try:
+    while (not (root / "killed" / "checkpoints" / "15").exists() and time.time() < deadline
+           and None in (p.poll() for p in pair.procs)):
+      time.sleep(0.02)
+  finally:
+    pair.kill()
+  saved = sorted(int(d) for d in os.listdir(root / "killed" / "checkpoints") if d.isdigit())
+  assert saved and saved[-1] < DIGITS["total_steps"], f"the run was not interrupted (checkpoints {saved})"
+  interrupted = root / "killed_copy"
+  shutil.copytree(root / "killed", interrupted)
+
+  resumed = run_pair(root, "resumed", "train.py", args).check()
+  assert f"Resumed from step {saved[-1]}" in resumed.stdout(0)
+  step_a, params_a = final_params(two_process_run[0])
+  step_b, params_b = final_params(root / "killed")
+  assert step_a == step_b == DIGITS["total_steps"]
+  assert_trees_equal(params_a, params_b)
+
+  # The interrupted two-process run, finished by one process.
+  config = configured(itransformer_config.get_config("digits"), digits)
+  final = train.train_and_evaluate(config, str(interrupted))
+  assert_same_metrics(final, final_metrics(one_process_run), rtol=1e-6)
+
+
+def test_one_process_run_resumes_on_two(root, one_process_run):
+  workdir = keep_steps_up_to(one_process_run, DIGITS["eval_every_steps"])
+  args = cli_args("configs/itransformer.py:digits", workdir, {**DIGITS, "data.data_dir": str(root / "tfds")})
+  pair = run_pair(root, "one_on_two", "train.py", args).check()
+  assert f"Resumed from step {DIGITS['eval_every_steps']}" in pair.stdout(0)
+  assert_same_metrics(final_metrics(workdir), final_metrics(one_process_run), rtol=1e-6)
+
+
+def test_tensor_axis_across_processes_is_refused(root):
+  args = cli_args("configs/itransformer.py:digits", root / "tensor4",
+                  {"mesh.data": 1, "mesh.tensor": 4, "total_steps": 2})
+  pair = run_pair(root, "tensor4", "train.py", args)
+  assert pair.returncodes[0] != 0 and pair.returncodes[1] != 0
+  for i in range(2):
+    errors = [line for line in pair.stderr(i).splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "tensor (4) must divide a process's 2 devices" in errors[0], pair.stderr(i)[-2000:]
+    assert "Traceback" not in pair.stderr(i)
+  assert not (root / "tensor4" / "metrics.jsonl").exists()
+
+
+def test_eval_on_two_processes_writes_one_result(root, digits, two_process_run):
+  import eval as eval_lib
+
+  workdir = two_process_run[0]
+  args = ["--config", "configs/itransformer.py:digits", f"--workdir={workdir}", "--checkpoint=latest",
+          "--split=test", f"--config.data.data_dir={digits['data.data_dir']}"]
+  pair = run_pair(root, "eval", "eval.py", args).check()
+  assert "wrote" in pair.stdout(0) and "wrote" not in pair.stdout(1)
+  assert "test/accuracy" in pair.stdout(0) and "test/accuracy" not in pair.stdout(1)
+  written = json.loads((workdir / "eval_test_latest.json").read_text())
+  config = configured(itransformer_config.get_config("digits"), digits)
+  one = eval_lib.evaluate_checkpoint(config, str(workdir), "latest", "test")
+  assert written["checkpoint"] == one["checkpoint"] == f"step {DIGITS['total_steps']}"
+  assert {k: written[k] for k in ("accuracy", "loss")} == pytest.approx(
+      {k: one[k] for k in ("accuracy", "loss")}, rel=1e-6)
+
+
+# ----------------------------------------------------------------------------- a language model
+
+def test_language_model_on_two_processes_matches_one(root):
+  if not os.environ.get("ZOO_TEST_DATA"):
+    pytest.skip("ZOO_TEST_DATA (the shared/data folder of real benchmark files) is not set")
+  raw = pathlib.Path(os.environ["ZOO_TEST_DATA"]).absolute() / "tiny_shakespeare"
+  # Short sequences and one evaluation: the runlocal recipe at a fraction of its compute. The
+  # dataset is prepared on first use, by the two-process run (by process 0 alone).
+  overrides = {"data.data_dir": str(root / "lm_tfds"), "data.manual_dir": str(raw), "data.seq_len": 64,
+               "input.batch_size": 8, "eval_every_steps": 20, "final_eval_splits": ("validation",)}
+  name = "configs/matformer.py:lm_tiny_shakespeare,runlocal"
+  run_pair(root, "lm", "train.py", cli_args(name, root / "lm_two", overrides)).check()
+  config = configured(matformer_config.get_config("lm_tiny_shakespeare,runlocal"), overrides)
+  one = train.train_and_evaluate(config, str(root / "lm_one"))
+  assert_same_metrics(final_metrics(root / "lm_two"), one, rtol=1e-6)

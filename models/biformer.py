@@ -33,7 +33,8 @@ from flax import nnx
 
 import ops
 from models.convert import check_state_dict
-from models.layers import DepthwiseConv, DropPath, Linear, get_activation, layer_norm
+from models.layers import (DepthwiseConv, DropPath, Linear, get_activation, layer_norm,
+                           shard_batch)
 from models.registry import register_model
 from ops.sharding import axes as logical
 
@@ -287,7 +288,7 @@ class BiFormer(nnx.Module):
       for b, block in enumerate(stage):
         if routes is not None and isinstance(block.attn, BiLevelRoutingAttention):
           routes[f"stages.{s}.{b}"] = block.attn.routes(block.attention_input(x))
-        x = block(x, train=train)
+        x = shard_batch(block(x, train=train))
       yield x
 
   def forward_features(self, x: jax.Array, *, train: bool = False) -> jax.Array:

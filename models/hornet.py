@@ -19,7 +19,8 @@ import numpy as np
 from flax import nnx
 
 from models.convert import check_state_dict
-from models.layers import ACTIVATIONS, DepthwiseConv, DropPath, LayerScale, Linear, layer_norm
+from models.layers import (ACTIVATIONS, DepthwiseConv, DropPath, LayerScale, Linear, layer_norm,
+                           shard_batch)
 from models.registry import register_model
 from ops.sharding import axes as logical
 
@@ -286,6 +287,7 @@ class HorNet(nnx.Module):
       gates.append([])
       for block in blocks:
         x, block_gates = block(x, train=train, return_gates=True)
+        x = shard_batch(x)
         gates[-1].append(block_gates)
     return (x, gates) if return_gates else x
 

@@ -17,7 +17,7 @@ import numpy as np
 from flax import nnx
 
 from models.convert import check_state_dict
-from models.layers import Block, Dropout, get_activation, layer_norm, torch_linear
+from models.layers import Block, Dropout, get_activation, layer_norm, shard_batch, torch_linear
 from models.registry import register_model
 
 _NORM_EPS = 1e-5  # the official instance normalisation and PyTorch's LayerNorm default
@@ -72,7 +72,8 @@ class _InvertedEncoder(nnx.Module):
     """
     x = self.embed_tokens(series, train=train)
     for i, block in enumerate(self.blocks):
-      x = block(x, train=train, num_queries=keep_tokens if i == len(self.blocks) - 1 else None)
+      x = shard_batch(
+          block(x, train=train, num_queries=keep_tokens if i == len(self.blocks) - 1 else None))
     return self.norm(x[:, :keep_tokens])
 
   def _check_series(self, x: jax.Array) -> None:

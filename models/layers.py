@@ -73,18 +73,31 @@ class Linear(nnx.Linear):
   GPU and TPU keep the n-d dot (there a reshape can cost a relayout).
 
   `axes` names the kernel's (input, output) dimensions for sharding (`ops.sharding`); the bias
-  takes the output's name. The default fits a layer that reads the model width.
+  takes the output's name. The default fits a layer that reads the model width. Under a mesh the
+  output is laid out by example and, for a hidden or head axis, by its name (`output_axes`).
   """
 
   def __init__(self, in_features: int, out_features: int, *,
                axes: tuple[str | None, str | None] = ("embed", "mlp"), **kwargs):
     super().__init__(in_features, out_features, kernel_metadata=logical(*axes),
                      bias_metadata=logical(axes[1]), **kwargs)
+    self.output_name = axes[1]
 
   def __call__(self, inputs: jax.Array, out_sharding=None) -> jax.Array:
     if out_sharding is not None:
       return super().__call__(inputs, out_sharding)
-    return on_rows(super().__call__, inputs)
+    return ops.sharding.constrain(on_rows(super().__call__, inputs),
+                                  output_axes(inputs.ndim, self.output_name))
+
+
+def output_axes(ndim: int, name: str | None) -> tuple[str | None, ...]:
+  """Logical axes of a dense layer's output [batch, ..., features] whose kernel names its output
+  `name`. The batch takes the data axes first, so a feature axis named like the weights' model
+  width ("embed" -> fsdp) stays whole, and a hidden or head axis ("mlp", "heads" -> tensor) splits.
+  Constraining every dense output also keeps XLA's partitioner on a layout it gets right: left to
+  itself on a data x fsdp x tensor mesh, XLA:CPU (jax 0.10.2) computed `h + (h @ w1) @ w2` with
+  rows of other examples (benchmarks/RESULTS.md, "Sharded training")."""
+  return ("batch",) + (None,) * (ndim - 2) + (name,) if ndim >= 2 else (name,)
 
 
 def on_rows(fn: Callable[[jax.Array], jax.Array], x: jax.Array) -> jax.Array:
@@ -257,6 +270,13 @@ class Mlp(nnx.Module):
     return self.drop(self.fc2(x), train=train)
 
 
+def shard_batch(x: jax.Array) -> jax.Array:
+  """`x` split over the mesh's data axes by its first (example) dimension (ops.sharding): the
+  residual stream between blocks, so that XLA gathers FSDP-split weights around each block rather
+  than splitting activations like the weights."""
+  return ops.sharding.constrain(x, ("batch",) + (None,) * (x.ndim - 1))
+
+
 def hidden_axes(x: jax.Array) -> tuple[str | None, ...]:
   """Logical axes of a feed-forward block's hidden activations [batch, ..., mlp]."""
   return ("batch",) + (None,) * (x.ndim - 2) + ("mlp",)
@@ -273,7 +293,8 @@ def prefix_dense(layer: Linear, x: jax.Array, *, outputs: int | None = None,
   bias = None if layer.bias is None else layer.bias[...][:outputs]
   x, kernel, bias = layer.promote_dtype((x, kernel, bias), dtype=layer.dtype)
   y = on_rows(lambda rows: jnp.dot(rows, kernel, precision=layer.precision), x)
-  return y if bias is None else y + bias
+  y = y if bias is None else y + bias
+  return ops.sharding.constrain(y, output_axes(x.ndim, layer.output_name))
 
 
 class NestedMlp(nnx.Module):

@@ -344,7 +344,7 @@ class MatLM(NestedFFNs, nnx.Module):
     widths = self.layer_widths(granularity)
     h = self.drop(self.embed(tokens), train=train)
     for block, width in zip(self.blocks, widths):
-      h = block(h, width=width, train=train)
+      h = layers.shard_batch(block(h, width=width, train=train))
     return self.head(h)
 
   def flops(self, granularity: Granularity = None, *, seq_len: int) -> int:
@@ -542,7 +542,7 @@ class MatViT(NestedFFNs, nnx.Module):
       x = jnp.concatenate([cls, x], axis=1)
     x = self.drop(x + self.pos_embed[...].astype(x.dtype), train=train)
     for block, width in zip(self.blocks, widths):
-      x = block(x, width=width, train=train)
+      x = layers.shard_batch(block(x, width=width, train=train))
     return self.norm(x)
 
   def forward_head(self, x: jax.Array, *, pre_logits: bool = False) -> jax.Array:

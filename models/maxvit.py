@@ -51,7 +51,7 @@ import numpy as np
 from flax import nnx
 
 from models.convert import check_state_dict
-from models.layers import DepthwiseConv, DropPath, Linear, Mlp, layer_norm
+from models.layers import DepthwiseConv, DropPath, Linear, Mlp, layer_norm, shard_batch
 from models.registry import register_model
 from ops.sharding import axes as logical
 from ops.window_attention import relative_position_bias, window_attention
@@ -329,7 +329,7 @@ class Stage(nnx.Module):
 
   def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
     for block in self.blocks:
-      x = block(x, train=train)
+      x = shard_batch(block(x, train=train))
     return x
 
 

@@ -33,7 +33,7 @@ import numpy as np
 from flax import nnx
 
 from models.convert import check_state_dict
-from models.layers import ACTIVATIONS, Buffer, Dropout, layer_norm, torch_linear
+from models.layers import ACTIVATIONS, Buffer, Dropout, layer_norm, shard_batch, torch_linear
 from models.registry import register_model
 from ops import diag_attention, lightning_decode_step, norm_attention, simple_rms_norm
 from ops.sharding import axes as logical
@@ -331,7 +331,7 @@ class TransNormerLM(nnx.Module):
     _check_tokens(tokens)
     h = self.embed_drop(self.embed(tokens), train=train)
     for layer in self.layers:
-      h = layer(h, train=train)
+      h = shard_batch(layer(h, train=train))
     return self.head(h)
 
   def init_cache(self, batch: int, max_len: int | None = None) -> dict:
@@ -398,7 +398,7 @@ class TransNormerMLM(nnx.Module):
     h = self.embed_tokens(tokens) + self.embed_positions(positions)
     h = self.embed_drop(self.layernorm_embedding(h), train=train)
     for layer in self.layers:
-      h = layer(h, train=train)
+      h = shard_batch(layer(h, train=train))
     h = self.lm_head_norm(ACTIVATIONS["gelu"](self.lm_head_dense(h)))
     return (self.embed_tokens.attend(h) + self.lm_head_bias[...]).astype(jnp.float32)
 

@@ -32,7 +32,7 @@ import numpy as np
 from flax import nnx
 
 from models.convert import check_state_dict
-from models.layers import Linear
+from models.layers import Linear, shard_batch
 from models.registry import register_model
 from ops import lightning_attention, lightning_decode_step, lightning_prefill
 from ops.sharding import axes as logical
@@ -244,7 +244,7 @@ class TransNormerLLM(nnx.Module):
     _check_tokens(tokens)
     h = self.embed(tokens)
     for layer in self.layers:
-      h = layer(h)
+      h = shard_batch(layer(h))
     return self.head(h)
 
   def init_cache(self, batch: int, max_len: int | None = None) -> dict:

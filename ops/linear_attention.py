@@ -455,10 +455,16 @@ def _xla_only(implementation, name, why):
 
 def simple_rms_norm(x, eps=1e-8):
   """TransNormer's SimpleRMSNorm over the last axis: ``x / (||x||_2 / sqrt(d) + eps)``, eps outside
-  the root, no parameters; statistics in f32, result in ``x.dtype``."""
+  the root, no parameters; statistics in f32, result in ``x.dtype``.
+
+  A row of zeros (T1's ReLU block attention gives one when every score of a query is <= 0) has
+  the norm's gradient 0 there, as torch's ``x.norm()`` backward: ``sqrt``'s is infinite at 0 and
+  made every gradient NaN."""
   xf = x.astype(_F32)
-  rms = jnp.sqrt(jnp.sum(xf * xf, axis=-1, keepdims=True)) * x.shape[-1] ** -0.5
-  return (xf / (rms + eps)).astype(x.dtype)
+  squares = jnp.sum(xf * xf, axis=-1, keepdims=True)
+  nonzero = squares > 0
+  norm = jnp.where(nonzero, jnp.sqrt(jnp.where(nonzero, squares, 1.0)), 0.0)
+  return (xf / (norm * x.shape[-1] ** -0.5 + eps)).astype(x.dtype)
 
 
 def _norm_heads(out, eps):

@@ -240,6 +240,17 @@ def test_simple_rms_norm_puts_eps_outside_the_root():
                                                            [0.0, 0.0]], rtol=1e-6)
 
 
+def test_simple_rms_norm_gradient_at_a_zero_row_is_torchs():
+  """torch's x.norm() backward is 0 at a zero vector, so there d out / d x = 1 / eps; sqrt's
+  infinite derivative made it NaN (and every gradient of a TransNormer-T1 step with it)."""
+  x = jnp.array([[3.0, 4.0], [0.0, 0.0]])
+  weights = jnp.array([[0.5, -1.0], [2.0, 3.0]])
+  grad = jax.grad(lambda x: jnp.sum(simple_rms_norm(x, eps=0.5) * weights))(x)
+  np.testing.assert_allclose(grad[1], weights[1] / 0.5, rtol=1e-6)
+  rms_grad = jax.grad(lambda x: jnp.sum(x / (jnp.linalg.norm(x) / np.sqrt(2.0) + 0.5) * weights[0]))
+  np.testing.assert_allclose(grad[0], rms_grad(x[0]), rtol=1e-6)
+
+
 @pytest.mark.parametrize("causal", [True, False])
 def test_norm_attention(causal):
   q, k, v = _qkv(2, 100, 2, 8, 12, seed=13)

@@ -30,7 +30,6 @@ from ml_collections import config_flags
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
-import tensorboardX
 import tqdm
 from flax import nnx
 
@@ -403,6 +402,8 @@ class MetricWriter:
   """metrics.jsonl (one JSON object per line, big_vision style) + TensorBoard events."""
 
   def __init__(self, workdir: str):
+    import tensorboardX  # here, not at the top: only process 0 needs it, and it imports torch
+
     self._file = open(os.path.join(workdir, "metrics.jsonl"), "a")
     self._tb = tensorboardX.SummaryWriter(os.path.join(workdir, "tensorboard"))
 

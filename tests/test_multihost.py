@@ -1,6 +1,7 @@
 """Two processes x 2 CPU devices on loopback, started with train.py's / eval.py's cluster flags:
 the same metrics as one process, one writer, an exact resume after SIGKILL, resume on another
-process count, a mesh that splits `tensor` over processes refused, eval.py on two processes.
+process count, a mesh that splits `tensor` over processes refused, eval.py on two processes, a
+dataset prepared once.
 
 Each run serves several tests (module fixtures); the compiled steps are shared through jax's
 persistent compilation cache.
@@ -25,7 +26,10 @@ from configs import itransformer as itransformer_config
 from configs import matformer as matformer_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DIGITS = {"total_steps": 30, "eval_every_steps": 15, "log_every_steps": 5}
+FIRST_EVAL = 15
+# Checkpoints at 15, 30, 45, all kept: later runs start from them.
+DIGITS = {"total_steps": 3 * FIRST_EVAL, "eval_every_steps": FIRST_EVAL, "log_every_steps": 5,
+          "checkpoint.keep": 3}
 TIMEOUT = 300  # seconds, per run
 
 
@@ -74,6 +78,12 @@ class Pair:
              f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"],
             cwd=REPO, env=env, stdout=out, stderr=err))
 
+  def __enter__(self) -> "Pair":
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.kill()   # whatever failed meanwhile: no process outlives its test
+
   def wait(self) -> "Pair":
     deadline = time.time() + TIMEOUT
     try:
@@ -105,7 +115,8 @@ class Pair:
 
 
 def run_pair(root, name, script, args) -> Pair:
-  return Pair(root, name, script, args).wait()
+  with Pair(root, name, script, args) as pair:
+    return pair.wait()
 
 
 def read_metrics(workdir) -> list[dict]:
@@ -139,13 +150,16 @@ def assert_same_metrics(got: dict, want: dict, rtol: float) -> None:
   assert (got["best_step"], got["steps"]) == (want["best_step"], want["steps"])
 
 
-def keep_steps_up_to(workdir, step: int) -> pathlib.Path:
-  """A copy of a finished run cut back to its checkpoint of `step`, as if it had stopped there."""
-  copy = pathlib.Path(f"{workdir}_cut{step}")
-  shutil.copytree(workdir, copy)
+def keep_steps_up_to(workdir, step: int, copy: pathlib.Path) -> pathlib.Path:
+  """A copy of a finished run as it was when it stopped after `step`: later checkpoints and
+  records gone, no final metrics (TensorBoard events left out)."""
+  shutil.copytree(workdir, copy, ignore=shutil.ignore_patterns("tensorboard", "final_metrics.json"))
   for saved in (copy / "checkpoints").iterdir():
     if saved.name.isdigit() and int(saved.name) > step:
       shutil.rmtree(saved)
+  kept = [line for line in (copy / "metrics.jsonl").read_text().splitlines()
+          if json.loads(line)["step"] <= step]
+  (copy / "metrics.jsonl").write_text("".join(line + "\n" for line in kept))
   return copy
 
 
@@ -158,28 +172,35 @@ def root(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def digits(root):
-  """The quick start, shortened; a fresh data dir, so that the first run prepares the dataset."""
+  """The quick start, shortened. The two-process runs start from the one-process run's
+  checkpoint of step 15 (a one-process workdir resumed on two processes) and train 30 steps."""
   return {**DIGITS, "data.data_dir": str(root / "tfds")}
 
 
-@pytest.fixture(scope="module")
-def two_process_run(root, digits):
-  workdir = root / "two"
-  return workdir, run_pair(root, "two", "train.py", cli_args("configs/itransformer.py:digits", workdir,
-                                                            digits)).check()
+def digits_config(overrides: dict):
+  return configured(itransformer_config.get_config("digits"), overrides)
 
 
 @pytest.fixture(scope="module")
-def one_process_run(root, digits, two_process_run):
-  workdir = root / "one"   # after the two-process run, which prepared the dataset
-  train.train_and_evaluate(configured(itransformer_config.get_config("digits"), digits), str(workdir))
+def one_process_run(root, digits):
+  workdir = root / "one"
+  train.train_and_evaluate(digits_config(digits), str(workdir))
   return workdir
 
 
-def test_two_processes_train_as_one_and_write_once(two_process_run, one_process_run):
+@pytest.fixture(scope="module")
+def two_process_run(root, digits, one_process_run):
+  workdir = keep_steps_up_to(one_process_run, FIRST_EVAL, root / "two")
+  pair = run_pair(root, "two", "train.py", cli_args("configs/itransformer.py:digits", workdir, digits))
+  return workdir, pair.check()
+
+
+def test_one_process_run_continues_on_two_as_on_one(two_process_run, one_process_run):
   workdir, pair = two_process_run
+  assert f"Resumed from step {FIRST_EVAL}" in pair.stdout(0)
   assert_same_metrics(final_metrics(workdir), final_metrics(one_process_run), rtol=1e-6)
-  # One copy of every record, the same records as one process writes, and the same losses.
+  # One copy of every record (those of the first 15 steps come from the one-process run), the
+  # records one process writes, and the same losses.
   records, reference = read_metrics(workdir), read_metrics(one_process_run)
   assert [(r["step"], sorted(r)) for r in records] == [(r["step"], sorted(r)) for r in reference]
   losses = [[r["train/loss"] for r in rs if "train/loss" in r] for rs in (records, reference)]
@@ -187,44 +208,34 @@ def test_two_processes_train_as_one_and_write_once(two_process_run, one_process_
   np.testing.assert_allclose(losses[0], losses[1], rtol=1e-5)
   assert len(os.listdir(workdir / "tensorboard")) == 1
   # Process 0 prints the evaluations and the table; process 1 computes the same, silently.
-  assert "Final metrics" in pair.stdout(0) and "step 15 (epoch" in pair.stdout(0)
-  assert "Final metrics" not in pair.stdout(1) and "step 15 (epoch" not in pair.stdout(1)
+  assert "Final metrics" in pair.stdout(0) and "step 30 (epoch" in pair.stdout(0)
+  assert "Final metrics" not in pair.stdout(1) and "step 30 (epoch" not in pair.stdout(1)
 
 
 def test_sigkill_resumes_exactly_and_on_one_process(root, digits, two_process_run, one_process_run):
-  args = cli_args("configs/itransformer.py:digits", root / "killed", digits)
-  pair = Pair(root, "killed", "train.py", args)
+  """Killed after its checkpoint of step 30, rerun: the uninterrupted two-process run's params,
+  bit for bit. The interrupted run finished by one process gives the one-process metrics."""
+  killed = keep_steps_up_to(one_process_run, FIRST_EVAL, root / "killed")
+  args = cli_args("configs/itransformer.py:digits", killed, digits)
   deadline = time.time() + TIMEOUT
-  try:
-    while (not (root / "killed" / "checkpoints" / "15").exists() and time.time() < deadline
+  with Pair(root, "killed", "train.py", args) as pair:
+    while (not (killed / "checkpoints" / str(2 * FIRST_EVAL)).exists() and time.time() < deadline
            and None in (p.poll() for p in pair.procs)):
       time.sleep(0.02)
-  finally:
-    pair.kill()
-  saved = sorted(int(d) for d in os.listdir(root / "killed" / "checkpoints") if d.isdigit())
-  assert saved and saved[-1] < DIGITS["total_steps"], f"the run was not interrupted (checkpoints {saved})"
+  saved = sorted(int(d) for d in os.listdir(killed / "checkpoints") if d.isdigit())
+  assert saved[-1] == 2 * FIRST_EVAL, f"the run was not interrupted there (checkpoints {saved})"
   interrupted = root / "killed_copy"
-  shutil.copytree(root / "killed", interrupted)
+  shutil.copytree(killed, interrupted)
 
-  resumed = run_pair(root, "resumed", "train.py", args).check()
+  with Pair(root, "resumed", "train.py", args) as resumed:
+    final = train.train_and_evaluate(digits_config(digits), str(interrupted))  # meanwhile
+    resumed.wait().check()
   assert f"Resumed from step {saved[-1]}" in resumed.stdout(0)
   step_a, params_a = final_params(two_process_run[0])
-  step_b, params_b = final_params(root / "killed")
+  step_b, params_b = final_params(killed)
   assert step_a == step_b == DIGITS["total_steps"]
   assert_trees_equal(params_a, params_b)
-
-  # The interrupted two-process run, finished by one process.
-  config = configured(itransformer_config.get_config("digits"), digits)
-  final = train.train_and_evaluate(config, str(interrupted))
   assert_same_metrics(final, final_metrics(one_process_run), rtol=1e-6)
-
-
-def test_one_process_run_resumes_on_two(root, one_process_run):
-  workdir = keep_steps_up_to(one_process_run, DIGITS["eval_every_steps"])
-  args = cli_args("configs/itransformer.py:digits", workdir, {**DIGITS, "data.data_dir": str(root / "tfds")})
-  pair = run_pair(root, "one_on_two", "train.py", args).check()
-  assert f"Resumed from step {DIGITS['eval_every_steps']}" in pair.stdout(0)
-  assert_same_metrics(final_metrics(workdir), final_metrics(one_process_run), rtol=1e-6)
 
 
 def test_tensor_axis_across_processes_is_refused(root):
@@ -240,20 +251,23 @@ def test_tensor_axis_across_processes_is_refused(root):
 
 
 def test_eval_on_two_processes_writes_one_result(root, digits, two_process_run):
+  """eval.py on two processes with the params split over fsdp across them: each process restores
+  only its halves (models.load_pretrained); one JSON, the metrics of one process."""
   import eval as eval_lib
 
   workdir = two_process_run[0]
-  args = ["--config", "configs/itransformer.py:digits", f"--workdir={workdir}", "--checkpoint=latest",
-          "--split=test", f"--config.data.data_dir={digits['data.data_dir']}"]
-  pair = run_pair(root, "eval", "eval.py", args).check()
+  args = ["--config", "configs/itransformer.py:digits", f"--workdir={workdir}", f"--checkpoint={workdir}",
+          "--split=test", f"--output={root / 'eval.json'}", f"--config.data.data_dir={digits['data.data_dir']}",
+          "--config.mesh.data=1", "--config.mesh.fsdp=4"]
+  with Pair(root, "eval", "eval.py", args) as pair:
+    one = eval_lib.evaluate_checkpoint(digits_config(digits), str(workdir), str(workdir), "test")  # meanwhile
+    pair.wait().check()
   assert "wrote" in pair.stdout(0) and "wrote" not in pair.stdout(1)
   assert "test/accuracy" in pair.stdout(0) and "test/accuracy" not in pair.stdout(1)
-  written = json.loads((workdir / "eval_test_latest.json").read_text())
-  config = configured(itransformer_config.get_config("digits"), digits)
-  one = eval_lib.evaluate_checkpoint(config, str(workdir), "latest", "test")
-  assert written["checkpoint"] == one["checkpoint"] == f"step {DIGITS['total_steps']}"
+  written = json.loads((root / "eval.json").read_text())
   assert {k: written[k] for k in ("accuracy", "loss")} == pytest.approx(
       {k: one[k] for k in ("accuracy", "loss")}, rel=1e-6)
+  assert written["loss"] == pytest.approx(final_metrics(workdir)["test/loss"], rel=1e-6)
 
 
 # ----------------------------------------------------------------------------- a language model
@@ -262,12 +276,15 @@ def test_language_model_on_two_processes_matches_one(root):
   if not os.environ.get("ZOO_TEST_DATA"):
     pytest.skip("ZOO_TEST_DATA (the shared/data folder of real benchmark files) is not set")
   raw = pathlib.Path(os.environ["ZOO_TEST_DATA"]).absolute() / "tiny_shakespeare"
-  # Short sequences and one evaluation: the runlocal recipe at a fraction of its compute. The
-  # dataset is prepared on first use, by the two-process run (by process 0 alone).
-  overrides = {"data.data_dir": str(root / "lm_tfds"), "data.manual_dir": str(raw), "data.seq_len": 64,
-               "input.batch_size": 8, "eval_every_steps": 20, "final_eval_splits": ("validation",)}
+  # Short sequences and one evaluation: the runlocal recipe at a fraction of its compute. Each
+  # run prepares the dataset on first use, the two processes by process 0 alone.
+  overrides = {"data.manual_dir": str(raw), "data.seq_len": 64, "input.batch_size": 8,
+               "eval_every_steps": 20, "final_eval_splits": ("validation",)}
   name = "configs/matformer.py:lm_tiny_shakespeare,runlocal"
-  run_pair(root, "lm", "train.py", cli_args(name, root / "lm_two", overrides)).check()
-  config = configured(matformer_config.get_config("lm_tiny_shakespeare,runlocal"), overrides)
-  one = train.train_and_evaluate(config, str(root / "lm_one"))
+  config = configured(matformer_config.get_config("lm_tiny_shakespeare,runlocal"),
+                      {**overrides, "data.data_dir": str(root / "lm_tfds_one")})
+  with Pair(root, "lm", "train.py",
+            cli_args(name, root / "lm_two", {**overrides, "data.data_dir": str(root / "lm_tfds_two")})) as pair:
+    one = train.train_and_evaluate(config, str(root / "lm_one"))  # meanwhile
+    pair.wait().check()
   assert_same_metrics(final_metrics(root / "lm_two"), one, rtol=1e-6)

@@ -243,6 +243,48 @@ def test_init_from_loads_body_and_keeps_fresh_head(tmp_path):
   assert not np.allclose(tuned_params["head"]["kernel"], source_params["head"]["kernel"])
 
 
+def test_eval_batch_size_is_checked_before_training(tmp_path):
+  """The Fashion-MNIST recipes' 500 on 8 devices: refused at the start, not at the first evaluation."""
+  out = run_cli("train.py", "--config", "configs/itransformer.py:digits", f"--workdir={tmp_path}",
+                "--config.total_steps=2", "--config.input.eval_batch_size=500", "--config.mesh.data=8",
+                env={"XLA_FLAGS": "--xla_force_host_platform_device_count=8"})
+  assert out.returncode == 1
+  errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
+  assert len(errors) == 1 and "input.eval_batch_size=500 must be divisible by the 8" in errors[0]
+  assert "eval_batch_size=504" in errors[0]
+  assert not (tmp_path / "checkpoints").exists()
+
+
+def test_load_pretrained_restores_into_the_params_from_a_relative_path(tmp_path, monkeypatch):
+  """Orbax restores each weight straight into the model's dtype and sharding (each host reads the
+  shards its devices hold); excluded weights are never read."""
+  import jax
+  import jax.numpy as jnp
+  import orbax.checkpoint as ocp_lib
+  from flax import nnx
+  import models
+
+  source = models.create_model("itransformer_etth2_96", rngs=nnx.Rngs(1))
+  models.save_params(source, tmp_path / "params")
+  target = models.create_model("itransformer_etth2_96", rngs=nnx.Rngs(2), param_dtype=jnp.bfloat16)
+  fresh_head = np.asarray(target.projector.kernel[...])
+  restored = []
+  restore = ocp_lib.PyTreeCheckpointer.restore
+  monkeypatch.setattr(ocp_lib.PyTreeCheckpointer, "restore",
+                      lambda self, *a, **k: restored.append(restore(self, *a, **k)) or restored[-1])
+  monkeypatch.chdir(tmp_path)
+  models.load_pretrained(target, "params", dont_load=("projector/.*",))
+
+  (tree,) = restored
+  assert "projector" not in tree
+  for leaf in jax.tree.leaves(tree):
+    assert isinstance(leaf, jax.Array) and leaf.dtype == jnp.bfloat16
+  loaded = nnx.to_pure_dict(nnx.state(target, nnx.Param))
+  expected = nnx.to_pure_dict(nnx.state(source, nnx.Param))
+  np.testing.assert_array_equal(loaded["embed"]["kernel"], expected["embed"]["kernel"].astype(jnp.bfloat16))
+  np.testing.assert_array_equal(loaded["projector"]["kernel"], fresh_head)
+
+
 _FAULTS_OF_A_SECOND_BUFFER = """
 import ctypes, resource, sys
 import train

@@ -63,6 +63,7 @@ def _in1k(arg) -> ml_collections.ConfigDict:
   c.task = "classification"
   c.model.name = f"biformer_{arg.variant}"
   c.model.drop_path_rate = VARIANTS[arg.variant]
+  c.model.dtype = "bfloat16"               # compute on the accelerator; params stay f32
   c.data.name = "imagenet2012"
 
   c.input.image_size = 224

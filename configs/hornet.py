@@ -127,6 +127,7 @@ def _in1k(arg) -> ml_collections.ConfigDict:
   clip_norm, magnitude = _IN1K[variant]
   c = common.base_config()
   c.model.name = f"hornet_{variant}"   # its registered drop_path_rate is the recipe's
+  c.model.dtype = "bfloat16"          # compute on the accelerator; params stay f32
   c.data.name = "imagenet2012"
   _imagenet(c, 224)
   c.input.randaugment.magnitude = magnitude
@@ -146,6 +147,7 @@ def _in22k(arg) -> ml_collections.ConfigDict:
   variant = _check_variant(arg, _IN22K_CLIP, "large_gf")
   c = common.base_config()
   c.model.name = f"hornet_{variant}"   # drop path 0.2, as the recipe
+  c.model.dtype = "bfloat16"          # compute on the accelerator; params stay f32
   c.data.name = "image_folder"        # data.manual_dir = the 22K tree (train/<class>/...)
   _imagenet(c, 224)
   _schedule(c, lr=4e-3, batch_size=4096, epochs=90, warmup_epochs=5,
@@ -163,6 +165,7 @@ def _ft384(arg) -> ml_collections.ConfigDict:
   c = common.base_config()
   c.model.name = _FT384_MODEL[variant]
   c.model.drop_path_rate = 0.4
+  c.model.dtype = "bfloat16"          # compute on the accelerator; params stay f32
   c.data.name = "imagenet2012"
   _imagenet(c, 384)
   c.input.mixup.mixup_alpha = 0.0     # --cutmix 0 --mixup 0; label smoothing 0.1 stays

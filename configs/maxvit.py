@@ -114,6 +114,7 @@ def _imagenet_input(c: ml_collections.ConfigDict, res: int) -> None:
 def _in1k(arg) -> ml_collections.ConfigDict:
   c = common.base_config()
   c.model.name = f"maxvit_{arg.variant}_tf_{arg.res}"   # its drop_path_rate is the recipe's
+  c.model.dtype = "bfloat16"                            # compute; params stay f32
   c.data.name = "imagenet2012"
   _imagenet_input(c, arg.res)
   if arg.res == 224:
@@ -148,6 +149,7 @@ def _finetune(arg) -> ml_collections.ConfigDict:
   c = common.base_config()
   c.model.name = f"maxvit_{arg.variant}_tf_{arg.res}"
   c.model.drop_path_rate = 0.1
+  c.model.dtype = "bfloat16"         # compute; params stay f32
   c.data.name = arg.data
   _imagenet_input(c, arg.res)
   c.input.randaugment.num_layers = 0

@@ -137,6 +137,7 @@ def _tnl_pretraining(size: str) -> ml_collections.ConfigDict:
 def _transnormer_wikitext103(version: str) -> ml_collections.ConfigDict:
   """fairseq `train_alm.sh` for transnormer_<version> (see the module docstring)."""
   c = _language_modeling(f"transnormer_{version}")
+  c.model.dtype = "bfloat16"             # compute on the accelerator; params stay f32
   c.data.name = "wikitext103"
   c.data.seq_len = 512
   c.input.batch_size = 128

@@ -33,10 +33,9 @@ from flax import nnx
 
 import ops
 from models.convert import check_state_dict
-from models.layers import (DepthwiseConv, DropPath, Linear, get_activation, layer_norm,
-                           shard_batch)
+from models.layers import (CONV_AXES, NORM_AXES, DepthwiseConv, DropPath, Linear, get_activation,
+                           layer_norm, promote_keeping_statistics, shard_batch)
 from models.registry import register_model
-from ops.sharding import axes as logical
 
 _LN_EPS = 1e-6                      # every LayerNorm of the official model
 _BN_EPS, _BN_MOMENTUM = 1e-5, 0.9   # torch BatchNorm2d defaults (torch momentum 0.1)
@@ -61,8 +60,8 @@ def _torch_conv(in_ch: int, out_ch: int, kernel: int, *, stride: int = 1, dtype,
   init = _torch_uniform(in_ch * kernel * kernel)
   pad = kernel // 2
   return nnx.Conv(in_ch, out_ch, (kernel, kernel), strides=stride, padding=((pad, pad), (pad, pad)),
-                  kernel_init=init, bias_init=init, kernel_metadata=logical(None, None, "conv_in", "conv_out"), bias_metadata=logical("conv_out"),
-                  dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+                  kernel_init=init, bias_init=init, dtype=dtype, param_dtype=param_dtype,
+                  rngs=rngs, **CONV_AXES)
 
 
 def _torch_dwconv(dim: int, kernel: int, *, dtype, param_dtype, rngs: nnx.Rngs) -> DepthwiseConv:
@@ -73,9 +72,10 @@ def _torch_dwconv(dim: int, kernel: int, *, dtype, param_dtype, rngs: nnx.Rngs) 
 
 
 def _batch_norm(dim: int, *, dtype, param_dtype, rngs: nnx.Rngs) -> nnx.BatchNorm:
+  # The running statistics stay float32 in a bf16 model (promote_keeping_statistics).
   return nnx.BatchNorm(dim, momentum=_BN_MOMENTUM, epsilon=_BN_EPS, use_fast_variance=False,
-                       scale_metadata=logical("norm"), bias_metadata=logical("norm"), dtype=dtype,
-                       param_dtype=param_dtype, rngs=rngs)
+                       promote_dtype=promote_keeping_statistics, dtype=dtype,
+                       param_dtype=param_dtype, rngs=rngs, **NORM_AXES)
 
 
 def _linear(in_features: int, out_features: int, *, use_bias: bool = True,
@@ -124,9 +124,9 @@ class BiLevelRoutingAttention(nnx.Module):
     self.scale = qk_dim ** -0.5     # the full qk width, as the official code (not the head width)
     self.auto_pad = auto_pad
     self.attn_implementation = attn_implementation
-    self.qkv = _linear(dim, 2 * qk_dim + dim, **kw)                 # output ordered [q | k | v]
+    self.qkv = _linear(dim, 2 * qk_dim + dim, axes=("embed", "heads"), **kw)  # [q | k | v]
     self.lepe = _torch_dwconv(dim, side_dwconv, **kw)
-    self.wo = _linear(dim, dim, **kw)
+    self.wo = _linear(dim, dim, axes=("heads", "embed"), **kw)
 
   def _project(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     if self.auto_pad:
@@ -158,9 +158,10 @@ class AttentionLePE(nnx.Module):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.num_heads = num_heads
     self.attn_implementation = attn_implementation
-    self.qkv = _linear(dim, 3 * dim, use_bias=False, **kw)          # output laid out (3, heads, d)
+    # output laid out (3, heads, d)
+    self.qkv = _linear(dim, 3 * dim, use_bias=False, axes=("embed", "heads"), **kw)
     self.lepe = _torch_dwconv(dim, side_dwconv, **kw)
-    self.proj = _linear(dim, dim, **kw)
+    self.proj = _linear(dim, dim, axes=("heads", "embed"), **kw)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     b, h, w, c = x.shape
@@ -193,7 +194,8 @@ class Block(nnx.Module):
     self.norm2 = layer_norm(dim, eps=_LN_EPS, **kw)
     hidden = int(mlp_ratio * dim)
     # Linear -> GELU -> Linear, no dropout: the official nn.Sequential (its index 1 is an Identity).
-    self.mlp = nnx.Sequential(_linear(dim, hidden, **kw), _GELU, _linear(hidden, dim, **kw))
+    self.mlp = nnx.Sequential(_linear(dim, hidden, axes=("embed", "mlp"), **kw), _GELU,
+                              _linear(hidden, dim, axes=("mlp", "embed"), **kw))
     self.drop_path = DropPath(drop_path, rngs=rngs)
 
   def attention_input(self, x: jax.Array) -> jax.Array:
@@ -251,13 +253,13 @@ class BiFormer(nnx.Module):
                   for _ in range(depths[i])])
         for i in range(len(depths))])
     self.norm = _batch_norm(embed_dims[-1], **kw)
-    self.head = _linear(embed_dims[-1], num_classes, **kw)
+    self.head = _linear(embed_dims[-1], num_classes, axes=("embed", None), **kw)
 
   def reset_classifier(self, num_classes: int, *, rngs: nnx.Rngs | None = None) -> None:
     """A fresh head for `num_classes` (the official `reset_classifier` has a bug: it reads the
     list of widths as the feature size)."""
     rngs = rngs if rngs is not None else nnx.Rngs(0)
-    self.head = _linear(self.num_features, num_classes, dtype=self.dtype,
+    self.head = _linear(self.num_features, num_classes, axes=("embed", None), dtype=self.dtype,
                         param_dtype=self.param_dtype, rngs=rngs)
 
   def _check_images(self, x: jax.Array) -> None:

@@ -19,8 +19,8 @@ import numpy as np
 from flax import nnx
 
 from models.convert import check_state_dict
-from models.layers import (ACTIVATIONS, DepthwiseConv, DropPath, LayerScale, Linear, layer_norm,
-                           shard_batch)
+from models.layers import (ACTIVATIONS, CONV_AXES, DepthwiseConv, DropPath, LayerScale, Linear,
+                           layer_norm, shard_batch)
 from models.registry import register_model
 from ops.sharding import axes as logical
 
@@ -43,9 +43,8 @@ def _patchify(in_features: int, out_features: int, stride: int, *, dtype, param_
               rngs: nnx.Rngs) -> nnx.Conv:
   """The stem's and the downsamplings' conv: kernel = stride, no padding."""
   return nnx.Conv(in_features, out_features, (stride, stride), strides=stride, padding="VALID",
-                  kernel_init=_INIT, bias_init=nnx.initializers.zeros,
-                  kernel_metadata=logical(None, None, "conv_in", "conv_out"), bias_metadata=logical("conv_out"), dtype=dtype,
-                  param_dtype=param_dtype, rngs=rngs)
+                  kernel_init=_INIT, bias_init=nnx.initializers.zeros, dtype=dtype,
+                  param_dtype=param_dtype, rngs=rngs, **CONV_AXES)
 
 
 def _depthwise(dim: int, kernel: int, *, use_bias: bool = True, dtype, param_dtype,
@@ -139,13 +138,14 @@ class GnConv(nnx.Module):
     self.dims = tuple(dim // 2 ** i for i in reversed(range(order)))
     self.scale = scale
     mixed = sum(self.dims)
-    self.proj_in = _linear(dim, 2 * dim, **kw)
+    self.proj_in = _linear(dim, 2 * dim, axes=("embed", None), **kw)
     if global_filter is None:
       self.dwconv = _depthwise(mixed, 7, **kw)
     else:
       self.dwconv = GlobalLocalFilter(mixed, *global_filter, **kw)
-    self.pws = nnx.List([_linear(self.dims[i], self.dims[i + 1], **kw) for i in range(order - 1)])
-    self.proj_out = _linear(dim, dim, **kw)
+    self.pws = nnx.List([_linear(self.dims[i], self.dims[i + 1], axes=("embed", None), **kw)
+                          for i in range(order - 1)])
+    self.proj_out = _linear(dim, dim, axes=("embed", None), **kw)
 
   def __call__(self, x: jax.Array, *, return_gates: bool = False
                ) -> jax.Array | tuple[jax.Array, tuple[jax.Array, ...]]:
@@ -175,8 +175,8 @@ class HorNetBlock(nnx.Module):
     self.gnconv = GnConv(dim, order, global_filter=global_filter, scale=scale, **kw)
     self.gamma1 = LayerScale(dim, layer_scale_init_value, dtype=dtype, param_dtype=param_dtype)
     self.norm2 = layer_norm(dim, eps=_EPS, **kw)
-    self.pwconv1 = _linear(dim, 4 * dim, **kw)
-    self.pwconv2 = _linear(4 * dim, dim, **kw)
+    self.pwconv1 = _linear(dim, 4 * dim, axes=("embed", "mlp"), **kw)
+    self.pwconv2 = _linear(4 * dim, dim, axes=("mlp", "embed"), **kw)
     self.gamma2 = LayerScale(dim, layer_scale_init_value, dtype=dtype, param_dtype=param_dtype)
     self.drop_path = DropPath(drop_path, rngs=rngs)
 
@@ -262,7 +262,8 @@ class HorNet(nnx.Module):
     self.num_classes = num_classes
     head = None
     if num_classes:
-      head = _linear(self.num_features, num_classes, dtype=self.dtype, param_dtype=self.param_dtype,
+      head = _linear(self.num_features, num_classes, axes=("embed", None), dtype=self.dtype,
+                     param_dtype=self.param_dtype,
                      rngs=rngs if rngs is not None else nnx.Rngs(0))
       head.kernel[...] = head.kernel[...] * self.head_init_scale
     self.head = nnx.data(head)  # a module or None: either way part of the model's state

@@ -51,7 +51,7 @@ class _InvertedEncoder(nnx.Module):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.seq_len = seq_len
     self.dtype = dtype
-    self.embed = torch_linear(seq_len, d_model, **kw)
+    self.embed = torch_linear(seq_len, d_model, axes=(None, "embed"), **kw)
     self.embed_drop = Dropout(dropout, rngs=rngs)
     self.blocks = nnx.List([
         Block(d_model, n_heads, d_ff, post_norm=True, drop=dropout, attn_drop=dropout,
@@ -92,7 +92,8 @@ class iTransformer(_InvertedEncoder):
                      param_dtype=param_dtype, rngs=rngs)
     self.pred_len = pred_len
     self.use_norm = use_norm
-    self.projector = torch_linear(d_model, pred_len, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.projector = torch_linear(d_model, pred_len, axes=("embed", None), dtype=dtype, param_dtype=param_dtype,
+                                  rngs=rngs)
 
   def __call__(self, x: jax.Array, x_mark: jax.Array | None = None, *, train: bool = False) -> jax.Array:
     self._check_inputs(x, x_mark)
@@ -128,7 +129,8 @@ class iTransformerClassifier(_InvertedEncoder):
                      param_dtype=param_dtype, rngs=rngs)
     self.num_variates = num_variates
     self.head_drop = Dropout(dropout, rngs=rngs)
-    self.head = torch_linear(num_variates * d_model, num_classes, dtype=dtype, param_dtype=param_dtype,
+    self.head = torch_linear(num_variates * d_model, num_classes, axes=("embed", None), dtype=dtype,
+                             param_dtype=param_dtype,
                              rngs=rngs)
 
   def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:

@@ -29,6 +29,13 @@ ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
 _THREEFRY_ROTATIONS = ((13, 15, 26, 6), (17, 29, 16, 24))
 
 
+# Metadata naming the parameters of flax's convolutions and norms (ops.sharding): a conv kernel
+# [kh, kw, in, out] and its bias by channels, a norm's scale and bias as per-channel vectors.
+CONV_AXES = dict(kernel_metadata=logical(None, None, "conv_in", "conv_out"),
+                 bias_metadata=logical("conv_out"))
+NORM_AXES = dict(scale_metadata=logical("norm"), bias_metadata=logical("norm"))
+
+
 def get_activation(name: str) -> Callable[[jax.Array], jax.Array]:
   if name not in ACTIVATIONS:
     raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {name!r}")
@@ -128,7 +135,18 @@ def layer_norm(dim: int, *, eps: float = 1e-5, dtype=jnp.float32, param_dtype=jn
                rngs: nnx.Rngs) -> nnx.LayerNorm:
   """PyTorch-compatible LayerNorm: eps 1e-5 (Flax defaults to 1e-6), two-pass variance in float32."""
   return nnx.LayerNorm(dim, epsilon=eps, use_fast_variance=False, dtype=dtype, param_dtype=param_dtype,
-                       scale_metadata=logical("norm"), bias_metadata=logical("norm"), rngs=rngs)
+                       rngs=rngs, **NORM_AXES)
+
+
+def promote_keeping_statistics(args, /, *, dtype=None, inexact: bool = True):
+  """`promote_dtype` for `nnx.BatchNorm`'s (x, mean, var, scale, bias): x, scale and bias go to the
+  compute dtype, the running mean and variance stay (at least) float32. Flax's default casts them
+  too, so a bfloat16 BatchNorm in evaluation would centre and scale by bf16-rounded statistics,
+  all in bf16. Strongly typed, so that `x - mean` is float32 even for a weakly typed mean."""
+  x, mean, var, scale, bias = args
+  x, scale, bias = nnx.nn.dtypes.promote_dtype((x, scale, bias), dtype=dtype, inexact=inexact)
+  mean, var = (jnp.asarray(s, jnp.promote_types(s.dtype, jnp.float32)) for s in (mean, var))
+  return x, mean, var, scale, bias
 
 
 def depthwise_conv2d(x: jax.Array, kernel: jax.Array, stride: int = 1) -> jax.Array:

@@ -88,8 +88,8 @@ class CausalSelfAttention(nnx.Module):
     self.slopes = tuple(alibi_slopes(num_heads, alibi_max)) if positions == "alibi" else None
     self.attn_implementation = attn_implementation
     kw = dict(use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    self.qkv = _linear(dim, dim + 2 * num_kv_heads * self.head_dim, **kw)
-    self.out = _linear(dim, dim, **kw)
+    self.qkv = _linear(dim, dim + 2 * num_kv_heads * self.head_dim, axes=("embed", "heads"), **kw)
+    self.out = _linear(dim, dim, axes=("heads", "embed"), **kw)
 
   def _qkv(self, x: jax.Array, positions: jax.Array):
     batch, length, dim = x.shape
@@ -564,7 +564,8 @@ class MatViT(NestedFFNs, nnx.Module):
     self.num_classes = num_classes
     self._record_init_args(**{**self.init_kwargs, "num_classes": num_classes})
     self.head = None if num_classes <= 0 else layers.Linear(
-        self.num_features, num_classes, kernel_init=nnx.initializers.zeros_init(),
+        self.num_features, num_classes, axes=("embed", None),
+        kernel_init=nnx.initializers.zeros_init(),
         bias_init=nnx.initializers.constant(self.head_bias_init), dtype=self.dtype,
         param_dtype=self.param_dtype, rngs=rngs if rngs is not None else nnx.Rngs(0))
 

@@ -51,7 +51,8 @@ import numpy as np
 from flax import nnx
 
 from models.convert import check_state_dict
-from models.layers import DepthwiseConv, DropPath, Linear, Mlp, layer_norm, shard_batch
+from models.layers import (CONV_AXES, NORM_AXES, DepthwiseConv, DropPath, Linear, Mlp, layer_norm,
+                           promote_keeping_statistics, shard_batch)
 from models.registry import register_model
 from ops.sharding import axes as logical
 from ops.window_attention import relative_position_bias, window_attention
@@ -79,16 +80,17 @@ def conv3x3(in_features: int, out_features: int, *, stride: int = 1, dtype=jnp.f
             param_dtype=jnp.float32, rngs: nnx.Rngs) -> nnx.Conv:
   """3x3 conv with TF's 'SAME' padding: on a stride 2 it pads (0, 1), not (1, 1)."""
   return nnx.Conv(in_features, out_features, (3, 3), strides=stride, padding="SAME",
-                  kernel_init=_init, kernel_metadata=logical(None, None, "conv_in", "conv_out"), bias_metadata=logical("conv_out"),
-                  dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+                  kernel_init=_init, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
+                  **CONV_AXES)
 
 
 def batch_norm(dim: int, *, dtype=jnp.float32, param_dtype=jnp.float32,
                rngs: nnx.Rngs) -> nnx.BatchNorm:
-  """TF's BatchNorm: eps 1e-3, momentum 0.99; statistics in float32, two-pass variance."""
+  """TF's BatchNorm: eps 1e-3, momentum 0.99; statistics in float32 (running ones too, whatever
+  the compute dtype), two-pass variance."""
   return nnx.BatchNorm(dim, momentum=_BN_MOMENTUM, epsilon=_BN_EPS, use_fast_variance=False,
-                       scale_metadata=logical("norm"), bias_metadata=logical("norm"), dtype=dtype,
-                       param_dtype=param_dtype, rngs=rngs)
+                       promote_dtype=promote_keeping_statistics, dtype=dtype,
+                       param_dtype=param_dtype, rngs=rngs, **NORM_AXES)
 
 
 def resize_rel_pos_table(table, size: int):
@@ -159,8 +161,8 @@ class SqueezeExcite(nnx.Module):
   def __init__(self, dim: int, hidden: int, *, dtype=jnp.float32, param_dtype=jnp.float32,
                rngs: nnx.Rngs):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    self.reduce = dense(dim, hidden, **kw)
-    self.expand = dense(hidden, dim, **kw)
+    self.reduce = dense(dim, hidden, axes=("embed", None), **kw)
+    self.expand = dense(hidden, dim, axes=(None, "embed"), **kw)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     gate = self.expand(jax.nn.silu(self.reduce(x.mean(axis=(1, 2), keepdims=True))))
@@ -180,16 +182,17 @@ class MBConv(nnx.Module):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     hidden = _EXPANSION * out_dim
     self.stride = stride
-    self.shortcut = dense(in_dim, out_dim, **kw) if in_dim != out_dim else None
+    self.shortcut = (dense(in_dim, out_dim, axes=("embed", None), **kw) if in_dim != out_dim
+                     else None)
     self.pre_norm = batch_norm(in_dim, **kw)
-    self.expand = dense(in_dim, hidden, use_bias=False, **kw)
+    self.expand = dense(in_dim, hidden, use_bias=False, axes=("embed", "mlp"), **kw)
     self.expand_norm = batch_norm(hidden, **kw)
     # nnx.Conv's layout ([3, 3, 1, C]); layers.DepthwiseConv avoids XLA:CPU's slow grouped conv.
     self.depthwise = DepthwiseConv(hidden, 3, stride=stride, use_bias=False, kernel_init=_init,
                                    **kw)
     self.depthwise_norm = batch_norm(hidden, **kw)
     self.se = SqueezeExcite(hidden, max(1, int(out_dim * _SE_RATIO)), **kw)
-    self.shrink = dense(hidden, out_dim, **kw)
+    self.shrink = dense(hidden, out_dim, axes=("mlp", "embed"), **kw)
     self.drop_path = DropPath(drop_path, rngs=rngs)
 
   def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
@@ -223,8 +226,8 @@ class RelPosAttention(nnx.Module):
     self.num_heads = dim // head_dim
     self.window = window
     self.implementation = implementation
-    self.qkv = dense(dim, 3 * dim, **kw)
-    self.proj = dense(dim, dim, **kw)
+    self.qkv = dense(dim, 3 * dim, axes=("embed", "heads"), **kw)
+    self.proj = dense(dim, dim, axes=("heads", "embed"), **kw)
     self.rel_pos_table = nnx.Param(
         _init(rngs.params(), (self.num_heads, rel_pos_size, rel_pos_size), param_dtype),
         **logical("heads", None, None))
@@ -340,8 +343,8 @@ class Head(nnx.Module):
                param_dtype=jnp.float32, rngs: nnx.Rngs):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.norm = layer_norm(dim, eps=_LN_EPS, **kw)
-    self.pre_logits = dense(dim, hidden, **kw)
-    self.fc = dense(hidden, num_classes, **kw) if num_classes > 0 else None
+    self.pre_logits = dense(dim, hidden, axes=("embed", "mlp"), **kw)
+    self.fc = dense(hidden, num_classes, axes=("mlp", None), **kw) if num_classes > 0 else None
 
   def __call__(self, x: jax.Array, *, pre_logits: bool = False) -> jax.Array:
     x = jnp.tanh(self.pre_logits(self.norm(x.mean(axis=(1, 2)))))
@@ -459,7 +462,7 @@ class MaxViT(nnx.Module):
     self.num_classes = num_classes
     self.head.fc = None
     if num_classes > 0:
-      self.head.fc = dense(self.head_hidden_size, num_classes, dtype=self.dtype,
+      self.head.fc = dense(self.head_hidden_size, num_classes, axes=("mlp", None), dtype=self.dtype,
                            param_dtype=self.param_dtype,
                            rngs=rngs if rngs is not None else nnx.Rngs(0))
 

@@ -102,8 +102,8 @@ def assign_params(model: nnx.Module, params: Mapping, dont_load: Iterable[str] =
 def _like(value, reference) -> jax.Array:
   """`value` with the dtype and sharding of the param it replaces (a restored array has them)."""
   sharding = _sharding_of(reference)
-  if isinstance(value, jax.Array) and value.dtype == reference.dtype and value.sharding == sharding:
-    return value
+  if isinstance(value, jax.Array):  # never through the host: it may span processes
+    return jax.device_put(value if value.dtype == reference.dtype else value.astype(reference.dtype), sharding)
   return jax.device_put(np.asarray(value).astype(reference.dtype), sharding)
 
 

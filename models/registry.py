@@ -16,11 +16,14 @@ import pkgutil
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 # Every other module of `models/` is a family file that registers its variants on import. They are
 # imported lazily (on the first lookup), so `import models` stays cheap.
 _NOT_FAMILIES = frozenset({"registry", "layers", "pretrained", "convert", "generation"})
+# Overrides that name a dtype; a config gives them as strings ("bfloat16").
+_DTYPE_KEYS = frozenset({"dtype", "param_dtype"})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,9 +72,17 @@ def model_info(name: str) -> ModelInfo:
 
 
 def create_model(name: str, *, rngs: nnx.Rngs | None = None, **overrides) -> nnx.Module:
-  """Builds a registered variant; keyword overrides replace its defaults (e.g. `dropout=0.0`)."""
+  """Builds a registered variant; keyword overrides replace its defaults (e.g. `dropout=0.0`).
+
+  `dtype` (compute) and `param_dtype` (storage) may be given by name, as configs do
+  (`model.dtype = "bfloat16"`): the model gets the dtype itself, and a misspelt name fails here.
+  """
   info = model_info(name)
-  return info.builder(**{**info.defaults, **overrides}, rngs=rngs if rngs is not None else nnx.Rngs(0))
+  kwargs = {**info.defaults, **overrides}
+  for key in _DTYPE_KEYS & kwargs.keys():
+    if isinstance(kwargs[key], str):
+      kwargs[key] = jnp.dtype(kwargs[key])
+  return info.builder(**kwargs, rngs=rngs if rngs is not None else nnx.Rngs(0))
 
 
 def count_params(model: nnx.Module) -> int:

@@ -50,11 +50,11 @@ def _xavier(gain: float = 1.0):
   return nnx.initializers.variance_scaling(gain ** 2, "fan_avg", "uniform")
 
 
-def _linear(din: int, dout: int, init: str, *, gain: float = 1.0, zero_bias: bool = False, dtype,
-            param_dtype, rngs: nnx.Rngs) -> nnx.Module:
+def _linear(din: int, dout: int, init: str, *, gain: float = 1.0, zero_bias: bool = False,
+            axes=("embed", "mlp"), dtype, param_dtype, rngs: nnx.Rngs) -> nnx.Module:
   """A Linear with the official init: "fairseq" (the LM): xavier_uniform(gain) weights, torch's
   default or zero biases; "bert" (RoBERTa's init_bert_params): N(0, 0.02) weights, zero biases."""
-  layer = torch_linear(din, dout, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+  layer = torch_linear(din, dout, axes=axes, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
   if init == "bert":
     layer.kernel[...] = nnx.initializers.normal(0.02)(rngs.params(), (din, dout), param_dtype)
     layer.bias[...] = jnp.zeros((dout,), param_dtype)
@@ -100,10 +100,10 @@ class _Attention(nnx.Module):
       raise ValueError(f"dim must be divisible by num_heads, got dim={dim}, num_heads={num_heads}")
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.num_heads, self.head_dim = num_heads, dim // num_heads
-    self.q_proj = _linear(dim, dim, init, gain=qkv_gain, **kw)
-    self.k_proj = _linear(dim, dim, init, gain=qkv_gain, **kw)
-    self.v_proj = _linear(dim, dim, init, gain=qkv_gain, **kw)
-    self.out_proj = _linear(dim, dim, init, zero_bias=True, **kw)
+    self.q_proj = _linear(dim, dim, init, gain=qkv_gain, axes=("embed", "heads"), **kw)
+    self.k_proj = _linear(dim, dim, init, gain=qkv_gain, axes=("embed", "heads"), **kw)
+    self.v_proj = _linear(dim, dim, init, gain=qkv_gain, axes=("embed", "heads"), **kw)
+    self.out_proj = _linear(dim, dim, init, zero_bias=True, axes=("heads", "embed"), **kw)
     self.urpe = Urpe(self.head_dim, param_dtype=param_dtype, rngs=rngs)
 
   def _heads(self, x: jax.Array) -> jax.Array:
@@ -212,9 +212,11 @@ class GLU(nnx.Module):
   def __init__(self, dim: int, hidden_dim: int, init: str = "fairseq", *, dtype=jnp.float32,
                param_dtype=jnp.float32, rngs: nnx.Rngs):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    make = (lambda i, o: _linear(i, o, "bert", **kw)) if init == "bert" else (
-        lambda i, o: torch_linear(i, o, **kw))
-    self.l1, self.l2, self.l3 = make(dim, hidden_dim), make(dim, hidden_dim), make(hidden_dim, dim)
+    make = (lambda i, o, axes: _linear(i, o, "bert", axes=axes, **kw)) if init == "bert" else (
+        lambda i, o, axes: torch_linear(i, o, axes=axes, **kw))
+    self.l1 = make(dim, hidden_dim, ("embed", "mlp"))
+    self.l2 = make(dim, hidden_dim, ("embed", "mlp"))
+    self.l3 = make(hidden_dim, dim, ("mlp", "embed"))
 
   def __call__(self, x: jax.Array) -> jax.Array:
     return self.l3(self.l1(x) * self.l2(x))
@@ -386,7 +388,7 @@ class TransNormerMLM(nnx.Module):
     self.layers = _layers(depth, dim, num_heads, kernel=kernel, diag_softmax=diag_softmax,
                           causal=False, post_norm=True, dropout=dropout, attn_drop=attn_drop,
                           init="bert", attn_implementation=attn_implementation, **kw)
-    self.lm_head_dense = torch_linear(dim, dim, **kw)
+    self.lm_head_dense = torch_linear(dim, dim, axes=("embed", None), **kw)
     self.lm_head_norm = layer_norm(dim, **kw)
     self.lm_head_bias = nnx.Param(jnp.zeros((vocab_size,), param_dtype), **logical("vocab"))
 

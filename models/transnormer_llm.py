@@ -70,9 +70,10 @@ def srms_norm(x: jax.Array) -> jax.Array:
   return (xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + _NORM_EPS)).astype(x.dtype)
 
 
-def _linear(din: int, dout: int, *, dtype, param_dtype, rngs: nnx.Rngs) -> Linear:
-  return Linear(din, dout, use_bias=False, kernel_init=nnx.initializers.normal(_INIT_STD),
-                dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+def _linear(din: int, dout: int, *, axes, dtype, param_dtype, rngs: nnx.Rngs) -> Linear:
+  return Linear(din, dout, use_bias=False, axes=axes,
+                kernel_init=nnx.initializers.normal(_INIT_STD), dtype=dtype,
+                param_dtype=param_dtype, rngs=rngs)
 
 
 class Lrpe(nnx.Module):
@@ -106,9 +107,9 @@ class GatedLinearAttention(nnx.Module):
     self.head_dim = hidden_dim // num_heads
     self.decay = tuple(float(r) for r in decay)  # static: fixed per layer, no gradient
     self.attn_implementation = attn_implementation
-    self.qkvu_proj = _linear(dim, 4 * hidden_dim, **kw)
+    self.qkvu_proj = _linear(dim, 4 * hidden_dim, axes=("embed", "heads"), **kw)
     self.lrpe = Lrpe(num_heads, self.head_dim, param_dtype=param_dtype) if use_lrpe else None
-    self.out_proj = _linear(hidden_dim, dim, **kw)
+    self.out_proj = _linear(hidden_dim, dim, axes=("heads", "embed"), **kw)
 
   @property
   def key_dim(self) -> int:
@@ -154,9 +155,9 @@ class SimpleGLU(nnx.Module):
   def __init__(self, dim: int, glu_dim: int, *, dtype=jnp.float32, param_dtype=jnp.float32,
                rngs: nnx.Rngs):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    self.l1 = _linear(dim, glu_dim, **kw)
-    self.l2 = _linear(dim, glu_dim, **kw)
-    self.l3 = _linear(glu_dim, dim, **kw)
+    self.l1 = _linear(dim, glu_dim, axes=("embed", "mlp"), **kw)
+    self.l2 = _linear(dim, glu_dim, axes=("embed", "mlp"), **kw)
+    self.l3 = _linear(glu_dim, dim, axes=("mlp", "embed"), **kw)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     return self.l3(self.l1(x) * self.l2(x))
@@ -225,7 +226,8 @@ class TransNormerLLM(nnx.Module):
                             use_lrpe=i in lrpe_layers, attn_implementation=attn_implementation,
                             **kw)
         for i in range(depth)])
-    self.lm_head = None if tie_embeddings else _linear(dim, vocab_size, **kw)
+    self.lm_head = None if tie_embeddings else _linear(dim, vocab_size, axes=("embed", "vocab"),
+                                                                 **kw)
 
   def embed(self, tokens: jax.Array) -> jax.Array:
     """``sqrt(dim) * embedding`` (HF embed_scale)."""

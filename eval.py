@@ -7,6 +7,8 @@ r"""Evaluates a checkpoint of a run on a split, prints a table and writes it as 
 
 --checkpoint is `latest`, `best` (by the config's early-stopping metric), a step number, or a path
 that models.load_pretrained reads (a zoo params dir, another workdir, an official .pth/.safetensors).
+On several processes it takes train.py's --multihost / --coordinator_address, --num_processes,
+--process_id: they evaluate the split together and process 0 prints and writes the result.
 
 --elastic (MatFormer: MatLM, MatViT) evaluates every granularity (S, M, L, XL) and the balanced
 Mix'n'Match models between them, each extracted as a model of its own, and writes the

@@ -4,10 +4,15 @@ r"""Trains any zoo model on any task. Rerunning the same command resumes where i
   python train.py --config configs/itransformer.py:etth1_96 --workdir runs/etth1_96 \
       --config.data.manual_dir=~/data/ETT-small --config.optimizer.lr=2e-4
 
-Phases: mesh -> data -> model and optimizer (created sharded) -> restore -> jitted step ->
-periodic eval / checkpoint / log -> final evaluation of the best checkpoint.
-The workdir holds config.json, checkpoints/, metrics.jsonl, TensorBoard events and
-final_metrics.json.
+Several processes (hosts) run the same command with --multihost (the cluster detected: SLURM,
+Open MPI, Cloud TPU) or with the cluster named:
+
+  python train.py ... --coordinator_address=host0:1234 --num_processes=2 --process_id=0   # and =1
+
+Phases: mesh (checked against the processes) -> data -> model and optimizer (created sharded) ->
+restore -> jitted step -> periodic eval / checkpoint / log -> final evaluation of the best
+checkpoint. The workdir holds config.json, checkpoints/, metrics.jsonl, TensorBoard events and
+final_metrics.json, written by process 0.
 """
 from __future__ import annotations
 
@@ -467,7 +472,7 @@ def load_splits(config_data, names: Sequence[str]) -> dict:
   a dataset prepared on first use (config.data.manual_dir) is prepared once: the others wait for
   it, then load what it wrote (processes preparing into one data_dir race and fail)."""
   def load():
-    return {name: data.load(config_data, name) for name in names}
+    return {name: data.load(config_data, name) for name in dict.fromkeys(names)}
 
   if jax.process_count() == 1:
     return load()
@@ -508,8 +513,9 @@ def _train_and_evaluate(config, workdir: str, mesh) -> dict[str, float]:
   task = tasks.from_config(config)
 
   # Data.
-  eval_splits = load_splits(config.data, ("train", *config.eval_splits, *config.final_eval_splits))
-  train_split = eval_splits.pop("train")
+  evaluated = (*config.eval_splits, *config.final_eval_splits)
+  splits = load_splits(config.data, ("train", *evaluated))
+  train_split, eval_splits = splits["train"], {name: splits[name] for name in evaluated}
   accum = config.optimizer.accum_steps
   micro_batch = config.input.batch_size // accum  # the loop steps over micro batches; MultiSteps accumulates
   steps_per_epoch = data.steps_per_epoch(train_split, micro_batch)

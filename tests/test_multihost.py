@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import time
+import types
 
 import jax
 import numpy as np
@@ -248,6 +249,26 @@ def test_tensor_axis_across_processes_is_refused(root):
     assert len(errors) == 1 and "tensor (4) must divide a process's 2 devices" in errors[0], pair.stderr(i)[-2000:]
     assert "Traceback" not in pair.stderr(i)
   assert not (root / "tensor4" / "metrics.jsonl").exists()
+
+
+def test_interleaved_processes_are_refused(monkeypatch):
+  """A device order that gives each process every other data position (as a topology-aware mesh
+  could) is refused: a process must feed one contiguous block of each batch."""
+  class Device:
+    def __init__(self, process_index):
+      self.process_index = process_index
+
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  monkeypatch.setattr(jax, "local_device_count", lambda: 2)
+  interleaved = types.SimpleNamespace(
+      shape={"data": 4, "fsdp": 1, "tensor": 1},
+      devices=np.array([Device(p) for p in (0, 1, 0, 1)], dtype=object).reshape(4, 1, 1))
+  with pytest.raises(ValueError, match=r"gives process 0 the data x fsdp positions \[0, 2\], not one contiguous"):
+    train.check_mesh_over_processes(interleaved)
+  blocks = types.SimpleNamespace(shape=interleaved.shape, devices=interleaved.devices[[0, 2, 1, 3]])
+  train.check_mesh_over_processes(blocks)
+  monkeypatch.setattr(jax, "process_index", lambda: 1)
+  assert train.process_batch_slice(blocks) == (1, 2)
 
 
 def test_eval_on_two_processes_writes_one_result(root, digits, two_process_run):

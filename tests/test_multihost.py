@@ -146,7 +146,8 @@ def final_metrics(workdir) -> dict:
 
 
 def assert_same_metrics(got: dict, want: dict, rtol: float) -> None:
-  keys = [k for k in want if "/" in k]
+  # Not perplexity = exp(loss): its relative error is the loss's absolute one (3.4x here).
+  keys = [k for k in want if "/" in k and not k.endswith("/perplexity")]
   assert keys and {k: got[k] for k in keys} == pytest.approx({k: want[k] for k in keys}, rel=rtol)
   assert (got["best_step"], got["steps"]) == (want["best_step"], want["steps"])
 

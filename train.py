@@ -83,18 +83,19 @@ def kept_memory_tunables() -> str:
 _CLUSTER_FLAGS = ("coordinator_address", "num_processes", "process_id", "local_device_ids")
 
 
-def define_multihost_flags() -> None:
+def define_multihost_flags(flag_values=flags.FLAGS) -> None:
   """--multihost and the flags naming the cluster explicitly (train.py and eval.py)."""
   flags.DEFINE_bool("multihost", False, "Join a multi-process run (jax.distributed.initialize); "
-                    "without the flags below the cluster is detected (SLURM, Open MPI, Cloud TPU).")
+                    "without the flags below the cluster is detected (SLURM, Open MPI, Cloud TPU).",
+                    flag_values=flag_values)
   flags.DEFINE_string("coordinator_address", None, "HOST:PORT where process 0 serves the "
-                      "coordinator (implies --multihost).")
+                      "coordinator (implies --multihost).", flag_values=flag_values)
   flags.DEFINE_integer("num_processes", None, "Processes in the run (implies --multihost).",
-                       lower_bound=1)
+                       lower_bound=1, flag_values=flag_values)
   flags.DEFINE_integer("process_id", None, "This process's index, 0 to num_processes - 1 "
-                       "(implies --multihost).", lower_bound=0)
+                       "(implies --multihost).", lower_bound=0, flag_values=flag_values)
   flags.DEFINE_list("local_device_ids", None, "This process's devices, e.g. 0,1 (default: all "
-                    "it sees; implies --multihost).")
+                    "it sees; implies --multihost).", flag_values=flag_values)
 
 
 def initialize_multihost(flag_values=flags.FLAGS) -> None:

@@ -17,6 +17,7 @@ import sys
 import time
 import types
 
+from absl import flags
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
@@ -250,6 +251,37 @@ def test_tensor_axis_across_processes_is_refused(root):
     assert len(errors) == 1 and "tensor (4) must divide a process's 2 devices" in errors[0], pair.stderr(i)[-2000:]
     assert "Traceback" not in pair.stderr(i)
   assert not (root / "tensor4" / "metrics.jsonl").exists()
+
+
+def test_cluster_flags_reach_initialize_and_its_errors_are_one_line(monkeypatch):
+  calls = []
+
+  def initialize(**kwargs):
+    calls.append(kwargs)
+    if kwargs.get("num_processes") == 3:
+      raise RuntimeError("Barrier timed out.\n  Id: PjRT_Client_Connect\n  some detail")
+
+  monkeypatch.setattr(jax.distributed, "initialize", initialize)
+
+  def joined(*argv):
+    flag_values = flags.FlagValues()
+    train.define_multihost_flags(flag_values)
+    flag_values(["train.py", *argv])
+    train.initialize_multihost(flag_values)
+    return calls.pop() if calls else None
+
+  assert joined() is None                    # one process: nothing to join
+  assert joined("--multihost") == {}         # the cluster detected by jax
+  assert joined("--coordinator_address=10.0.0.1:1234", "--num_processes=2", "--process_id=1",
+                "--local_device_ids=0,1") == {"coordinator_address": "10.0.0.1:1234", "num_processes": 2,
+                                             "process_id": 1, "local_device_ids": [0, 1]}
+  with pytest.raises(ValueError, match=r"^could not join the multi-process run \(num_processes=3, "
+                                       r"process_id=0\): Barrier timed out\.$"):
+    joined("--num_processes=3", "--process_id=0")
+  with pytest.raises(ValueError, match=r"^--process_id=2 must be below --num_processes=2$"):
+    joined("--coordinator_address=127.0.0.1:1", "--num_processes=2", "--process_id=2")
+  with pytest.raises(ValueError, match=r"^--local_device_ids=a: expected device numbers"):
+    joined("--local_device_ids=a")
 
 
 def test_interleaved_processes_are_refused(monkeypatch):

@@ -285,3 +285,33 @@ def test_matvit_fashion_mnist_is_the_reported_recipe():
   assert (c.input.batch_size, c.num_epochs, c.optimizer.lr) == (64, 3, 3e-3)
   assert (c.optimizer.clip_norm, c.schedule.warmup_steps) == (1.0, 312)
   assert c.eval_splits == c.final_eval_splits == ("test",)
+
+
+# Mixed precision: the accelerator recipes (ImageNet, LM pre-training) compute in bfloat16, the
+# CPU recipes in float32 (no key: the models' default); every recipe keeps f32 weights.
+_MATFORMER_CPU = ("lm_tiny_shakespeare", "matlm_tiny_shakespeare", "matvit_fashion_mnist")
+BF16_RECIPES = (
+    [(hornet_config, arg) for arg in HORNET_SETTINGS if not arg.startswith("fashion_mnist")]
+    + [(maxvit_config, arg) for arg in MAXVIT_SETTINGS if arg != "fashion_mnist"]
+    + [(biformer_config, arg) for arg in BIFORMER_SETTINGS if arg != "fashion_mnist"]
+    + [(transnormer_config, s) for s in transnormer_config.SETTINGS if s != "tiny_shakespeare"]
+    + [(matformer_config, f"matlm_olmo_{size}") for size in ("180m", "460m", "1300m")])
+F32_RECIPES = (
+    [(hornet_config, "fashion_mnist"), (hornet_config, "fashion_mnist,variant=tiny_gf"),
+     (maxvit_config, "fashion_mnist"), (biformer_config, "fashion_mnist"),
+     (transnormer_config, "tiny_shakespeare")]
+    + [(matformer_config, setting) for setting in _MATFORMER_CPU]
+    + [(itransformer_config, setting) for setting in ITRANSFORMER_SETTINGS + ["digits"]])
+
+
+def test_accelerator_recipes_compute_in_bfloat16_and_cpu_recipes_in_float32():
+  def dtypes(config_module, arg):
+    model = config_module.get_config(arg).model
+    return model.get("dtype", "float32"), model.get("param_dtype", "float32")
+
+  expected = ([(recipe, ("bfloat16", "float32")) for recipe in BF16_RECIPES]
+              + [(recipe, ("float32", "float32")) for recipe in F32_RECIPES])
+  wrong = [(module.__name__, arg, dtypes(module, arg)) for (module, arg), want in expected
+           if dtypes(module, arg) != want]
+  assert len(BF16_RECIPES) == 51 and len(F32_RECIPES) == 61
+  assert not wrong

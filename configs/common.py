@@ -50,6 +50,8 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.model = ml_collections.ConfigDict()
   c.model.name = ""               # a models.list_models() name; other keys of c.model are overrides
+  c.model.dtype = "float32"       # compute; "bfloat16" on accelerators (softmax, norms, loss stay f32)
+  c.model.param_dtype = "float32"  # storage: f32 master weights
 
   c.data = ml_collections.ConfigDict()
   c.data.name = ""

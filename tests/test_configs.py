@@ -138,14 +138,17 @@ def test_transnormer_v1_wikitext103_is_train_alm(version, kernel):
   assert config.total_steps == 100_000 and config.optimizer.clip_norm == 0.0
 
 
+F32 = {"dtype": "float32", "param_dtype": "float32"}
+
+
 def test_tnl_tiny_shakespeare_is_the_softmax_baselines_recipe():
   """Same data, tokens, recipe and seed as configs/matformer.py:lm_tiny_shakespeare; only the model
   differs, and the two models have the same size (within 0.2 %)."""
   for arg in ("", ",runlocal,seed=3"):
     ours = transnormer_config.get_config("tiny_shakespeare" + arg).to_dict()
     baseline = matformer_config.get_config("lm_tiny_shakespeare" + arg).to_dict()
-    assert ours.pop("model") == {"name": "transnormer_llm_tiny"}
-    assert baseline.pop("model") == {"name": "transformer_lm_tiny"}
+    assert ours.pop("model") == {"name": "transnormer_llm_tiny", **F32}
+    assert baseline.pop("model") == {"name": "transformer_lm_tiny", **F32}
     assert ours == baseline
   sizes = [models.count_params(nnx.eval_shape(
       lambda n=name: models.create_model(n, rngs=nnx.Rngs(0))))
@@ -288,7 +291,7 @@ def test_matvit_fashion_mnist_is_the_reported_recipe():
 
 
 # Mixed precision: the accelerator recipes (ImageNet, LM pre-training) compute in bfloat16, the
-# CPU recipes in float32 (no key: the models' default); every recipe keeps f32 weights.
+# CPU recipes in float32 (common.base_config's default); every recipe keeps f32 weights.
 _MATFORMER_CPU = ("lm_tiny_shakespeare", "matlm_tiny_shakespeare", "matvit_fashion_mnist")
 BF16_RECIPES = (
     [(hornet_config, arg) for arg in HORNET_SETTINGS if not arg.startswith("fashion_mnist")]
@@ -307,7 +310,7 @@ F32_RECIPES = (
 def test_accelerator_recipes_compute_in_bfloat16_and_cpu_recipes_in_float32():
   def dtypes(config_module, arg):
     model = config_module.get_config(arg).model
-    return model.get("dtype", "float32"), model.get("param_dtype", "float32")
+    return model.dtype, model.param_dtype
 
   expected = ([(recipe, ("bfloat16", "float32")) for recipe in BF16_RECIPES]
               + [(recipe, ("float32", "float32")) for recipe in F32_RECIPES])

@@ -169,10 +169,10 @@ def first_line(error: Exception) -> str:
   return lines[0] if lines else type(error).__name__
 
 
-def mosaic_kernels(compiled) -> collections.Counter:
-  """Mosaic (Pallas TPU) kernels in the compiled program: kernel name -> calls."""
+def mosaic_kernels(hlo: str) -> collections.Counter:
+  """Mosaic (Pallas TPU) kernels in a compiled program's HLO text: kernel name -> calls."""
   names = collections.Counter()
-  for line in compiled.as_text().splitlines():
+  for line in hlo.splitlines():
     if 'custom_call_target="tpu_custom_call"' in line:
       op = re.search(r'op_name="([^"]*)"', line)
       names[op.group(1).split("/pallas_call")[0].rsplit("/", 1)[-1] if op else "?"] += 1
@@ -207,13 +207,15 @@ def print_report(header: list[str], reports: dict[str, dict], hbm: float | None)
                              for r in reports.values())))
   rows.append(("TFLOP (XLA ops)", *(f"{r['flops'] / 1e12:.4g}" for r in reports.values())))
   rows.append(("GB accessed", *(f"{r['bytes accessed'] / 1e9:.4g}" for r in reports.values())))
+  rows.append(("XLA while loops", *(str(r["loops"]) for r in reports.values())))
   rows.append(("Mosaic kernels", *(str(sum(r["kernels"].values())) for r in reports.values())))
   rows.append(("compile seconds", *(f"{r['seconds']:.0f}" for r in reports.values())))
   widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
   print("\n".join(header))
   for row in rows:
     print("  " + row[0].ljust(widths[0]) + "".join(f"  {c:>{w}}" for c, w in zip(row[1:], widths[1:])))
-  print("  (FLOPs and bytes: XLA's cost analysis, in which Pallas kernels count none)")
+  print("  FLOPs and bytes: XLA's cost analysis, in which Pallas kernels count nothing and a while\n"
+        "  loop's body counts once (scans, and the matmuls fsdp splits into loops, read low).")
   for name, report in reports.items():
     if report["kernels"]:
       kernels = ", ".join(f"{k} x{n}" for k, n in sorted(report["kernels"].items()))
@@ -266,7 +268,9 @@ def compile_for_tpu(config, topology: str, batch_size: int = 0, with_eval: bool 
     with on_mesh(mesh, config):
       compiled = compile_step(name, jitted, *args)
     reports[name] = step_report(compiled, {k: per_device_bytes(v) for k, v in parts.items()})
-    reports[name] |= {"kernels": mosaic_kernels(compiled), "seconds": time.perf_counter() - start}
+    hlo = compiled.as_text()
+    reports[name] |= {"kernels": mosaic_kernels(hlo), "loops": len(re.findall(r"\bwhile\(", hlo)),
+                      "seconds": time.perf_counter() - start}
   hbm = hbm_per_device(devices)
   shape = " ".join(f"{axis}={size}" for axis, size in mesh.shape.items())
   params = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))

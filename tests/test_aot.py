@@ -57,9 +57,10 @@ def _compile_attention_grad(devices, mesh_axes: dict, attention_fn):
 def test_attention_compiles_to_mosaic_kernels_per_shard(v5e_chips, mesh_axes, shard):
   # ops.attention's dispatch follows the mesh: TPU, so the Pallas kernel, targeted at Mosaic.
   compiled = _compile_attention_grad(v5e_chips, mesh_axes, ops.attention)
-  assert aot.mosaic_kernels(compiled) == {"attention_fwd": 1, "attention_bwd_dkdv": 1,
-                                          "attention_bwd_dq": 1}
-  kernel_lines = [line for line in compiled.as_text().splitlines()
+  hlo = compiled.as_text()
+  assert aot.mosaic_kernels(hlo) == {"attention_fwd": 1, "attention_bwd_dkdv": 1,
+                                     "attention_bwd_dq": 1}
+  kernel_lines = [line for line in hlo.splitlines()
                   if 'custom_call_target="tpu_custom_call"' in line]
   per_shard = f"bf16[{shard[0]},{shard[1]},{L},{D}]"   # the kernels' [B, H, L, D] blocks
   assert all(per_shard in line for line in kernel_lines), kernel_lines[0][:300]

@@ -27,7 +27,7 @@ RULES: dict[str, tuple[str, ...]] = {
     "length": (),                # tokens, time steps, image rows and columns
     # Weights.
     "embed": ("fsdp",),          # the model width: the residual stream's features (FSDP)
-    "mlp": ("tensor",),          # hidden units of a feed-forward block (Megatron's column/row split)
+    "mlp": ("tensor",),          # hidden units of a feed-forward block (Megatron's column/row)
     "heads": ("tensor",),        # attention heads: q/k/v outputs, the output projection's inputs
     "kv": (),                    # features within one head
     "vocab": ("tensor",),        # token embedding and output rows

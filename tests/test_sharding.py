@@ -35,7 +35,8 @@ FAMILIES = {
     "maxvit": (lambda: maxvit.get_config("fashion_mnist"), {"num_classes": 10}),
     "biformer": (lambda: _one_block(biformer.get_config("fashion_mnist")), {"num_classes": 10}),
     "itransformer": (lambda: itransformer.get_config("etth1_96"), {}),
-    "transnormer": (lambda: _small_lm(transnormer.get_config("wikitext103_t1")), {"vocab_size": 64}),
+    "transnormer": (lambda: _small_lm(transnormer.get_config("wikitext103_t1")),
+                    {"vocab_size": 64}),
     "transnormer_llm": (lambda: transnormer.get_config("tiny_shakespeare"), {"vocab_size": 256}),
     "matlm": (lambda: matformer.get_config("matlm_tiny_shakespeare"), {"vocab_size": 256}),
     "matvit": (lambda: matformer.get_config("matvit_fashion_mnist"), {"num_classes": 10}),
@@ -121,8 +122,10 @@ def _kernels() -> dict:
   maps = [jax.random.normal(k, (4, 8, 8, 32)) for k in keys[:3]]
   decay = jnp.array([0.1, 0.2, 0.3, 0.4])
   cases = {
-      "attention+bias": (lambda impl, q, k, v: ops.attention(q, k, v, bias=bias, implementation=impl), qkv),
-      "attention causal": (lambda impl, q, k, v: ops.attention(q, k, v, causal=True, implementation=impl), qkv),
+      "attention+bias": (lambda impl, q, k, v: ops.attention(
+          q, k, v, bias=bias, implementation=impl), qkv),
+      "attention causal": (lambda impl, q, k, v: ops.attention(
+          q, k, v, causal=True, implementation=impl), qkv),
       "attention segments": (lambda impl, q, k, v: ops.attention(
           q, k, v, segment_ids=segments, implementation=impl), qkv),
       "routing": (lambda impl, q, k, v: ops.routing_attention(

@@ -91,23 +91,23 @@ def tpu_devices(name: str) -> list:
   # libtpu locks /tmp/libtpu_lockfile for the life of the process, TPU or not: without this a
   # second compile on the machine (or one beside a TPU job) fails. Compiling touches no TPU.
   os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+  # One device per chip, as jax runs them (a v4 chip's two TensorCores as one, "megacore").
+  chip = "megacore" if topology.startswith("v4:") else "default"
   try:
-    return topologies.get_topology_desc(topology, platform="tpu").devices
+    return topologies.get_topology_desc(topology, platform="tpu", chip_config_name=chip).devices
   except Exception as e:  # libtpu missing, a bad name, or a slice smaller than a host's 2x2 chips
     if "not divisible" in str(e):  # e.g. v5e:1x1: one host holding the whole slice
       bounds = tuple(int(d) for d in topology.split(":")[1].split("x"))
-      return topologies.get_topology_desc(topology, platform="tpu",
+      return topologies.get_topology_desc(topology, platform="tpu", chip_config_name=chip,
                                           chips_per_host_bounds=(bounds + (1, 1))[:3]).devices
     raise AotError(f"cannot describe TPU topology {topology!r}: {first_line(e)} (is libtpu "
                    "installed? pip install -e '.[tpu]')") from e
 
 
 def hbm_per_device(devices) -> float | None:
-  """Bytes of HBM each device may use: its chip's, split between the chip's devices (a v4 chip's
-  two TensorCores are two devices here); None for an unknown chip."""
+  """Bytes of HBM of each device (a chip); None for a chip not in CHIP_HBM_GIB."""
   gib = CHIP_HBM_GIB.get(devices[0].device_kind)
-  chips = len({tuple(d.coords) for d in devices})
-  return None if gib is None else gib * GIB * chips / len(devices)
+  return None if gib is None else gib * GIB
 
 
 # ----------------------------------------------------------------------------- abstract inputs

@@ -303,7 +303,7 @@ def make_train_step(task, graphdef, streams, seed: int):
     nnx.reseed(model, **{name: jax.random.fold_in(key, i) for i, name in enumerate(streams)})
     (loss, aux), grads = nnx.value_and_grad(task.loss, has_aux=True)(model, batch)
     optimizer.update(model, grads)
-    return nnx.state((model, optimizer)), {"loss": loss, **aux}
+    return ops.sharding.constrain_state(nnx.state((model, optimizer))), {"loss": loss, **aux}
 
   return train_step
 

@@ -129,6 +129,16 @@ def constrain(x: jax.Array, names: Axes) -> jax.Array:
   return jax.lax.with_sharding_constraint(x, spec(names, x.shape, mesh))
 
 
+def constrain_state(state):
+  """A tree of nnx Variables (a model's or optimizer's state) laid out by their logical axes, as
+  `tree_specs`. A jitted step returns its state so: left to itself XLA may hand back some arrays
+  laid out otherwise (a norm's scale split over `tensor`), and the next call compiles again."""
+  mesh = _active_mesh()
+  if mesh is None:
+    return state
+  return jax.lax.with_sharding_constraint(state, tree_specs(state, mesh))
+
+
 def shard_map(fn: Callable, in_axes: Sequence[Axes | None], out_axes: Axes | Sequence[Axes]):
   """`fn` run on each device's shard of its arguments, for code XLA cannot partition itself
   (Pallas kernels: "Mosaic kernels cannot be automatically partitioned").

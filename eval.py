@@ -179,7 +179,7 @@ def main(argv):
   try:
     train.initialize_multihost()
     result = evaluate(_CONFIG.value, _WORKDIR.value, _CHECKPOINT.value, _SPLIT.value)
-  except (data.DataError, ValueError) as e:
+  except (train.CheckpointError, data.DataError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(1)
   if train.is_main_process():  # the others computed the same result

@@ -43,8 +43,13 @@ import models
 import ops
 import tasks
 
+
 class NonFiniteLossError(RuntimeError):
-  pass
+  """The loss or the parameters stopped being finite; nothing non-finite was saved."""
+
+
+class CheckpointError(RuntimeError):
+  """A checkpoint that cannot be read, or that is not what was saved."""
 
 
 # ----------------------------------------------------------------------------- host memory
@@ -346,6 +351,95 @@ def make_checkpoint_manager(workdir: str, config, read_only: bool = False) -> oc
   return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"), options=options)
 
 
+def checksums_and_finite(items: dict) -> tuple[dict[str, str], dict[str, bool]]:
+  """A checksum of every array of `items` ({"params/w": "89abcdef:01234567"}), and whether each
+  item's arrays are all finite. Computed where the arrays are (one read of each, no host copy)
+  and exact: the same on any device, sharding or host."""
+  sums, finite = jax.device_get(_checksums_and_finite(items))
+  paths = [_path_name(path) for path, _ in jax.tree_util.tree_leaves_with_path(items)]
+  return ({p: f"{int(a):08x}:{int(b):08x}" for p, (a, b) in zip(paths, jax.tree.leaves(sums))},
+          {name: bool(value) for name, value in finite.items()})
+
+
+@jax.jit
+def _checksums_and_finite(items):
+  def checksum(x):
+    words = _uint32_words(x)
+    # The plain sum catches changed bits, the sum weighted by odd factors of each position also
+    # moved ones; uint32 sums wrap around exactly, so the order of summation does not matter.
+    weights = 2 * _row_major_index(words.shape) + 1
+    return jnp.stack([jnp.sum(words, dtype=jnp.uint32), jnp.sum(words * weights, dtype=jnp.uint32)])
+
+  def all_finite(tree):
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+                              if jnp.issubdtype(x.dtype, jnp.inexact)] or [jnp.bool_(True)]))
+
+  return jax.tree.map(checksum, items), {name: all_finite(tree) for name, tree in items.items()}
+
+
+def _uint32_words(x: jax.Array) -> jax.Array:
+  """The bits of `x` as uint32 values: narrower types widened, 64-bit ones split in two."""
+  if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+    x = jax.random.key_data(x)
+  if x.dtype == jnp.bool_:
+    return x.astype(jnp.uint32)
+  unsigned = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint32}[x.dtype.itemsize]
+  return jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32)
+
+
+def _row_major_index(shape) -> jax.Array:
+  """Each element's flat index mod 2**32, built axis by axis: a reshape would gather a sharded
+  array onto one device."""
+  index, stride = jnp.zeros(shape, jnp.uint32), 1
+  for axis in reversed(range(len(shape))):
+    index += jax.lax.broadcasted_iota(jnp.uint32, shape, axis) * jnp.uint32(stride % 2**32)
+    stride *= shape[axis]
+  return index
+
+
+def _path_name(path) -> str:
+  return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+
+
+def _way_out(mngr, step: int) -> str:
+  """What to do about a bad checkpoint `step`: which step deleting it would resume from."""
+  earlier = [s for s in mngr.all_steps() if s < step]
+  then = f"resume from step {earlier[-1]}" if earlier else "start again from scratch"
+  return f"Delete {os.path.join(mngr.directory, str(step))} to {then}."
+
+
+def _first_line(error: BaseException) -> str:
+  return f"{type(error).__name__}: " + (str(error).strip().splitlines() or [""])[0][:300]
+
+
+def restore_checked(mngr, step: int, items: dict) -> dict:
+  """Restores `items` ({name: target tree}) and the meta of `step`, each array checked against
+  the checksum saved with it and the params for finiteness. A checkpoint that cannot be read or
+  does not match is refused with its step, the item's directory and the way out."""
+  def read(name, arg):
+    try:
+      return mngr.restore(step, args=ocp.args.Composite(**{name: arg}))[name]
+    except Exception as e:  # noqa: BLE001 -- orbax, tensorstore and json each raise their own
+      where = os.path.join(mngr.directory, str(step), name)
+      raise CheckpointError(f"checkpoint step {step} cannot be read: {where} "
+                            f"({_first_line(e)}). {_way_out(mngr, step)}") from e
+
+  meta = read("meta", ocp.args.JsonRestore())
+  restored = {name: read(name, ocp.args.StandardRestore(tree)) for name, tree in items.items()}
+  got, finite = checksums_and_finite(restored)
+  saved = meta.get("checksums")
+  if saved is not None:  # checkpoints written before checksums were saved have none
+    damaged = [p for p, value in got.items() if saved.get(p, value) != value]
+    if damaged:
+      raise CheckpointError(
+          f"checkpoint step {step} is damaged: {len(damaged)} array(s) differ from the checksums "
+          f"saved with them, in {os.path.join(mngr.directory, str(step), damaged[0].split('/')[0])} "
+          f"({', '.join(damaged[:3])}). {_way_out(mngr, step)}")
+  if not finite.get("params", True):
+    raise CheckpointError(f"checkpoint step {step} holds non-finite params. {_way_out(mngr, step)}")
+  return {"meta": meta, **restored}
+
+
 def model_items(model) -> dict:
   """What a checkpoint stores of a model: params (read by models.load_pretrained) and other state."""
   items = {"params": nnx.to_pure_dict(nnx.state(model, nnx.Param))}
@@ -357,11 +451,13 @@ def model_items(model) -> dict:
 
 def restore_model_items(mngr, step: int, model) -> None:
   """Loads params (and other model state) of `step` into `model`, onto its current shardings."""
-  items = model_items(model)
-  restored = mngr.restore(step, args=ocp.args.Composite(
-      **{k: ocp.args.StandardRestore(v) for k, v in items.items()}))
+  restored = restore_checked(mngr, step, model_items(model))
+  _update_model(model, restored)
+
+
+def _update_model(model, restored: dict) -> None:
   for name, filt in (("params", nnx.Param), ("model_state", nnx.Not(nnx.Any(nnx.Param, nnx.RngState)))):
-    if name in items:
+    if name in restored:
       state = nnx.state(model, filt)
       nnx.replace_by_pure_dict(state, restored[name])
       nnx.update(model, state)
@@ -374,10 +470,9 @@ def restore_training(mngr, step: int, model, optimizer) -> dict:
   data iterator is read: a run resumes on any number of processes. Checkpoints that also hold
   grain's per-process `data_iter` files (written before) resume the same way.
   """
-  restored = mngr.restore(step, args=ocp.args.Composite(
-      opt_state=ocp.args.StandardRestore(nnx.to_pure_dict(nnx.state(optimizer))),
-      meta=ocp.args.JsonRestore()))
-  restore_model_items(mngr, step, model)
+  restored = restore_checked(mngr, step, {**model_items(model),
+                                          "opt_state": nnx.to_pure_dict(nnx.state(optimizer))})
+  _update_model(model, restored)
   opt_state = nnx.state(optimizer)
   nnx.replace_by_pure_dict(opt_state, restored["opt_state"])
   nnx.update(optimizer, opt_state)
@@ -462,8 +557,15 @@ def check_finite(losses: list, first_step: int, mngr) -> None:
   bad = np.flatnonzero(~np.isfinite(values))
   if bad.size:
     step = first_step + int(bad[0])
-    raise NonFiniteLossError(f"loss became {values[bad[0]]} at step {step}; stopping. The last good checkpoint "
-                             f"(step {mngr.latest_step()}) stays in {mngr.directory}")
+    raise NonFiniteLossError(f"loss became {values[bad[0]]} at step {step}; stopping. {last_good(mngr)}")
+
+
+def last_good(mngr) -> str:
+  """Where a run that went non-finite can be resumed from: nothing non-finite is ever saved."""
+  step = mngr.latest_step()
+  if step is None:
+    return "No checkpoint was saved before it."
+  return f"The last good checkpoint (step {step}) stays in {mngr.directory}."
 
 
 # ----------------------------------------------------------------------------- data
@@ -554,11 +656,16 @@ def _train_and_evaluate(config, workdir: str, mesh) -> dict[str, float]:
 
   def save(step, metrics=None):
     model_, optimizer_ = nnx.merge(graphdef, state)
-    items = {k: ocp.args.StandardSave(v) for k, v in model_items(model_).items()}
+    items = {**model_items(model_), "opt_state": nnx.to_pure_dict(nnx.state(optimizer_))}
+    # A loss is computed before its update: the update of a checkpoint step can still overflow.
+    checksums, finite = checksums_and_finite(items)
+    if not all(finite.values()):
+      raise NonFiniteLossError(f"the parameters became non-finite at step {step}; stopping. "
+                               f"{last_good(mngr)}")
     mngr.save(step, metrics=metrics, args=ocp.args.Composite(
-        opt_state=ocp.args.StandardSave(nnx.to_pure_dict(nnx.state(optimizer_))),
-        meta=ocp.args.JsonSave({"step": step, "stopped": stopped, "early_stopping": early_stopping.state()}),
-        **items))
+        meta=ocp.args.JsonSave({"step": step, "stopped": stopped, "checksums": checksums,
+                                "early_stopping": early_stopping.state()}),
+        **{name: ocp.args.StandardSave(tree) for name, tree in items.items()}))
 
   # Train.
   writer = make_metric_writer(workdir)
@@ -662,7 +769,7 @@ def main(argv):
   try:
     initialize_multihost()
     train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
-  except (NonFiniteLossError, data.DataError, ValueError) as e:
+  except (NonFiniteLossError, CheckpointError, data.DataError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(1)
 

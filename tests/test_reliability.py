@@ -1,0 +1,101 @@
+"""Nothing silently wrong: damaged checkpoints, non-finite saves, a reused workdir, two runs on one
+workdir and stopping signals each end in one clear line, or in a correct result."""
+import glob
+import os
+import shutil
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+import data
+import tasks
+import train
+from test_train import digits_config, final_params
+
+CHECKPOINTS = dict(total_steps=40, **{"checkpoint.every_steps": 20, "eval_every_steps": 20})
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+  """A digits run with checkpoints at steps 20 and 40."""
+  workdir = tmp_path_factory.mktemp("trained")
+  train.train_and_evaluate(digits_config(**CHECKPOINTS), str(workdir))
+  return workdir
+
+
+def _restore_latest_params(workdir):
+  config = digits_config(**CHECKPOINTS)
+  split = data.load(config.data, "train")
+  with train.on_mesh(config) as mesh:
+    (model,) = train.create_model_and_optimizer(config, split.meta, tasks.from_config(config), mesh)
+    with train.make_checkpoint_manager(workdir, config, read_only=True) as mngr:
+      train.restore_model_items(mngr, mngr.latest_step(), model)
+
+
+def _damage(workdir, how: str) -> str:
+  """Damages checkpoint 40 of `workdir` the way `how` says; returns the item it damaged."""
+  step = workdir / "checkpoints" / "40"
+  if how == "meta cut short":
+    path = step / "meta" / "metadata"
+    path.write_bytes(path.read_bytes()[:40])
+    return "meta"
+  if how == "one weight one ulp off":  # the item decodes, to other values
+    checkpointer = ocp.StandardCheckpointer()
+    params = jax.tree.map(np.array, checkpointer.restore(step / "params"))
+    kernel = params["blocks"]["0"]["attn"]["qkv"]["kernel"]
+    kernel[0, 0] = np.nextafter(kernel[0, 0], np.inf)
+    shutil.rmtree(step / "params")
+    checkpointer.save(step / "params", params)
+    checkpointer.wait_until_finished()
+    return "params"
+  # cut short: the largest file of the item, which holds its arrays
+  files = glob.glob(str(step / "params" / "ocdbt.process_0" / "d" / "*"))
+  path = max(files, key=os.path.getsize)
+  content = open(path, "rb").read()
+  open(path, "wb").write(content[:len(content) // 2])
+  return "params"
+
+
+@pytest.mark.parametrize("how, refusal", [("one weight one ulp off", "is damaged"),
+                                          ("params cut short", "cannot be read"),
+                                          ("meta cut short", "cannot be read")])
+def test_damaged_checkpoint_is_refused_with_its_step_and_the_way_out(trained, tmp_path, how,
+                                                                     refusal):
+  workdir = tmp_path / "run"
+  shutil.copytree(trained, workdir)
+  item = _damage(workdir, how)
+  with pytest.raises(train.CheckpointError) as info:
+    _restore_latest_params(workdir)
+  message = str(info.value)
+  assert "\n" not in message
+  assert message.startswith(f"checkpoint step 40 {refusal}")
+  assert str(workdir / "checkpoints" / "40" / item) in message
+  assert message.endswith(f"Delete {workdir / 'checkpoints' / '40'} to resume from step 20.")
+
+
+def test_intact_checkpoint_restores(trained):
+  _restore_latest_params(trained)
+
+
+def test_nonfinite_params_are_never_saved(tmp_path):
+  # An overflowing update: the loss computed before it is finite, the params after it are not.
+  constant = {"schedule.name": "constant", "schedule.warmup_steps": 0}
+  overflow = {**constant, "optimizer.lr": 1e39, "checkpoint.every_steps": 1, "log_every_steps": 1}
+  with pytest.raises(train.NonFiniteLossError) as info:
+    train.train_and_evaluate(digits_config(total_steps=20, **overflow), str(tmp_path / "fresh"))
+  assert str(info.value) == ("the parameters became non-finite at step 1; stopping. "
+                             "No checkpoint was saved before it.")
+  assert not os.path.exists(tmp_path / "fresh" / "checkpoints" / "1")
+
+  workdir = tmp_path / "resumed"
+  train.train_and_evaluate(digits_config(total_steps=10, **constant, **{"checkpoint.every_steps": 5}),
+                           str(workdir))
+  with pytest.raises(train.NonFiniteLossError) as info:
+    train.train_and_evaluate(digits_config(total_steps=20, **overflow), str(workdir))
+  assert str(info.value).startswith("the parameters became non-finite at step 11; stopping. "
+                                    "The last good checkpoint (step 10) stays in ")
+  step, params = final_params(workdir)
+  assert step == 10
+  assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(params))

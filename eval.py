@@ -72,6 +72,7 @@ def load_model(config, workdir: str, which: str, split, task, mesh):
   if os.path.exists(which) and not which.isdigit():
     models.load_pretrained(model, which)
     return model, which
+  train.check_resumed_config(config, workdir)  # a model or task the checkpoints do not hold
   with train.make_checkpoint_manager(workdir, config, read_only=True) as mngr:
     step = resolve_step(mngr, which)
     train.restore_model_items(mngr, step, model)

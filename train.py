@@ -11,8 +11,8 @@ Open MPI, Cloud TPU) or with the cluster named:
 
 Phases: mesh (checked against the processes) -> data -> model and optimizer (created sharded) ->
 restore -> jitted step -> periodic eval / checkpoint / log -> final evaluation of the best
-checkpoint. The workdir holds config.json, checkpoints/, metrics.jsonl, TensorBoard events and
-final_metrics.json, written by process 0.
+checkpoint. The workdir holds config.json (and config.resume_<step>.json of each resume),
+checkpoints/, metrics.jsonl, TensorBoard events and final_metrics.json, written by process 0.
 """
 from __future__ import annotations
 
@@ -479,6 +479,61 @@ def restore_training(mngr, step: int, model, optimizer) -> dict:
   return restored["meta"]
 
 
+# ----------------------------------------------------------------------------- the run's config
+
+# What makes a checkpoint what it is: a resume that changes one of these is refused. Where the
+# data lives may change; the schedule, steps, evaluation and mesh may too (logged).
+_RUN_DEFINING = ("task", "model.", "data.", "input.image_size", "input.channels")
+_LOCATIONS = ("data.data_dir", "data.manual_dir")
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+  flat = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      flat |= _flat(value, f"{prefix}{key}.")
+    else:
+      flat[f"{prefix}{key}"] = value
+  return flat
+
+
+def config_history(workdir: str) -> list[str]:
+  """The workdir's config files, oldest first: config.json of the first run, then
+  config.resume_<step>.json of each resume."""
+  names = [n for n in os.listdir(workdir) if n.startswith("config.resume_") and n.endswith(".json")]
+  names.sort(key=lambda n: int(n[len("config.resume_"):-len(".json")]))
+  first = ["config.json"] if os.path.exists(os.path.join(workdir, "config.json")) else []
+  return [os.path.join(workdir, n) for n in first + names]
+
+
+def check_resumed_config(config, workdir: str) -> dict[str, tuple]:
+  """{key: (saved, now)} for what differs from the config that made the workdir's checkpoints;
+  raises ValueError, listing them, when the model, task or data differ."""
+  history = config_history(workdir)
+  if not history:  # checkpoints from before the config was recorded
+    return {}
+  with open(history[-1]) as f:
+    saved = _flat(json.load(f))
+  now = _flat(json.loads(config.to_json_best_effort()))
+  changed = {k: (saved.get(k), now.get(k)) for k in saved.keys() | now.keys()
+             if saved.get(k) != now.get(k)}
+  defining = sorted(k for k in changed if k.startswith(_RUN_DEFINING) and k not in _LOCATIONS)
+  if defining:
+    listed = ", ".join(f"{k}: {changed[k][0]!r} -> {changed[k][1]!r}" for k in defining)
+    raise ValueError(f"{workdir} holds checkpoints of another run ({os.path.basename(history[-1])})"
+                     f": {listed}. Use another --workdir, or the run's own settings.")
+  return dict(sorted(changed.items()))
+
+
+def record_config(config, workdir: str, start_step: int) -> None:
+  """config.json on a fresh run; a resume adds config.resume_<step>.json (nothing overwritten)."""
+  if not is_main_process():
+    return
+  name = f"config.resume_{start_step}.json" if start_step and config_history(workdir) else "config.json"
+  with open(os.path.join(workdir, name), "w") as f:
+    f.write(config.to_json_best_effort(indent=2))
+
+
 # ----------------------------------------------------------------------------- logging
 
 def is_main_process() -> bool:
@@ -610,9 +665,10 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
 def _train_and_evaluate(config, workdir: str, mesh) -> dict[str, float]:
   t_start = time.time()
   os.makedirs(workdir, exist_ok=True)
-  if is_main_process():
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=2))
+  mngr = make_checkpoint_manager(workdir, config)
+  start_step = mngr.latest_step() or 0
+  changes = check_resumed_config(config, workdir) if start_step else {}
+  record_config(config, workdir, start_step)
   task = tasks.from_config(config)
 
   # Data.
@@ -637,18 +693,19 @@ def _train_and_evaluate(config, workdir: str, mesh) -> dict[str, float]:
   eval_step = make_eval_step(task, nnx.graphdef(model))
 
   # Restore: resume this workdir if it has a checkpoint, else optionally start from pretrained weights.
-  mngr = make_checkpoint_manager(workdir, config)
   # One reader thread by default: a batch is a cheap vectorised gather, and more threads only
   # compete with XLA's; decoding and augmenting images may want more (config.input.num_threads).
   read_options = grain.ReadOptions(num_threads=config.input.num_threads,
                                    prefetch_buffer_size=max(2, config.input.num_threads))
-  start_step, meta = mngr.latest_step() or 0, {}
+  meta = {}
   # Batch e is step e's: the iterator starts at the step resumed from, whatever the process count.
   train_iter = iter(train_data[start_step:].to_iter_dataset(read_options))
   if start_step:
     meta = restore_training(mngr, start_step, model, optimizer)
     if is_main_process():
       print(f"Resumed from step {start_step} in {mngr.directory}", flush=True)
+      for key, (saved, now) in changes.items():
+        print(f"  changed since: {key} {saved!r} -> {now!r}", flush=True)
   elif config.init_from.path:
     models.load_pretrained(model, config.init_from.path, dont_load=tuple(config.init_from.dont_load))
   state = nnx.state((model, optimizer))

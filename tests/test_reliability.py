@@ -1,6 +1,7 @@
 """Nothing silently wrong: damaged checkpoints, non-finite saves, a reused workdir, two runs on one
 workdir and stopping signals each end in one clear line, or in a correct result."""
 import glob
+import json
 import os
 import shutil
 
@@ -99,3 +100,31 @@ def test_nonfinite_params_are_never_saved(tmp_path):
   step, params = final_params(workdir)
   assert step == 10
   assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(params))
+
+
+def test_resuming_with_another_model_is_refused_and_the_config_history_is_kept(trained, tmp_path,
+                                                                              capsys):
+  workdir = tmp_path / "run"
+  shutil.copytree(trained, workdir)
+  first = (workdir / "config.json").read_text()
+  # Same shapes, another architecture: two heads instead of four would load and train on.
+  other = digits_config(**CHECKPOINTS, **{"model.n_heads": 2, "model.dtype": "bfloat16"})
+  with pytest.raises(ValueError) as info:
+    train.train_and_evaluate(other, str(workdir))
+  assert str(info.value) == (
+      f"{workdir} holds checkpoints of another run (config.json): model.dtype: 'float32' -> "
+      "'bfloat16', model.n_heads: None -> 2. Use another --workdir, or the run's own settings.")
+  assert (workdir / "config.json").read_text() == first
+  assert train.config_history(str(workdir)) == [str(workdir / "config.json")]
+
+  # The schedule and length may change: logged, and recorded beside the first config.
+  longer = digits_config(**{**CHECKPOINTS, "total_steps": 45, "optimizer.lr": 1e-3})
+  final = train.train_and_evaluate(longer, str(workdir))
+  assert final["steps"] == 45
+  assert "  changed since: optimizer.lr 0.002 -> 0.001\n" in capsys.readouterr().out
+  assert (workdir / "config.json").read_text() == first
+  assert train.config_history(str(workdir))[1:] == [str(workdir / "config.resume_40.json")]
+  assert json.loads((workdir / "config.resume_40.json").read_text())["total_steps"] == 45
+  assert train.check_resumed_config(longer, str(workdir)) == {}
+  assert set(train.check_resumed_config(digits_config(**CHECKPOINTS), str(workdir))) == {
+      "total_steps", "optimizer.lr"}

@@ -18,10 +18,12 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import fcntl
 import functools
 import json
 import math
 import os
+import socket
 import sys
 import time
 from typing import Sequence
@@ -50,6 +52,10 @@ class NonFiniteLossError(RuntimeError):
 
 class CheckpointError(RuntimeError):
   """A checkpoint that cannot be read, or that is not what was saved."""
+
+
+class WorkdirInUseError(RuntimeError):
+  """Another run holds the workdir."""
 
 
 # ----------------------------------------------------------------------------- host memory
@@ -659,12 +665,36 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
   with on_mesh(config) as mesh:
     check_mesh_over_processes(mesh)
     check_batch_sizes(config, mesh)
-    return _train_and_evaluate(config, workdir, mesh)
+    with workdir_lock(workdir):
+      return _train_and_evaluate(config, workdir, mesh)
+
+
+@contextlib.contextmanager
+def workdir_lock(workdir: str):
+  """Holds <workdir>/train.lock while a run writes there: a second run is refused, naming the
+  first. The kernel releases the lock when its process dies: a killed run blocks nothing."""
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, "train.lock"), "a+") as f:
+    holder = None
+    if is_main_process():  # the processes of one run share the workdir
+      try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        f.truncate(0)
+        f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        f.flush()
+      except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+    if jax.process_count() > 1 and not _tell_all_processes(holder is None):
+      holder = holder or "another run (see process 0)"
+    if holder:
+      raise WorkdirInUseError(f"{workdir} is in use by {holder}; wait for that run to end, or "
+                              f"use another --workdir")
+    yield
 
 
 def _train_and_evaluate(config, workdir: str, mesh) -> dict[str, float]:
   t_start = time.time()
-  os.makedirs(workdir, exist_ok=True)
   mngr = make_checkpoint_manager(workdir, config)
   start_step = mngr.latest_step() or 0
   changes = check_resumed_config(config, workdir) if start_step else {}
@@ -826,7 +856,7 @@ def main(argv):
   try:
     initialize_multihost()
     train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
-  except (NonFiniteLossError, CheckpointError, data.DataError, ValueError) as e:
+  except (NonFiniteLossError, CheckpointError, WorkdirInUseError, data.DataError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(1)
 

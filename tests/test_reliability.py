@@ -4,6 +4,9 @@ import glob
 import json
 import os
 import shutil
+import socket
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -128,3 +131,25 @@ def test_resuming_with_another_model_is_refused_and_the_config_history_is_kept(t
   assert train.check_resumed_config(longer, str(workdir)) == {}
   assert set(train.check_resumed_config(digits_config(**CHECKPOINTS), str(workdir))) == {
       "total_steps", "optimizer.lr"}
+
+
+def test_a_second_run_on_a_workdir_is_refused_and_a_killed_one_blocks_nothing(tmp_path):
+  with train.workdir_lock(str(tmp_path)):
+    with pytest.raises(train.WorkdirInUseError) as info:
+      train.train_and_evaluate(digits_config(total_steps=2), str(tmp_path))
+  assert str(info.value) == (f"{tmp_path} is in use by pid {os.getpid()} on {socket.gethostname()};"
+                             " wait for that run to end, or use another --workdir")
+  assert not os.path.exists(tmp_path / "config.json")
+
+  holder = subprocess.Popen([sys.executable, "-c", (
+      "import sys, time, train; lock = train.workdir_lock(sys.argv[1]); lock.__enter__(); "
+      "print('held', flush=True); time.sleep(120)"), str(tmp_path)],
+      cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+      stdout=subprocess.PIPE, text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert holder.stdout.readline() == "held\n"
+  with pytest.raises(train.WorkdirInUseError, match=f"in use by pid {holder.pid} on "):
+    train.workdir_lock(str(tmp_path)).__enter__()
+  holder.kill()
+  holder.wait()
+  with train.workdir_lock(str(tmp_path)):  # the kernel dropped the killed run's lock
+    assert (tmp_path / "train.lock").read_text() == f"pid {os.getpid()} on {socket.gethostname()}\n"

@@ -23,8 +23,10 @@ import functools
 import json
 import math
 import os
+import signal
 import socket
 import sys
+import threading
 import time
 from typing import Sequence
 
@@ -56,6 +58,14 @@ class CheckpointError(RuntimeError):
 
 class WorkdirInUseError(RuntimeError):
   """Another run holds the workdir."""
+
+
+class StoppedBySignal(RuntimeError):
+  """SIGTERM or SIGINT stopped the run after saving its last step."""
+
+  def __init__(self, signum: int, message: str):
+    super().__init__(message)
+    self.signum = signum
 
 
 # ----------------------------------------------------------------------------- host memory
@@ -629,6 +639,49 @@ def last_good(mngr) -> str:
   return f"The last good checkpoint (step {step}) stays in {mngr.directory}."
 
 
+# ----------------------------------------------------------------------------- signals
+
+class StopSignals:
+  """While active, SIGTERM (how schedulers and preemptible VMs stop a process) and SIGINT
+  (Ctrl-C, Colab's stop button) ask the loop to stop after the current step and save it; a
+  second signal exits at once. Handlers can only be set in the main thread: elsewhere the
+  signals keep their usual effect."""
+
+  SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+  def __init__(self, every_steps: int):
+    self.every_steps = every_steps  # with several processes, how often they agree on stopping
+    self.signum = None
+    self._previous = {}
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():
+      self._previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
+    return self
+
+  def __exit__(self, *exc):
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+
+  def _handle(self, signum, frame):
+    if self.signum is not None:  # the second one: at once, as if no handler were set
+      signal.signal(signum, signal.SIG_DFL)
+      os.kill(os.getpid(), signum)
+    self.signum = signum
+
+  def requested(self, step: int) -> bool:
+    """Whether to stop after `step`: every process stops at the same step."""
+    if jax.process_count() > 1 and step % self.every_steps:
+      return False
+    return self.agreed()
+
+  def agreed(self) -> bool:
+    """Whether any process received a signal (a collective with several processes)."""
+    if jax.process_count() > 1:
+      self.signum = int(multihost_utils.process_allgather(np.int32(self.signum or 0)).max()) or None
+    return self.signum is not None
+
+
 # ----------------------------------------------------------------------------- data
 
 def load_splits(config_data, names: Sequence[str]) -> dict:
@@ -763,58 +816,72 @@ def _train_and_evaluate(config, workdir: str, mesh) -> dict[str, float]:
   step, stopped = start_step, meta.get("stopped", False)
   t_log, steps_since_log = None, 0
   last_eval = (None, {})  # (step, metrics) of the latest evaluation, reused by the final one
+  stop = StopSignals(config.log_every_steps)
   try:
-    while step < total_steps and not stopped:
-      batch = put_batch(next(train_iter), mesh)
-      state, step_metrics = train_step(state, batch, step)
-      pending.append(step_metrics["loss"])
-      step += 1
-      steps_since_log += 1
-      progress.update()
-      if t_log is None:  # the first step compiles; throughput is timed from after it
-        jax.block_until_ready(step_metrics["loss"])
-        t_log, steps_since_log = time.perf_counter(), 0
-
-      is_eval = step % eval_every == 0 or step == total_steps
-      if step % config.log_every_steps == 0 or is_eval or step % checkpoint_every == 0:
-        check_finite(pending, pending_from, mngr)
-        pending, pending_from = [], step
-      if step % config.log_every_steps == 0:
-        logged = {f"train/{k}": float(v) for k, v in jax.device_get(step_metrics).items()}
-        logged["train/lr"] = float(schedule((step - 1) // accum))
-        if steps_since_log:  # not right after the compiling first step
-          dt = time.perf_counter() - t_log
-          logged |= {"perf/steps_per_sec": steps_since_log / dt,
-                     "perf/examples_per_sec": steps_since_log * micro_batch / dt}
+    with stop:
+      while step < total_steps and not stopped:
+        batch = put_batch(next(train_iter), mesh)
+        state, step_metrics = train_step(state, batch, step)
+        pending.append(step_metrics["loss"])
+        step += 1
+        steps_since_log += 1
+        progress.update()
+        if t_log is None:  # the first step compiles; throughput is timed from after it
+          jax.block_until_ready(step_metrics["loss"])
           t_log, steps_since_log = time.perf_counter(), 0
-        writer.write(step, logged)
-        progress.set_postfix(loss=f"{logged['train/loss']:.4f}",
-                             ex_per_s=f"{logged.get('perf/examples_per_sec', 0):.0f}")
 
-      metrics = None
-      if is_eval:
-        model_state = nnx.state(nnx.merge(graphdef, state)[0])
-        metrics = {f"{name}/{k}": v for name in config.eval_splits
-                   for k, v in evaluate(task, eval_step, model_state, eval_splits[name],
-                                        config.input, mesh).items()}
-        last_eval = (step, dict(metrics))
-        metrics["epoch"] = step / steps_per_epoch
-        improved = early_stopping.update(step, metrics)
-        stopped = early_stopping.should_stop
-        writer.write(step, metrics)
-        say(f"step {step} (epoch {metrics['epoch']:.2f}): " +
-            ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if k != "epoch"))
-        if t_log is not None:
-          t_log, steps_since_log = time.perf_counter(), 0  # evaluation time is not training throughput
-      if is_eval or step % checkpoint_every == 0 or stopped:
-        save(step, {**metrics, "improved": float(improved)} if metrics and early_stopping.metric else None)
-    if stopped and step < total_steps:
-      say(f"Early stopping at step {step}: no better {early_stopping.metric} for "
-          f"{early_stopping.patience} evaluations (best {early_stopping.best_value:.4f} at step "
-          f"{early_stopping.best_step}).")
+        is_eval = step % eval_every == 0 or step == total_steps
+        if step % config.log_every_steps == 0 or is_eval or step % checkpoint_every == 0:
+          check_finite(pending, pending_from, mngr)
+          pending, pending_from = [], step
+        if step % config.log_every_steps == 0:
+          logged = {f"train/{k}": float(v) for k, v in jax.device_get(step_metrics).items()}
+          logged["train/lr"] = float(schedule((step - 1) // accum))
+          if steps_since_log:  # not right after the compiling first step
+            dt = time.perf_counter() - t_log
+            logged |= {"perf/steps_per_sec": steps_since_log / dt,
+                       "perf/examples_per_sec": steps_since_log * micro_batch / dt}
+            t_log, steps_since_log = time.perf_counter(), 0
+          writer.write(step, logged)
+          progress.set_postfix(loss=f"{logged['train/loss']:.4f}",
+                               ex_per_s=f"{logged.get('perf/examples_per_sec', 0):.0f}")
+
+        metrics = None
+        if is_eval:
+          model_state = nnx.state(nnx.merge(graphdef, state)[0])
+          metrics = {f"{name}/{k}": v for name in config.eval_splits
+                     for k, v in evaluate(task, eval_step, model_state, eval_splits[name],
+                                          config.input, mesh).items()}
+          last_eval = (step, dict(metrics))
+          metrics["epoch"] = step / steps_per_epoch
+          improved = early_stopping.update(step, metrics)
+          stopped = early_stopping.should_stop
+          writer.write(step, metrics)
+          say(f"step {step} (epoch {metrics['epoch']:.2f}): " +
+              ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if k != "epoch"))
+          if t_log is not None:
+            t_log, steps_since_log = time.perf_counter(), 0  # evaluation time is not training throughput
+        interrupted = stop.requested(step)
+        if interrupted:  # the losses since the last check, before saving
+          check_finite(pending, pending_from, mngr)
+          pending, pending_from = [], step
+        if is_eval or step % checkpoint_every == 0 or stopped or interrupted:
+          save(step, {**metrics, "improved": float(improved)}
+               if metrics and early_stopping.metric else None)
+        if interrupted:
+          break
+      if stopped and step < total_steps:
+        say(f"Early stopping at step {step}: no better {early_stopping.metric} for "
+            f"{early_stopping.patience} evaluations (best {early_stopping.best_value:.4f} at step "
+            f"{early_stopping.best_step}).")
   finally:
     progress.close()
     mngr.wait_until_finished()
+  if stop.agreed():
+    writer.close()
+    mngr.close()
+    raise StoppedBySignal(stop.signum, f"stopped by {signal.Signals(stop.signum).name} after step "
+                          f"{step}, saved in {mngr.directory}; rerun the same command to resume")
 
   # Final evaluation, on the best checkpoint when a metric selects one.
   model = nnx.merge(graphdef, state)[0]
@@ -859,6 +926,9 @@ def main(argv):
   except (NonFiniteLossError, CheckpointError, WorkdirInUseError, data.DataError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(1)
+  except StoppedBySignal as e:
+    print(e, file=sys.stderr)
+    sys.exit(128 + e.signum)  # as a shell reports a process its signal ended
 
 
 if __name__ == "__main__":

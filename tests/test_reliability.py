@@ -5,8 +5,10 @@ import json
 import os
 import shutil
 import socket
+import signal
 import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
@@ -16,7 +18,7 @@ import pytest
 import data
 import tasks
 import train
-from test_train import digits_config, final_params
+from test_train import REPO, assert_trees_equal, digits_config, final_params, run_cli
 
 CHECKPOINTS = dict(total_steps=40, **{"checkpoint.every_steps": 20, "eval_every_steps": 20})
 
@@ -144,7 +146,7 @@ def test_a_second_run_on_a_workdir_is_refused_and_a_killed_one_blocks_nothing(tm
   holder = subprocess.Popen([sys.executable, "-c", (
       "import sys, time, train; lock = train.workdir_lock(sys.argv[1]); lock.__enter__(); "
       "print('held', flush=True); time.sleep(120)"), str(tmp_path)],
-      cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+      cwd=REPO,
       stdout=subprocess.PIPE, text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
   assert holder.stdout.readline() == "held\n"
   with pytest.raises(train.WorkdirInUseError, match=f"in use by pid {holder.pid} on "):
@@ -153,3 +155,74 @@ def test_a_second_run_on_a_workdir_is_refused_and_a_killed_one_blocks_nothing(tm
   holder.wait()
   with train.workdir_lock(str(tmp_path)):  # the kernel dropped the killed run's lock
     assert (tmp_path / "train.lock").read_text() == f"pid {os.getpid()} on {socket.gethostname()}\n"
+
+
+# A digits run of 600 steps, a checkpoint every 100: interrupted in many ways, each resumed run
+# must end bitwise where the uninterrupted one does.
+INTERRUPTED = ["--config", "configs/itransformer.py:digits", "--config.total_steps=600",
+               "--config.checkpoint.every_steps=100", "--config.log_every_steps=100",
+               "--config.eval_every_steps=300"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("uninterrupted")
+  done = run_cli("train.py", *INTERRUPTED, f"--workdir={workdir}")
+  assert done.returncode == 0, done.stderr[-3000:]
+  return final_params(workdir)
+
+
+def _started_run(workdir, after: int = 0):
+  """train.py on `workdir`, once it has written a checkpoint after step `after` (its loop runs)."""
+  proc = subprocess.Popen([sys.executable, "train.py", *INTERRUPTED, f"--workdir={workdir}"],
+                          cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  deadline = time.time() + 240
+  while proc.poll() is None and max(_saved_steps(workdir), default=0) <= after:
+    assert time.time() < deadline
+    time.sleep(0.01)
+  return proc
+
+
+def _saved_steps(workdir) -> list[int]:
+  if not (workdir / "checkpoints").is_dir():
+    return []
+  return sorted(int(d) for d in os.listdir(workdir / "checkpoints") if d.isdigit())
+
+
+def test_killed_and_signalled_runs_save_what_they_say_and_resume_exactly(tmp_path,
+                                                                          uninterrupted):
+  """SIGKILL, then SIGTERM, then SIGINT (Ctrl-C), each resumed by rerunning the command."""
+  proc = _started_run(tmp_path)
+  proc.kill()
+  proc.communicate()
+  resumed_from = _saved_steps(tmp_path)[-1]
+  assert resumed_from < 600, "the run was not interrupted"
+  for sig in (signal.SIGTERM, signal.SIGINT):
+    proc = _started_run(tmp_path, after=resumed_from)
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=120)
+    assert f"Resumed from step {resumed_from} in" in out
+    assert proc.returncode == 128 + sig, err[-3000:]  # as a shell reports the signal
+    assert "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    step = int(last.split("after step ")[1].split(",")[0])
+    assert last == (f"stopped by {sig.name} after step {step}, saved in "
+                    f"{tmp_path / 'checkpoints'}; rerun the same command to resume")
+    assert resumed_from < step < 600 and _saved_steps(tmp_path)[-1] == step
+    resumed_from = step
+  done = run_cli("train.py", *INTERRUPTED, f"--workdir={tmp_path}")
+  assert done.returncode == 0, done.stderr[-3000:]
+  assert f"Resumed from step {resumed_from} in" in done.stdout
+  step_a, params_a = uninterrupted
+  step_b, params_b = final_params(tmp_path)
+  assert step_a == step_b == 600
+  assert_trees_equal(params_a, params_b)
+
+
+def test_a_second_signal_stops_at_once(tmp_path):
+  proc = _started_run(tmp_path)
+  proc.send_signal(signal.SIGINT)
+  proc.send_signal(signal.SIGTERM)  # handled right after the first: no save, no message
+  _, err = proc.communicate(timeout=120)
+  assert proc.returncode == -signal.SIGTERM, err[-3000:]
+  assert "stopped by" not in err

@@ -18,6 +18,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from models.layers import TokenEmbed, check_token_ids
+
 
 @dataclasses.dataclass(frozen=True)
 class Sampling:
@@ -65,12 +67,16 @@ def _nucleus(logits: jax.Array, top_p: float) -> jax.Array:
   return jnp.where(keep, logits, -jnp.inf)
 
 
-def _checked_prompt(prompt_tokens) -> jax.Array:
+def _checked_prompt(prompt_tokens, model: nnx.Module) -> jax.Array:
   prompt_tokens = jnp.asarray(prompt_tokens)
   if prompt_tokens.ndim != 2 or prompt_tokens.shape[1] < 1 or not jnp.issubdtype(
       prompt_tokens.dtype, jnp.integer):
     raise ValueError(f"prompt_tokens must be integers [batch, length >= 1], got shape "
                      f"{tuple(prompt_tokens.shape)} and dtype {prompt_tokens.dtype}")
+  # The model runs jitted, where its embedding cannot check the ids: checked here.
+  embed = next((node for _, node in nnx.iter_graph(model) if isinstance(node, TokenEmbed)), None)
+  if embed is not None:
+    check_token_ids(prompt_tokens, embed.num_embeddings)
   return prompt_tokens
 
 
@@ -88,7 +94,7 @@ def generate(model: nnx.Module, prompt_tokens: jax.Array, max_new_tokens: int, *
   needed when sampling (temperature > 0); greedy decoding ignores it. ``decode_kwargs`` are
   passed to every ``model.decode_step`` call (e.g. MatLM's ``granularity``) and must be hashable.
   """
-  prompt_tokens = _checked_prompt(prompt_tokens)
+  prompt_tokens = _checked_prompt(prompt_tokens, model)
   _check_count("max_new_tokens", max_new_tokens, minimum=0)
   for method in ("init_cache", "decode_step"):
     if not callable(getattr(model, method, None)):
@@ -151,7 +157,7 @@ def speculative_generate(target: nnx.Module, draft: nnx.Module, prompt_tokens: j
   after the prompt), ``accepted`` (proposals kept, summed over rounds), ``proposed``
   (``rounds * num_draft``) and ``acceptance_rate`` = accepted / proposed.
   """
-  prompt_tokens = _checked_prompt(prompt_tokens)
+  prompt_tokens = _checked_prompt(prompt_tokens, target)
   _check_count("max_new_tokens", max_new_tokens, minimum=1)
   _check_count("num_draft", num_draft, minimum=1)
   for name, model in (("target", target), ("draft", draft)):

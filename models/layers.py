@@ -97,6 +97,34 @@ class Linear(nnx.Linear):
                                   output_axes(inputs.ndim, self.output_name))
 
 
+class TokenEmbed(nnx.Embed):
+  """`nnx.Embed` of token ids, laid out as (`vocab`, `embed`), that refuses ids outside the
+  vocabulary where they are known (an eager call: `model(tokens)`, `models.generate`).
+
+  Why: the lookup would give NaN rows for ids >= vocab_size and the last row for -1, silently.
+  Inside a jitted step the ids are not known; there they come from a corpus whose vocabulary
+  made the model's (`tasks.language_modeling`).
+  """
+
+  def __init__(self, num_embeddings: int, features: int, **kwargs):
+    super().__init__(num_embeddings, features, embedding_metadata=logical("vocab", "embed"),
+                     **kwargs)
+
+  def __call__(self, inputs: jax.Array) -> jax.Array:
+    check_token_ids(inputs, self.num_embeddings)
+    return super().__call__(inputs)
+
+
+def check_token_ids(tokens, vocab_size: int) -> None:
+  """Raises ValueError naming the first id outside [0, vocab_size); nothing under jit."""
+  if isinstance(tokens, jax.core.Tracer) or not jnp.size(tokens):
+    return
+  low, high = jax.device_get((jnp.min(tokens), jnp.max(tokens)))
+  if low < 0 or high >= vocab_size:
+    raise ValueError(f"token id {low if low < 0 else high} is outside the vocabulary: ids must "
+                     f"be in [0, {vocab_size})")
+
+
 def output_axes(ndim: int, name: str | None) -> tuple[str | None, ...]:
   """Logical axes of a dense layer's output [batch, ..., features] whose kernel names its output
   `name`. The batch takes the data axes first, so a feature axis named like the weights' model

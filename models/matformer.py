@@ -322,8 +322,8 @@ class MatLM(NestedFFNs, nnx.Module):
       raise ValueError(f"RoPE needs an even head dim, got {dim // num_heads}")
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.vocab_size, self.dim, self.dtype = vocab_size, dim, dtype
-    self.embed = nnx.Embed(vocab_size, dim, embedding_init=nnx.initializers.normal(_INIT_STD),
-                           embedding_metadata=logical("vocab", "embed"), **kw)
+    self.embed = layers.TokenEmbed(vocab_size, dim,
+                                   embedding_init=nnx.initializers.normal(_INIT_STD), **kw)
     self.drop = layers.Dropout(dropout, rngs=rngs)
     self.blocks = nnx.List([
         MatLMBlock(dim, num_heads, num_kv_heads, layer_mlp_dim, positions=positions,

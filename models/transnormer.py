@@ -33,7 +33,8 @@ import numpy as np
 from flax import nnx
 
 from models.convert import check_state_dict
-from models.layers import ACTIVATIONS, Buffer, Dropout, layer_norm, shard_batch, torch_linear
+from models.layers import (ACTIVATIONS, Buffer, Dropout, TokenEmbed, layer_norm, shard_batch,
+                           torch_linear)
 from models.registry import register_model
 from ops import diag_attention, lightning_decode_step, norm_attention, simple_rms_norm
 from ops.sharding import axes as logical
@@ -289,11 +290,10 @@ def _check_tokens(tokens: jax.Array) -> None:
 
 
 def _embedding(vocab_size: int, dim: int, std: float, pad_token_id: int, **kw) -> nnx.Embed:
-  """nn.Embedding(padding_idx) initialised N(0, std) with a zero pad row."""
+  """nn.Embedding(padding_idx) of tokens initialised N(0, std) with a zero pad row."""
   def init(key, shape, dtype):
     return nnx.initializers.normal(std)(key, shape, dtype).at[pad_token_id].set(0)
-  return nnx.Embed(vocab_size, dim, embedding_init=init,
-                   embedding_metadata=logical("vocab", "embed"), **kw)
+  return TokenEmbed(vocab_size, dim, embedding_init=init, **kw)
 
 
 class TransNormerLM(nnx.Module):

@@ -32,7 +32,7 @@ import numpy as np
 from flax import nnx
 
 from models.convert import check_state_dict
-from models.layers import Linear, shard_batch
+from models.layers import Linear, TokenEmbed, shard_batch
 from models.registry import register_model
 from ops import lightning_attention, lightning_decode_step, lightning_prefill
 from ops.sharding import axes as logical
@@ -218,8 +218,7 @@ class TransNormerLLM(nnx.Module):
       table = nnx.initializers.normal(_INIT_STD)(key, shape, dtype)
       return table if pad_token_id is None else table.at[pad_token_id].set(0)
 
-    self.embed_tokens = nnx.Embed(vocab_size, dim, embedding_init=embedding_init,
-                                  embedding_metadata=logical("vocab", "embed"), **kw)
+    self.embed_tokens = TokenEmbed(vocab_size, dim, embedding_init=embedding_init, **kw)
     rates = decay_rates(num_heads, depth)
     self.layers = nnx.List([
         TransNormerLLMBlock(dim, hidden_dim, num_heads, glu_dim, rates[i],

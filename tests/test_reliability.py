@@ -11,11 +11,15 @@ import sys
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from flax import nnx
+
 import data
+import models
 import tasks
 import train
 from test_train import REPO, assert_trees_equal, digits_config, final_params, run_cli
@@ -226,3 +230,21 @@ def test_a_second_signal_stops_at_once(tmp_path):
   _, err = proc.communicate(timeout=120)
   assert proc.returncode == -signal.SIGTERM, err[-3000:]
   assert "stopped by" not in err
+
+
+@pytest.mark.parametrize("name", ["matlm_tiny", "transnormer_llm_tiny", "transnormer_t1",
+                                  "transnormer_t2_mlm"])
+def test_token_ids_outside_the_vocabulary_are_refused(name):
+  model = models.create_model(name, rngs=nnx.Rngs(0))
+  vocab = model.embed_tokens.num_embeddings if hasattr(model, "embed_tokens") else (
+      model.embed.num_embeddings)
+  for token in (vocab, -1):  # a NaN row, the last row
+    tokens = jnp.array([[1, 2, token]])
+    with pytest.raises(ValueError) as info:
+      model(tokens)
+    assert str(info.value) == (f"token id {token} is outside the vocabulary: ids must be in "
+                               f"[0, {vocab})")
+    if hasattr(model, "decode_step"):
+      with pytest.raises(ValueError, match=f"token id {token} is outside"):
+        models.generate(model, tokens, 2)
+  assert np.isfinite(model(jnp.array([[0, vocab - 1]]))).all()

@@ -227,6 +227,8 @@ def check_batch_sizes(config, mesh) -> None:
   """Refuses batch sizes that the data-parallel devices cannot split evenly, before training (an
   evaluation batch would otherwise fail at the first evaluation)."""
   accum, divisor = config.optimizer.accum_steps, batch_divisor(mesh)
+  _check_positive("optimizer.accum_steps", accum)
+  _check_positive("input.batch_size", config.input.batch_size)
   if config.input.batch_size % (accum * divisor):
     raise ValueError(f"input.batch_size={config.input.batch_size} must be divisible by optimizer.accum_steps={accum}"
                      f" x the {divisor} data-parallel devices")
@@ -236,10 +238,16 @@ def check_batch_sizes(config, mesh) -> None:
 def check_eval_batch_size(input_config, mesh) -> None:
   """The evaluation batch splits over the data x fsdp devices (so over the processes too)."""
   size, divisor = input_config.eval_batch_size, batch_divisor(mesh)
+  _check_positive("input.eval_batch_size", size)
   if size % divisor:
     raise ValueError(f"input.eval_batch_size={size} must be divisible by the {divisor} data-parallel "
                      f"devices (data x fsdp); e.g. --config.input.eval_batch_size="
                      f"{-(-size // divisor) * divisor}")
+
+
+def _check_positive(key: str, value: int) -> None:
+  if value < 1:
+    raise ValueError(f"{key} must be a positive integer, got {value}")
 
 
 # ----------------------------------------------------------------------------- model + optimizer
@@ -516,6 +524,8 @@ def _flat(tree: dict, prefix: str = "") -> dict:
 def config_history(workdir: str) -> list[str]:
   """The workdir's config files, oldest first: config.json of the first run, then
   config.resume_<step>.json of each resume."""
+  if not os.path.isdir(workdir):
+    return []
   names = [n for n in os.listdir(workdir) if n.startswith("config.resume_") and n.endswith(".json")]
   names.sort(key=lambda n: int(n[len("config.resume_"):-len(".json")]))
   first = ["config.json"] if os.path.exists(os.path.join(workdir, "config.json")) else []
@@ -557,9 +567,9 @@ def is_main_process() -> bool:
   return jax.process_index() == 0
 
 
-def make_metric_writer(workdir: str):
+def make_metric_writer(workdir: str, start_step: int):
   """A MetricWriter on process 0, one that writes nothing on the others (one copy of each record)."""
-  return MetricWriter(workdir) if is_main_process() else NoMetricWriter()
+  return MetricWriter(workdir, start_step) if is_main_process() else NoMetricWriter()
 
 
 class NoMetricWriter:
@@ -573,10 +583,12 @@ class NoMetricWriter:
 class MetricWriter:
   """metrics.jsonl (one JSON object per line, big_vision style) + TensorBoard events."""
 
-  def __init__(self, workdir: str):
+  def __init__(self, workdir: str, start_step: int):
     import tensorboardX  # here, not at the top: only process 0 needs it, and it imports torch
 
-    self._file = open(os.path.join(workdir, "metrics.jsonl"), "a")
+    path = os.path.join(workdir, "metrics.jsonl")
+    _drop_records_after(path, start_step)  # a resumed run writes those steps again
+    self._file = open(path, "a")
     self._tb = tensorboardX.SummaryWriter(os.path.join(workdir, "tensorboard"))
 
   def write(self, step: int, metrics: dict[str, float]) -> None:
@@ -588,6 +600,23 @@ class MetricWriter:
   def close(self) -> None:
     self._file.close()
     self._tb.close()
+
+
+def _drop_records_after(path: str, step: int) -> None:
+  """Keeps the records of `path` up to `step` (and none cut short by a kill)."""
+  if not os.path.exists(path):
+    return
+  kept = []
+  with open(path) as f:
+    for line in f:
+      try:
+        if json.loads(line)["step"] <= step:
+          kept.append(line)
+      except (ValueError, KeyError):  # the last line of a killed run
+        pass
+  with open(path + ".tmp", "w") as f:
+    f.writelines(kept)
+  os.replace(path + ".tmp", path)
 
 
 class EarlyStopping:
@@ -808,7 +837,7 @@ def _train_and_evaluate(config, workdir: str, mesh) -> dict[str, float]:
         **{name: ocp.args.StandardSave(tree) for name, tree in items.items()}))
 
   # Train.
-  writer = make_metric_writer(workdir)
+  writer = make_metric_writer(workdir, start_step)
   pending, pending_from = [], start_step  # per-step losses not yet checked (checking syncs the device)
   progress = tqdm.tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True,
                        disable=not is_main_process(), file=sys.stdout, mininterval=1.0)

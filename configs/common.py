@@ -57,6 +57,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.name = ""
   c.data.data_dir = ""            # TFDS data dir; '' = $TFDS_DATA_DIR or ~/tensorflow_datasets
   c.data.manual_dir = ""          # raw files; if set, a missing prepared dataset is prepared from here
+  c.data.file = ""                # dataset 'custom': the CSV to read (in manual_dir)
 
   c.input = ml_collections.ConfigDict()
   c.input.batch_size = 32         # global batch (per optimizer update)

@@ -22,7 +22,8 @@ import data
 import models
 import tasks
 import train
-from test_train import REPO, assert_trees_equal, digits_config, final_params, run_cli
+from test_train import (REPO, assert_trees_equal, digits_config, final_params, read_metrics,
+                        run_cli)
 
 CHECKPOINTS = dict(total_steps=40, **{"checkpoint.every_steps": 20, "eval_every_steps": 20})
 
@@ -173,7 +174,13 @@ def uninterrupted(tmp_path_factory):
   workdir = tmp_path_factory.mktemp("uninterrupted")
   done = run_cli("train.py", *INTERRUPTED, f"--workdir={workdir}")
   assert done.returncode == 0, done.stderr[-3000:]
-  return final_params(workdir)
+  return final_params(workdir), _records(workdir)
+
+
+def _records(workdir) -> list[dict]:
+  """metrics.jsonl without the timings."""
+  return [{k: v for k, v in record.items() if not k.startswith("perf/") and k != "wall_time_sec"}
+          for record in read_metrics(workdir)]
 
 
 def _started_run(workdir, after: int = 0):
@@ -217,10 +224,11 @@ def test_killed_and_signalled_runs_save_what_they_say_and_resume_exactly(tmp_pat
   done = run_cli("train.py", *INTERRUPTED, f"--workdir={tmp_path}")
   assert done.returncode == 0, done.stderr[-3000:]
   assert f"Resumed from step {resumed_from} in" in done.stdout
-  step_a, params_a = uninterrupted
+  (step_a, params_a), records = uninterrupted
   step_b, params_b = final_params(tmp_path)
   assert step_a == step_b == 600
   assert_trees_equal(params_a, params_b)
+  assert _records(tmp_path) == records  # each step once, with the same values
 
 
 def test_a_second_signal_stops_at_once(tmp_path):
@@ -248,3 +256,20 @@ def test_token_ids_outside_the_vocabulary_are_refused(name):
       with pytest.raises(ValueError, match=f"token id {token} is outside"):
         models.generate(model, tokens, 2)
   assert np.isfinite(model(jnp.array([[0, vocab - 1]]))).all()
+
+
+@pytest.mark.parametrize("key, value", [("input.batch_size", 0), ("input.batch_size", -5),
+                                        ("input.eval_batch_size", 0),
+                                        ("optimizer.accum_steps", 0)])
+def test_non_positive_batch_sizes_are_refused_in_one_line(tmp_path, key, value):
+  with pytest.raises(ValueError) as info:
+    train.train_and_evaluate(digits_config(**{key: value}), str(tmp_path))
+  assert str(info.value) == f"{key} must be a positive integer, got {value}"
+
+
+def test_the_custom_dataset_is_named_from_the_command_line(tmp_path):
+  config = digits_config()
+  config.lock()  # as --config.data.file=... sees it
+  config.data.update(name="custom", file="my.csv", manual_dir=str(tmp_path))
+  with pytest.raises(data.DataError, match="my.csv"):
+    data.load(config.data, "train")

@@ -207,4 +207,4 @@ def write_result(result: dict) -> None:
 
 if __name__ == "__main__":
   flags.mark_flags_as_required(["config", "workdir"])
-  app.run(main)
+  app.run(main, flags_parser=train.parse_flags)

@@ -937,6 +937,36 @@ def _train_and_evaluate(config, workdir: str, mesh) -> dict[str, float]:
   return final
 
 
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing (`app.run(main, flags_parser=parse_flags)`), where a config override
+  that names no key, a bad value or a config file that raises ends in one line, not in the
+  chained tracebacks of ml_collections."""
+  try:
+    return flags.FLAGS(argv)
+  except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
+    print(f"error: {_flag_error(e, argv)}", file=sys.stderr)
+    sys.exit(1)
+
+
+def _flag_error(error: BaseException, argv: list[str]) -> str:
+  while error.args and isinstance(error.args[0], BaseException):
+    error = error.args[0]
+  text = str(error.args[0]) if error.args else str(error)
+  if "Traceback (most recent call last)" in text:  # a config file's own error, as text
+    text = text.strip().splitlines()[-1].split(": ", 1)[-1]
+  lines = [line.strip() for line in text.strip().splitlines()]
+  missing = lines[0].strip("'\"")
+  overrides = [a.split("=")[0] for a in argv if a.startswith("--config.")]
+  flag = next((f for f in overrides if f.rsplit(".", 1)[-1] == missing), None)
+  if isinstance(error, KeyError) and flag:  # a key the config does not have
+    hint = " ".join(lines[1:])  # ml_collections' "Did you mean ...?"
+    if flag.startswith("--config.model.") and not hint:
+      hint = (f"A model keyword the config does not list is set in a config file built on it "
+              f"(c.model.{missing} = ...).")
+    return f"{flag}: the config has no key {missing!r}. {hint}".strip()
+  return " ".join(lines)
+
+
 def format_table(metrics: dict, title: str) -> str:
   width = max(map(len, metrics))
   rows = [f"  {k:<{width}}  {v:.6g}" if isinstance(v, float) else f"  {k:<{width}}  {v}" for k, v in metrics.items()]
@@ -968,4 +998,4 @@ if __name__ == "__main__":
   flags.DEFINE_bool("keep_freed_memory", True, "Keep freed host memory mapped (glibc malloc), so "
                     "XLA:CPU's per-step buffers are not page-faulted again at every step.")
   flags.mark_flags_as_required(["config", "workdir"])
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

@@ -273,3 +273,20 @@ def test_the_custom_dataset_is_named_from_the_command_line(tmp_path):
   config.data.update(name="custom", file="my.csv", manual_dir=str(tmp_path))
   with pytest.raises(data.DataError, match="my.csv"):
     data.load(config.data, "train")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--config", "configs/itransformer.py:digits", "--config.optimizer.lrr=1"],
+     "error: --config.optimizer.lrr: the config has no key 'lrr'. Did you mean \"lr\" instead of "
+     "\"lrr\"?"),
+    (["--config", "configs/itransformer.py:digits", "--config.model.d_model=32"],
+     "error: --config.model.d_model: the config has no key 'd_model'. A model keyword the config "
+     "does not list is set in a config file built on it (c.model.d_model = ...)."),
+    (["--config", "configs/maxvit.py:nope"],
+     "error: unknown MaxViT setting 'nope'; expected one of ('in1k', 'fashion_mnist', 'finetune')"),
+])
+def test_command_line_mistakes_end_in_one_line(tmp_path, args, message):
+  out = run_cli("train.py", *args, f"--workdir={tmp_path}")
+  assert out.returncode == 1
+  assert out.stderr.strip().splitlines()[-1] == message
+  assert "Traceback" not in out.stderr

@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import tempfile
 
 from absl import app, flags
 from flax import nnx
@@ -179,6 +180,8 @@ def main(argv):
   evaluate = evaluate_elastic if _ELASTIC.value else evaluate_checkpoint
   try:
     train.initialize_multihost()
+    if train.is_main_process():
+      check_writable(output_path())  # before evaluating, not after
     result = evaluate(_CONFIG.value, _WORKDIR.value, _CHECKPOINT.value, _SPLIT.value)
   except (train.CheckpointError, data.DataError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
@@ -187,13 +190,26 @@ def main(argv):
     write_result(result)
 
 
+def output_path() -> str:
+  """--output, or eval_<split>_<checkpoint>.json (elastic_... with --elastic) in the workdir."""
+  tag = os.path.basename(os.path.normpath(_CHECKPOINT.value))
+  return _OUTPUT.value or os.path.join(_WORKDIR.value, f"{'elastic' if _ELASTIC.value else 'eval'}_"
+                                       f"{_SPLIT.value}_{tag}.json")
+
+
+def check_writable(path: str) -> None:
+  folder = os.path.dirname(os.path.abspath(path))
+  try:
+    os.makedirs(folder, exist_ok=True)
+    with tempfile.TemporaryFile(dir=folder):
+      pass
+  except OSError as e:
+    raise ValueError(f"cannot write {path}: {e.strerror}; name another file with --output") from None
+
+
 def write_result(result: dict) -> None:
   """The result as JSON (and --elastic's table and plot) where --output says."""
-  tag = os.path.basename(os.path.normpath(_CHECKPOINT.value))
-  default = os.path.join(_WORKDIR.value, f"{'elastic' if _ELASTIC.value else 'eval'}_"
-                         f"{_SPLIT.value}_{tag}.json")
-  output = _OUTPUT.value or default
-  os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+  output = output_path()
   with open(output, "w") as f:
     json.dump(result, f, indent=2)
   print(f"wrote {output}")

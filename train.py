@@ -755,8 +755,12 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
 def workdir_lock(workdir: str):
   """Holds <workdir>/train.lock while a run writes there: a second run is refused, naming the
   first. The kernel releases the lock when its process dies: a killed run blocks nothing."""
-  os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, "train.lock"), "a+") as f:
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    lock_file = open(os.path.join(workdir, "train.lock"), "a+")
+  except OSError as e:  # read-only, not ours, a file of that name
+    raise ValueError(f"cannot write in the workdir {workdir}: {e.strerror}") from None
+  with lock_file as f:
     holder = None
     if is_main_process():  # the processes of one run share the workdir
       try:

@@ -1,5 +1,6 @@
 """Nothing silently wrong: damaged checkpoints, non-finite saves, a reused workdir, two runs on one
 workdir and stopping signals each end in one clear line, or in a correct result."""
+import errno
 import glob
 import json
 import os
@@ -9,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+import zipfile
 
 import jax
 import jax.numpy as jnp
@@ -290,3 +292,45 @@ def test_command_line_mistakes_end_in_one_line(tmp_path, args, message):
   assert out.returncode == 1
   assert out.stderr.strip().splitlines()[-1] == message
   assert "Traceback" not in out.stderr
+
+
+def test_damaged_official_checkpoints_are_refused_with_their_name(tmp_path):
+  from models import convert
+  noise = tmp_path / "noise.safetensors"
+  noise.write_bytes(np.random.default_rng(0).bytes(4096))
+  with pytest.raises(ValueError, match=f"^{noise} is not a readable .safetensors file"):
+    convert.read_state_dict(noise)
+
+  torch = pytest.importorskip("torch")
+  whole, cut = tmp_path / "whole.pth", tmp_path / "cut.pth"
+  torch.save({"w": torch.ones(1000)}, whole)
+  cut.write_bytes(whole.read_bytes()[:2000])
+  with pytest.raises(ValueError, match=f"^{cut} is a zip archive cut short"):
+    convert.read_state_dict(cut)
+
+  malformed = tmp_path / "malformed.pth"
+  with zipfile.ZipFile(malformed, "w") as archive:
+    archive.writestr("archive/data.pkl", b"\x80\x02}}}s.")  # a dict as a key
+  with pytest.raises(ValueError, match=f"^{malformed}: its data.pkl is not a readable state_dict "
+                                       r"\(TypeError: unhashable type: 'dict'\)"):
+    convert.read_state_dict(malformed)
+
+
+def test_a_workdir_that_cannot_be_written_is_refused_in_one_line(tmp_path, monkeypatch):
+  def read_only(path, *args, **kwargs):
+    raise OSError(errno.EROFS, "Read-only file system", path)
+
+  monkeypatch.setattr(train, "open", read_only, raising=False)
+  with pytest.raises(ValueError) as info:
+    train.train_and_evaluate(digits_config(total_steps=2), str(tmp_path))
+  assert str(info.value) == f"cannot write in the workdir {tmp_path}: Read-only file system"
+
+
+def test_eval_output_that_cannot_be_written_is_refused_before_evaluating(tmp_path):
+  (tmp_path / "a_file").write_text("")
+  out = run_cli("eval.py", "--config", "configs/itransformer.py:digits", f"--workdir={tmp_path}",
+                f"--output={tmp_path / 'a_file' / 'eval.json'}")
+  assert out.returncode == 1
+  assert out.stderr.strip().splitlines()[-1] == (
+      f"error: cannot write {tmp_path / 'a_file' / 'eval.json'}: File exists; name another file "
+      "with --output")

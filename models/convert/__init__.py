@@ -62,8 +62,13 @@ def read_state_dict(path) -> dict[str, np.ndarray]:
   if not os.path.isfile(path):
     raise ValueError(f"no such checkpoint file: {path}")
   if path.endswith(".safetensors"):
+    from safetensors import SafetensorError
     from safetensors.numpy import load_file
-    state = load_file(path)
+    try:
+      state = load_file(path)
+    except SafetensorError as e:
+      raise ValueError(f"{path} is not a readable .safetensors file ({e}); a download cut short "
+                       f"or another format: fetch it again") from None
   elif path.endswith(_TORCH_SUFFIXES):
     from models.convert import torch_pickle
     state = torch_pickle.load(path)

@@ -81,10 +81,20 @@ class _TensorUnpickler(pickle.Unpickler):
 def load(path) -> Any:
   """The object torch.save wrote to `path` (usually a dict of numpy arrays)."""
   if not zipfile.is_zipfile(path):
+    with open(path, "rb") as f:
+      if f.read(4) == b"PK\x03\x04":  # a zip archive's start, without its end
+        raise ValueError(f"{path} is a zip archive cut short (a download that did not finish?): "
+                         f"fetch it again")
     raise ValueError(f"{path} is not a torch.save zip archive (torch >= 1.6); the legacy format is pickled "
                      f"code and is not read here; re-save it with a current torch")
   with zipfile.ZipFile(path) as archive:
     pickles = [n for n in archive.namelist() if n.endswith("data.pkl")]
     if len(pickles) != 1:
       raise ValueError(f"{path}: expected one data.pkl in the archive, found {pickles}")
-    return _TensorUnpickler(archive, pickles[0][:-len("data.pkl")]).load()
+    try:
+      return _TensorUnpickler(archive, pickles[0][:-len("data.pkl")]).load()
+    except ValueError:  # the refusals of what the unpickler reads
+      raise
+    except Exception as e:  # noqa: BLE001 -- a malformed pickle fails in many ways
+      raise ValueError(f"{path}: its data.pkl is not a readable state_dict "
+                       f"({type(e).__name__}: {e})") from None

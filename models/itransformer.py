@@ -8,6 +8,7 @@ Layout: `x` is [batch, seq_len, variates]; time marks `x_mark` [batch, seq_len, 
 """
 from __future__ import annotations
 
+import collections
 import re
 from typing import Mapping
 
@@ -222,8 +223,12 @@ def _infer_kwargs(state_dict: Mapping[str, np.ndarray], head: str, classify: boo
   kwargs = {}
   if f"{_EMBED}.weight" in state_dict:
     kwargs["d_model"], kwargs["seq_len"] = state_dict[f"{_EMBED}.weight"].shape
-  if f"{_LAYER.format(0)}conv1.weight" in state_dict:
-    kwargs["d_ff"] = state_dict[f"{_LAYER.format(0)}conv1.weight"].shape[0]
+  # Every layer's two convolutions give d_ff: the most common reading, so that one mis-shaped
+  # tensor is reported as such rather than making the others look wrong.
+  widths = [w.shape[axis] for k, w in state_dict.items() for name, axis in (("conv1", 0), ("conv2", 1))
+            if re.fullmatch(rf"encoder\.attn_layers\.\d+\.{name}\.weight", k) and w.ndim > axis]
+  if widths:
+    kwargs["d_ff"] = collections.Counter(widths).most_common(1)[0][0]
   layers = {int(m.group(1)) for k in state_dict if (m := re.match(r"encoder\.attn_layers\.(\d+)\.", k))}
   kwargs["e_layers"] = max(layers) + 1 if layers else 0
   if f"{head}.weight" in state_dict and "d_model" in kwargs:

@@ -142,6 +142,16 @@ def test_missing_unexpected_and_misshaped_keys_are_listed_together(golden):
   assert "mis-shaped: encoder.attn_layers.1.conv1.weight expected (256, 256, 1), got (128, 256, 1)" in message
 
 
+def test_one_misshaped_tensor_is_the_one_reported_without_a_model_name(golden):
+  state_dict = dict(golden[0], **{"encoder.attn_layers.0.conv1.weight": np.zeros((3, 256, 1),
+                                                                                 np.float32)})
+  with pytest.raises(ValueError) as info:
+    checkpoint_filter_fn(state_dict)
+  assert "1 problem" in str(info.value)
+  assert ("mis-shaped: encoder.attn_layers.0.conv1.weight expected (256, 256, 1), got (3, 256, 1)"
+          in str(info.value))
+
+
 def test_shape_inference_of_the_variant(golden):
   state_dict = golden[0]
   _, model_class, kwargs = checkpoint_filter_fn(state_dict)

@@ -541,6 +541,8 @@ def check_resumed_config(config, workdir: str) -> dict[str, tuple]:
   with open(history[-1]) as f:
     saved = _flat(json.load(f))
   now = _flat(json.loads(config.to_json_best_effort()))
+  # A key the zoo's base config gained since the run was saved held its default then.
+  saved = {**{k: v for k, v in _base_config().items() if k not in saved}, **saved}
   changed = {k: (saved.get(k), now.get(k)) for k in saved.keys() | now.keys()
              if saved.get(k) != now.get(k)}
   defining = sorted(k for k in changed if k.startswith(_RUN_DEFINING) and k not in _LOCATIONS)
@@ -549,6 +551,12 @@ def check_resumed_config(config, workdir: str) -> dict[str, tuple]:
     raise ValueError(f"{workdir} holds checkpoints of another run ({os.path.basename(history[-1])})"
                      f": {listed}. Use another --workdir, or the run's own settings.")
   return dict(sorted(changed.items()))
+
+
+@functools.cache
+def _base_config() -> dict:
+  from configs import common
+  return _flat(json.loads(common.base_config().to_json_best_effort()))
 
 
 def record_config(config, workdir: str, start_step: int) -> None:

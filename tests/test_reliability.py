@@ -138,6 +138,11 @@ def test_resuming_with_another_model_is_refused_and_the_config_history_is_kept(t
   assert train.config_history(str(workdir))[1:] == [str(workdir / "config.resume_40.json")]
   assert json.loads((workdir / "config.resume_40.json").read_text())["total_steps"] == 45
   assert train.check_resumed_config(longer, str(workdir)) == {}
+  # A run saved before the zoo's configs gained a key (data.file) resumes: it held the default.
+  saved = json.loads((workdir / "config.resume_40.json").read_text())
+  del saved["data"]["file"]
+  (workdir / "config.resume_40.json").write_text(json.dumps(saved))
+  assert train.check_resumed_config(longer, str(workdir)) == {}
   assert set(train.check_resumed_config(digits_config(**CHECKPOINTS), str(workdir))) == {
       "total_steps", "optimizer.lr"}
 

@@ -375,6 +375,17 @@ def make_checkpoint_manager(workdir: str, config, read_only: bool = False) -> oc
   return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"), options=options)
 
 
+def drop_unkept_steps(mngr, keep: int) -> None:
+  """Deletes the steps the keep policy no longer holds. Orbax removes them after each save, so a run
+  killed between committing a step and that removal leaves one behind, which a resumed run that
+  saves nothing more would never clean up."""
+  steps = sorted(mngr.all_steps())
+  kept = {*steps[max(len(steps) - keep, 0):], mngr.best_step()}
+  for step in steps:
+    if step not in kept:
+      mngr.delete(step)
+
+
 def checksums_and_finite(items: dict) -> tuple[dict[str, str], dict[str, bool]]:
   """A checksum of every array of `items` ({"params/w": "89abcdef:01234567"}), and whether each
   item's arrays are all finite. Computed where the arrays are (one read of each, no host copy)
@@ -790,6 +801,7 @@ def workdir_lock(workdir: str):
 def _train_and_evaluate(config, workdir: str, mesh) -> dict[str, float]:
   t_start = time.time()
   mngr = make_checkpoint_manager(workdir, config)
+  drop_unkept_steps(mngr, config.checkpoint.keep)
   start_step = mngr.latest_step() or 0
   changes = check_resumed_config(config, workdir) if start_step else {}
   record_config(config, workdir, start_step)

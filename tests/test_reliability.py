@@ -92,6 +92,15 @@ def test_intact_checkpoint_restores(trained):
   _restore_latest_params(trained)
 
 
+def test_a_step_left_by_a_kill_before_the_cleanup_is_removed_on_resume(trained, tmp_path):
+  # A kill after step 40 was committed and before step 10 (older than the kept 20) was removed.
+  workdir = tmp_path / "run"
+  shutil.copytree(trained, workdir)
+  shutil.copytree(workdir / "checkpoints" / "20", workdir / "checkpoints" / "10")
+  train.train_and_evaluate(digits_config(**CHECKPOINTS), str(workdir))
+  assert _saved_steps(workdir) == [20, 40]
+
+
 def test_nonfinite_params_are_never_saved(tmp_path):
   # An overflowing update: the loss computed before it is finite, the params after it are not.
   constant = {"schedule.name": "constant", "schedule.warmup_steps": 0}

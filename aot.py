@@ -116,14 +116,14 @@ def abstract_state(config, task, meta: dict, mesh):
   """(model, graphdef of (model, optimizer), their state): the model built by nnx.eval_shape, the
   state as ShapeDtypeStructs with the shardings train.create_model_and_optimizer gives the arrays.
   Nothing is allocated."""
-  overrides = {k: v for k, v in config.model.items() if k != "name"} | task.model_overrides(meta)
   tx = train.make_optimizer(config, train.make_schedule(config, 1.0, 1))  # lr values: inputs only
 
   def build():
-    model = models.create_model(config.model.name, rngs=nnx.Rngs(config.seed), **overrides)
+    model = models.create_model(config.model.name, rngs=nnx.Rngs(config.seed), **kwargs)
     return model, nnx.Optimizer(model, tx, wrt=nnx.Param)
 
   try:
+    kwargs = train.model_kwargs(config, task, meta)
     abstract = nnx.eval_shape(build)
   except (TypeError, ValueError) as e:  # e.g. a config.model key the model does not take
     raise AotError(f"cannot build {config.model.name}: {first_line(e)}") from e

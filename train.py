@@ -42,6 +42,7 @@ import orbax.checkpoint as ocp
 import tqdm
 from flax import nnx
 
+from configs import common
 import data
 import models
 import ops
@@ -292,12 +293,24 @@ def make_optimizer(config, schedule) -> optax.GradientTransformation:
   return tx
 
 
+def model_kwargs(config, task, meta: dict) -> dict:
+  """create_model's keywords: those config.model sets (None keeps the variant's value), then what
+  the data decides (the classes, the vocabulary), which a config may not contradict."""
+  kwargs = common.model_overrides(config)
+  from_data = task.model_overrides(meta)
+  for key in sorted(kwargs.keys() & from_data.keys()):
+    if kwargs[key] != from_data[key]:
+      raise ValueError(f"model.{key}={kwargs[key]!r}, but the data {config.data.name} has "
+                       f"{key}={from_data[key]!r}; leave model.{key} unset")
+  return kwargs | from_data
+
+
 def create_model_and_optimizer(config, meta: dict, task, mesh, tx=None):
   """Builds model (and optimizer) inside jit so every array is born with its sharding."""
-  overrides = {k: v for k, v in config.model.items() if k != "name"} | task.model_overrides(meta)
+  kwargs = model_kwargs(config, task, meta)
 
   def build():
-    model = models.create_model(config.model.name, rngs=nnx.Rngs(config.seed), **overrides)
+    model = models.create_model(config.model.name, rngs=nnx.Rngs(config.seed), **kwargs)
     return (model, nnx.Optimizer(model, tx, wrt=nnx.Param)) if tx is not None else (model,)
 
   with jax.set_mesh(mesh):
@@ -566,7 +579,6 @@ def check_resumed_config(config, workdir: str) -> dict[str, tuple]:
 
 @functools.cache
 def _base_config() -> dict:
-  from configs import common
   return _flat(json.loads(common.base_config().to_json_best_effort()))
 
 
@@ -984,9 +996,6 @@ def _flag_error(error: BaseException, argv: list[str]) -> str:
   flag = next((f for f in overrides if f.rsplit(".", 1)[-1] == missing), None)
   if isinstance(error, KeyError) and flag:  # a key the config does not have
     hint = " ".join(lines[1:])  # ml_collections' "Did you mean ...?"
-    if flag.startswith("--config.model.") and not hint:
-      hint = (f"A model keyword the config does not list is set in a config file built on it "
-              f"(c.model.{missing} = ...).")
     return f"{flag}: the config has no key {missing!r}. {hint}".strip()
   return " ".join(lines)
 

@@ -52,7 +52,7 @@ def get_config(arg: str = "in1k") -> ml_collections.ConfigDict:
     c.log_every_steps = 2
     c.eval_every_steps = 4
     c.schedule.warmup_steps = 2
-  return c
+  return common.with_model_keywords(c)
 
 
 def _in1k(arg) -> ml_collections.ConfigDict:

@@ -8,7 +8,9 @@ with a "did you mean" suggestion).
 from __future__ import annotations
 
 import ml_collections
+from ml_collections import config_dict
 
+import models
 from ops import sharding
 
 # Per-channel pixel statistics (pixel / 255) for `config.input.mean` / `std`.
@@ -50,6 +52,7 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.model = ml_collections.ConfigDict()
   c.model.name = ""               # a models.list_models() name; other keys of c.model are overrides
+  # (with_model_keywords lists every keyword of the model; None = the variant's value)
   c.model.dtype = "float32"       # compute; "bfloat16" on accelerators (softmax, norms, loss stay f32)
   c.model.param_dtype = "float32"  # storage: f32 master weights
 
@@ -136,6 +139,21 @@ def base_config() -> ml_collections.ConfigDict:
   # or --config.mesh.rules.embed='()' to keep the model width whole.
   c.mesh.rules = ml_collections.ConfigDict(sharding.RULES)
   return c
+
+
+def with_model_keywords(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Lists every keyword of the model `c.model.name` builds in `c.model`, so that each is a
+  command-line override (`--config.model.drop_path_rate=0.2`). A keyword the config does not set
+  holds None: the variant's value, whatever variant the name is later changed to."""
+  for key, field_type in models.model_keywords(c.model.name).items():
+    if key not in c.model:
+      c.model[key] = config_dict.placeholder(field_type)
+  return c
+
+
+def model_overrides(c: ml_collections.ConfigDict) -> dict:
+  """The keywords `c.model` sets for `models.create_model(c.model.name, ...)`."""
+  return {k: v for k, v in c.model.items() if k != "name" and v is not None}
 
 
 def fashion_mnist_config() -> ml_collections.ConfigDict:

@@ -42,7 +42,7 @@ _NO_TIME_MARKS = ("solar", "pems03", "pems04", "pems07", "pems08")  # the offici
 def get_config(arg: str = "etth1_96") -> ml_collections.ConfigDict:
   arg = common.parse_arg(arg, setting="etth1_96", runlocal=False, seed=2023)
   if arg.setting == "digits":
-    return _digits_config(arg)
+    return common.with_model_keywords(_digits_config(arg))
   dataset, _, horizon = arg.setting.rpartition("_")
   if dataset not in _DATASETS or not horizon.isdigit():
     raise ValueError(f"unknown iTransformer setting {arg.setting!r}; expected <dataset>_<horizon> "
@@ -87,7 +87,7 @@ def get_config(arg: str = "etth1_96") -> ml_collections.ConfigDict:
     c.total_steps = 20
     c.log_every_steps = 5
     c.eval_every_steps = 10
-  return c
+  return common.with_model_keywords(c)
 
 
 def _digits_config(arg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

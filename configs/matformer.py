@@ -97,7 +97,7 @@ def get_config(arg: str = "lm_tiny_shakespeare") -> ml_collections.ConfigDict:
       c.data.seq_len = 128
       c.input.batch_size = 2
       c.input.eval_batch_size = 2
-  return c
+  return common.with_model_keywords(c)
 
 
 def _tiny_shakespeare() -> ml_collections.ConfigDict:

@@ -97,7 +97,7 @@ def get_config(arg: str = "tiny_shakespeare") -> ml_collections.ConfigDict:
     c.log_every_steps = 2
     c.eval_every_steps = 4
     c.schedule.warmup_steps = 2
-  return c
+  return common.with_model_keywords(c)
 
 
 def _language_modeling(model: str) -> ml_collections.ConfigDict:

@@ -8,11 +8,15 @@ Each family file ends with its variant table and registers every variant::
 """
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
 import difflib
 import fnmatch
 import importlib
+import inspect
 import pkgutil
+import types
+import typing
 from typing import Any, Callable
 
 import jax
@@ -69,6 +73,34 @@ def model_info(name: str) -> ModelInfo:
     raise ValueError(f"unknown model {name!r}" + (f"; did you mean {', '.join(hint)}?" if hint else
                      f"; see models.list_models() for the {len(_REGISTRY)} registered names"))
   return _REGISTRY[name]
+
+
+def model_keywords(name: str) -> dict[str, type]:
+  """Every keyword `create_model(name, ...)` takes, with the type a config holds it as: tuples for
+  sequences, names for dtypes, the annotated type for a keyword whose default is None."""
+  info = model_info(name)
+  init = info.builder.__init__
+  try:
+    hints = typing.get_type_hints(init)
+  except NameError:  # an annotation only a type checker can resolve
+    hints = {}
+  return {p.name: _config_type(p.name, hints.get(p.name), info.defaults.get(p.name, p.default))
+          for p in inspect.signature(init).parameters.values()
+          if p.name not in ("self", "rngs") and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+
+
+def _config_type(name: str, hint: Any, default: Any) -> type:
+  if name in _DTYPE_KEYS:
+    return str
+  is_union = typing.get_origin(hint) in (typing.Union, types.UnionType)  # int | None
+  options = [a for a in typing.get_args(hint) if a is not type(None)] if is_union else [hint]
+  for candidate in [*options, type(default)]:
+    candidate = typing.get_origin(candidate) or candidate
+    if candidate in (collections.abc.Sequence, list, tuple):
+      return tuple
+    if candidate in (int, float, str, bool):
+      return candidate
+  return object  # read as a Python literal
 
 
 def create_model(name: str, *, rngs: nnx.Rngs | None = None, **overrides) -> nnx.Module:

@@ -29,7 +29,7 @@ ITRANSFORMER_SETTINGS = [f"{d}_{h}" for d in ("etth1", "etth2", "ettm1", "ettm2"
 def trace_logits(config, num_classes):
   """Builds the config's model abstractly (no weights) and traces a batch of 2 images at the
   config's image size: the model accepts that size (windows, regions, filters divide its maps)."""
-  overrides = {k: v for k, v in config.model.items() if k != "name"}
+  overrides = common.model_overrides(config)
   abstract = nnx.eval_shape(lambda: models.create_model(
       config.model.name, num_classes=num_classes, rngs=nnx.Rngs(0), **overrides))
   graphdef, state = nnx.split(abstract)
@@ -147,8 +147,10 @@ def test_tnl_tiny_shakespeare_is_the_softmax_baselines_recipe():
   for arg in ("", ",runlocal,seed=3"):
     ours = transnormer_config.get_config("tiny_shakespeare" + arg).to_dict()
     baseline = matformer_config.get_config("lm_tiny_shakespeare" + arg).to_dict()
-    assert ours.pop("model") == {"name": "transnormer_llm_tiny", **F32}
-    assert baseline.pop("model") == {"name": "transformer_lm_tiny", **F32}
+    ours_model, baseline_model = ours.pop("model"), baseline.pop("model")
+    assert ours_model["name"] == "transnormer_llm_tiny" and baseline_model["name"] == "transformer_lm_tiny"
+    for model in (ours_model, baseline_model):  # the variant's own values
+      assert {k: v for k, v in model.items() if v is not None} == {"name": model["name"], **F32}
     assert ours == baseline
   sizes = [models.count_params(nnx.eval_shape(
       lambda n=name: models.create_model(n, rngs=nnx.Rngs(0))))
@@ -235,7 +237,7 @@ def test_every_maxvit_setting_names_its_model_at_its_image_size(arg):
   config = maxvit_config.get_config(arg)
   info = models.model_info(config.model.name)
   assert info.family == "maxvit"
-  overrides = {k: v for k, v in config.model.items() if k != "name"}
+  overrides = common.model_overrides(config)
   assert set(overrides) <= set(inspect.signature(MaxViT.__init__).parameters)
   kwargs = {**info.defaults, **overrides}
   # MaxViT takes no padding: the input is a multiple of 2^(stages + 1) x window
@@ -317,4 +319,14 @@ def test_accelerator_recipes_compute_in_bfloat16_and_cpu_recipes_in_float32():
   wrong = [(module.__name__, arg, dtypes(module, arg)) for (module, arg), want in expected
            if dtypes(module, arg) != want]
   assert len(BF16_RECIPES) == 51 and len(F32_RECIPES) == 61
+  assert not wrong
+
+
+def test_every_recipe_lists_exactly_its_models_keywords():
+  # Each keyword is then a command-line override: --config.model.<keyword>=...
+  wrong = []
+  for module, arg in BF16_RECIPES + F32_RECIPES:
+    model = module.get_config(arg).model
+    if set(model) != {"name", *models.model_keywords(model.name)}:
+      wrong.append((module.__name__, arg, set(model) ^ {"name", *models.model_keywords(model.name)}))
   assert not wrong

@@ -17,6 +17,7 @@ import models
 import ops
 import tasks
 import train
+from configs import common
 from configs import matformer as matformer_config
 from models import layers, matformer
 from models.matformer import MatLM, alibi_slopes, apply_rope
@@ -667,7 +668,7 @@ def test_matvit_api_and_inputs():
                                  "matvit_fashion_mnist,objective=sample,runlocal"])
 def test_every_matformer_setting_builds_its_model(arg):
   config = matformer_config.get_config(arg)
-  overrides = {k: v for k, v in config.model.items() if k != "name"}
+  overrides = common.model_overrides(config)
   meta = {"vocab_size": 256} if config.task == "language_modeling" else {"num_classes": 10}
   task = tasks.from_config(config)
   model = nnx.eval_shape(lambda: models.create_model(config.model.name, **overrides,

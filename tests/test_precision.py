@@ -19,6 +19,7 @@ import models
 import ops
 import tasks
 import train
+from configs import common
 from configs import biformer as biformer_config
 from configs import hornet as hornet_config
 from configs import itransformer as itransformer_config
@@ -38,7 +39,7 @@ WIDE_ENOUGH = (F32, jnp.dtype(jnp.complex64))
 def _recipe_model(config_module, arg: str, **overrides):
   """A builder of the model a CPU recipe trains (its config's model overrides)."""
   config = config_module.get_config(arg)
-  recipe = {k: v for k, v in config.model.items() if k != "name"}
+  recipe = common.model_overrides(config)
   return functools.partial(models.create_model, config.model.name, **{**recipe, **overrides})
 
 

@@ -17,8 +17,9 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-
+from absl import flags
 from flax import nnx
+from ml_collections import config_flags
 
 import data
 import models
@@ -147,9 +148,12 @@ def test_resuming_with_another_model_is_refused_and_the_config_history_is_kept(t
   assert train.config_history(str(workdir))[1:] == [str(workdir / "config.resume_40.json")]
   assert json.loads((workdir / "config.resume_40.json").read_text())["total_steps"] == 45
   assert train.check_resumed_config(longer, str(workdir)) == {}
-  # A run saved before the zoo's configs gained a key (data.file) resumes: it held the default.
+  # A run saved before the zoo's configs gained a key (data.file, the model's keywords) resumes:
+  # it held the default.
   saved = json.loads((workdir / "config.resume_40.json").read_text())
   del saved["data"]["file"]
+  assert saved["model"]["d_ff"] is None
+  saved["model"] = {k: v for k, v in saved["model"].items() if v is not None}
   (workdir / "config.resume_40.json").write_text(json.dumps(saved))
   assert train.check_resumed_config(longer, str(workdir)) == {}
   assert set(train.check_resumed_config(digits_config(**CHECKPOINTS), str(workdir))) == {
@@ -295,9 +299,12 @@ def test_the_custom_dataset_is_named_from_the_command_line(tmp_path):
     (["--config", "configs/itransformer.py:digits", "--config.optimizer.lrr=1"],
      "error: --config.optimizer.lrr: the config has no key 'lrr'. Did you mean \"lr\" instead of "
      "\"lrr\"?"),
-    (["--config", "configs/itransformer.py:digits", "--config.model.d_model=32"],
-     "error: --config.model.d_model: the config has no key 'd_model'. A model keyword the config "
-     "does not list is set in a config file built on it (c.model.d_model = ...)."),
+    (["--config", "configs/itransformer.py:digits", "--config.model.d_modle=32"],
+     "error: --config.model.d_modle: the config has no key 'd_modle'. Did you mean \"d_model\" "
+     "instead of \"d_modle\"?"),
+    (["--config", "configs/itransformer.py:digits,runlocal", "--config.model.num_classes=5"],
+     "error: model.num_classes=5, but the data digits has num_classes=10; leave model.num_classes "
+     "unset"),
     (["--config", "configs/maxvit.py:nope"],
      "error: unknown MaxViT setting 'nope'; expected one of ('in1k', 'fashion_mnist', 'finetune')"),
 ])
@@ -306,6 +313,36 @@ def test_command_line_mistakes_end_in_one_line(tmp_path, args, message):
   assert out.returncode == 1
   assert out.stderr.strip().splitlines()[-1] == message
   assert "Traceback" not in out.stderr
+
+
+def _parsed_config(monkeypatch, *args):
+  """The config train.py's flags give for `--config *args`."""
+  argv = ["train.py", "--config", *args]
+  monkeypatch.setattr(sys, "argv", argv)  # where config_flags reads the overrides
+  flag_values = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", flag_values=flag_values, lock_config=True)
+  flag_values(argv)
+  return flag_values.config
+
+
+def test_every_model_keyword_is_set_from_the_command_line(monkeypatch):
+  # A tuple, a keyword whose default is None (an int placeholder), a float, a string.
+  config = _parsed_config(monkeypatch, "configs/maxvit.py:fashion_mnist", "--config.model.depths=(1,2,1)",
+                          "--config.model.window_size=4", "--config.model.drop_path_rate=0")
+  assert config.model.head_hidden_size is None  # not set: the variant's value
+  model = _built(config)
+  assert [len(stage.blocks) for stage in model.stages] == [1, 2, 1]
+  assert model.window_size == 4 and config.model.drop_path_rate == 0.0
+
+  config = _parsed_config(monkeypatch, "configs/itransformer.py:digits", "--config.model.d_model=32",
+                          "--config.model.activation=relu")
+  assert _built(config).embed.kernel.shape[-1] == 32 and config.model.activation == "relu"
+
+
+def _built(config):
+  meta = data.abstract_meta(config.data)
+  with train.on_mesh(config) as mesh:
+    return train.create_model_and_optimizer(config, meta, tasks.from_config(config), mesh)[0]
 
 
 def test_damaged_official_checkpoints_are_refused_with_their_name(tmp_path):

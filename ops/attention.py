@@ -698,9 +698,10 @@ def _cudnn_reason(q, k, v, bias, segment_ids) -> str | None:
     return f"cuDNN needs equal q/v head dims, a multiple of 8 and <= 256, got {d} and {dv}"
   if segment_ids is not None:
     return "cuDNN takes no segment ids here"
-  if bias is not None and (q.shape[1] % 2 or k.shape[1] % 2):
-    return (f"cuDNN's bias gradient needs even lengths, got q_len {q.shape[1]}, "
-            f"kv_len {k.shape[1]}")
+  if q.shape[1] % 2 or k.shape[1] % 2:
+    # jax's cuDNN gradient takes its own stand-in for bias=None as a bias, and a bias gradient
+    # needs even lengths; whether a gradient will be taken is not known here.
+    return (f"cuDNN's gradient needs even lengths, got q_len {q.shape[1]}, kv_len {k.shape[1]}")
   return None
 
 
@@ -720,7 +721,7 @@ def attention(q, k, v, *, bias=None, segment_ids=None, causal=False, scale=None,
 
   * ``None``: the best that serves the call on this platform (``ops.dispatch``): on GPU cuDNN
     (through ``jax.nn.dot_product_attention``) when it supports the case (bf16/f16, head dim a
-    multiple of 8 up to 256, no segment ids, even lengths with a bias), else the Pallas kernel,
+    multiple of 8 up to 256, no segment ids, even lengths), else the Pallas kernel,
     else the reference; on TPU the Pallas kernel; on CPU the reference (never interpret mode).
   * ``"xla"``: the jnp reference. ``"pallas"``: the Pallas kernel (interpret mode on CPU).
     ``"cudnn"``: cuDNN. A named implementation that cannot serve the call raises ValueError.

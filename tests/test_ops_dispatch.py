@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 from jax import export
+from jax._src.cudnn import fused_attention_stablehlo  # its version check, stubbed: no GPU here
 
 import ops
 from ops import dispatch
@@ -30,6 +31,7 @@ def test_none_on_cpu_is_the_reference_never_interpret_mode():
     (dict(dtype=jnp.bfloat16), "cudnn"),
     (dict(dtype=jnp.float32), "pallas"),                          # cuDNN: no f32
     (dict(dtype=jnp.bfloat16, length=49, bias=True), "pallas"),   # cuDNN: odd length with a bias
+    (dict(dtype=jnp.bfloat16, length=49), "pallas"),              # cuDNN: odd length, no bias
     (dict(dtype=jnp.bfloat16, segments=True), "pallas"),          # cuDNN: no segment ids
     (dict(dtype=jnp.float32, head_dim=48), "xla"),                # Triton: power-of-two head dims
 ])
@@ -98,3 +100,18 @@ def test_kernels_lower_for_device(platform, target, name):
   text = exported.mlir_module()
   kernels = text.count("xla.gpu.triton") if platform == "cuda" else text.count("tpu_custom_call")
   assert kernels == case["kernels"]  # forward, dK/dV, dQ (+ dbias)
+
+
+@pytest.mark.parametrize("length, want", [(49, "xla.gpu.triton"), (50, "__cudnn$fmhaSoftmaxBackward")])
+def test_bf16_attention_trains_on_gpu_at_odd_and_even_lengths(monkeypatch, length, want):
+  # BiFormer-T's stage 4 attends over 7 x 7 = 49 tokens. jax's cuDNN gradient refuses odd lengths
+  # even without a bias ("Unsupported sequence length Q 49, KV 49"); they go to the Pallas kernel.
+  monkeypatch.setattr(dispatch, "platform", lambda: "gpu")
+  monkeypatch.setattr(fused_attention_stablehlo, "check_cudnn_version", lambda: 91000)  # cuDNN 9.10
+  q = jnp.zeros((2, length, 4, 32), jnp.bfloat16)
+  loss = lambda q, k, v: jnp.sum(attention_fn(q, k, v).astype(jnp.float32))
+  exported = export.export(jax.jit(jax.grad(loss, (0, 1, 2))), platforms=["cuda"], disabled_checks=[
+      export.DisabledSafetyCheck.custom_call(name)
+      for name in ("__gpu$xla.gpu.triton", "__cudnn$fmhaSoftmax", "__cudnn$fmhaSoftmaxBackward")])(
+          q, q, q)
+  assert want in exported.mlir_module()

@@ -20,9 +20,14 @@ Implementations:
   take bf16/f16 operands as they are (f32 accumulation) and f32 operands at full precision. The
   same kernel body lowers with Triton on GPU, with Mosaic on TPU (both checked by exporting from a
   CPU in the tests) and runs in the interpreter on CPU.
-* ``attention(..., implementation=None | "xla" | "pallas" | "cudnn")`` dispatches through
-  ``ops.dispatch``: cuDNN where it serves the case on GPU, else the Pallas kernel; the reference
-  on CPU.
+* ``attention_tpu_flash``: jax's own TPU flash attention
+  (``jax.experimental.pallas.ops.tpu.flash_attention``), whose kernels stream K/V (forward, dQ) and
+  Q/dO (dK/dV) through VMEM in 128-blocks: memory independent of the length, where the kernel
+  above holds a whole (batch, head) sequence per block. It needs lengths that are multiples of 128.
+* ``attention(..., implementation=None | "xla" | "pallas" | "cudnn" | "tpu_flash")`` dispatches
+  through ``ops.dispatch``: cuDNN where it serves the case on GPU, else the Pallas kernel; on TPU
+  jax's flash attention where it serves (long sequences), else the Pallas kernel (windows, ragged
+  lengths); the reference on CPU.
 """
 from __future__ import annotations
 
@@ -679,11 +684,68 @@ def _pallas_args(q, k, v, bias, segment_ids, causal, scale, block_q, block_k, ta
 
 
 # --------------------------------------------------------------------------------------------------
+# jax's TPU flash attention
+# --------------------------------------------------------------------------------------------------
+
+_TPU_FLASH_BLOCK = 128  # its default blocks, which the lengths must be multiples of
+
+
+def attention_tpu_flash(q, k, v, *, bias=None, segment_ids=None, causal=False, scale=None):
+  """``attention`` through jax's TPU flash attention, per shard of the batch and the heads.
+
+  Its layout is ``[B, H, L, D]`` (q, k, v are transposed in and out) and its bias is
+  ``[B, H, Lq, Lk]``: a bias shared over the batch or heads is broadcast per shard, and its gradient
+  summed back by the broadcast's transpose. f32 inputs run at the TPU's default matmul precision,
+  as XLA's own f32 dots do there; the Pallas kernel above runs them at full precision.
+  """
+  bias, q_seg, kv_seg = _validate(q, k, v, bias, segment_ids)
+  reason = _tpu_flash_shape_reason(q, k, v)
+  if reason:
+    raise ValueError(f"attention_tpu_flash: {reason}")
+  flash = functools.partial(_tpu_flash, causal=bool(causal), scale=_default_scale(scale, q.shape[-1]))
+  return sharding.shard_map(flash, _KERNEL_AXES, _QKV_AXES)(q, k, v, bias, q_seg, kv_seg)
+
+
+def _tpu_flash(q, k, v, bias, q_seg, kv_seg, *, causal, scale):
+  from jax.experimental.pallas.ops.tpu import flash_attention as tpu_flash
+  heads_first = lambda x: jnp.swapaxes(x, 1, 2)
+  (b, lq, h, _), lk = q.shape, k.shape[1]
+  if bias is not None:  # it scales q k^T + bias; this op adds the bias after the scale
+    bias = jnp.broadcast_to(bias.astype(_F32) / scale, (b, h, lq, lk))
+  segments = None if q_seg is None else tpu_flash.SegmentIds(q=q_seg, kv=kv_seg)
+  out = heads_first(tpu_flash.flash_attention(heads_first(q), heads_first(k), heads_first(v), bias,
+                                              segments, causal=causal, sm_scale=scale))
+  if q_seg is None:  # with top-left causal masking alone, every query sees key 0
+    return out
+  # A query none of whose keys is unmasked gets the mean of v there; this op's rows give 0.
+  seen = q_seg[:, :, None] == kv_seg[:, None, :]
+  if causal:
+    seen = seen & (jnp.arange(lq)[:, None] >= jnp.arange(lk)[None, :])
+  return jnp.where(jnp.any(seen, axis=-1)[:, :, None, None], out, 0).astype(out.dtype)
+
+
+def _tpu_flash_shape_reason(q, k, v) -> str | None:
+  if v.shape[-1] != q.shape[-1]:
+    return f"jax's TPU flash attention needs equal q and v head dims, got {q.shape[-1]}, {v.shape[-1]}"
+  if q.shape[1] % _TPU_FLASH_BLOCK or k.shape[1] % _TPU_FLASH_BLOCK:
+    return (f"jax's TPU flash attention needs lengths that are multiples of {_TPU_FLASH_BLOCK}, "
+            f"got q_len {q.shape[1]}, kv_len {k.shape[1]}")
+  return None
+
+
+def _tpu_flash_reason(q, k, v) -> str | None:
+  if dispatch.platform() != "tpu":
+    return f"jax's TPU flash attention needs a TPU, the platform is {dispatch.platform()}"
+  return _tpu_flash_shape_reason(q, k, v)
+
+
+# --------------------------------------------------------------------------------------------------
 # Dispatch
 # --------------------------------------------------------------------------------------------------
 
 
-_PREFERENCE = {"cpu": ("xla",), "gpu": ("cudnn", "pallas", "xla"), "tpu": ("pallas", "xla")}
+_PREFERENCE = {"cpu": ("xla",), "gpu": ("cudnn", "pallas", "xla"),
+               "tpu": ("tpu_flash", "pallas", "xla")}
 _CUDNN_DTYPES = (jnp.float16, jnp.bfloat16)
 
 
@@ -722,20 +784,26 @@ def attention(q, k, v, *, bias=None, segment_ids=None, causal=False, scale=None,
   * ``None``: the best that serves the call on this platform (``ops.dispatch``): on GPU cuDNN
     (through ``jax.nn.dot_product_attention``) when it supports the case (bf16/f16, head dim a
     multiple of 8 up to 256, no segment ids, even lengths), else the Pallas kernel,
-    else the reference; on TPU the Pallas kernel; on CPU the reference (never interpret mode).
+    else the reference; on TPU jax's flash attention when the lengths are multiples of 128, else
+    the Pallas kernel; on CPU the reference (never interpret mode).
   * ``"xla"``: the jnp reference. ``"pallas"``: the Pallas kernel (interpret mode on CPU).
-    ``"cudnn"``: cuDNN. A named implementation that cannot serve the call raises ValueError.
+    ``"cudnn"``: cuDNN. ``"tpu_flash"``: jax's TPU flash attention. A named implementation that
+    cannot serve the call raises ValueError.
   """
   reasons = {
       "xla": lambda: None,
       "pallas": lambda: _pallas_reason(q, v),
       "cudnn": lambda: _cudnn_reason(q, k, v, bias, segment_ids),
+      "tpu_flash": lambda: _tpu_flash_reason(q, k, v),
   }
   chosen = dispatch.choose("attention", implementation, reasons, _PREFERENCE)
   if chosen == "cudnn":
     bias, _, _ = _validate(q, k, v, bias, None)
     return jax.nn.dot_product_attention(q, k, v, bias=bias, scale=scale, is_causal=causal,
                                         implementation="cudnn")
+  if chosen == "tpu_flash":
+    return attention_tpu_flash(q, k, v, bias=bias, segment_ids=segment_ids, causal=causal,
+                               scale=scale)
   if chosen == "xla":
     return attention_reference(q, k, v, bias=bias, segment_ids=segment_ids, causal=causal,
                                scale=scale)

@@ -6,6 +6,7 @@ wraps them, and cannot without it; abstract batches are the pipeline's; `python 
 and reports a small config and refuses one that cannot fit. Skipped only without libtpu
 (pip install -e ".[tpu]"), which CI installs.
 """
+import functools
 import importlib.util
 import os
 import pathlib
@@ -40,26 +41,44 @@ def v5e_chips():
   return aot.tpu_devices("v5e:2x2")
 
 
-def _compile_attention_grad(devices, mesh_axes: dict, attention_fn):
-  """jit(grad) of attention over q, k, v [B, L, H, D] bf16 split by batch (and heads on tensor)."""
+def _compile_attention_grad(devices, mesh_axes: dict, attention_fn, shape=(B, L, H, D),
+                            dtype=jnp.bfloat16, bias=False):
+  """jit(grad) of attention over q, k, v [B, L, H, D] split by batch (and heads on tensor), with
+  an f32 bias [B, H, L, L] if `bias`."""
   mesh = train.make_mesh(ml_collections.ConfigDict(mesh_axes), devices=devices)
   split = jax.sharding.NamedSharding(mesh, jax.P(("data", "fsdp"), None, "tensor"))
-  q = jax.ShapeDtypeStruct((B, L, H, D), jnp.bfloat16, sharding=split)
-  loss = lambda q, k, v: attention_fn(q, k, v).astype(jnp.float32).sum()
+  q = jax.ShapeDtypeStruct(shape, dtype, sharding=split)
+  args = [q, q, q]
+  if bias:
+    batch, length, heads, _ = shape
+    args.append(jax.ShapeDtypeStruct((batch, heads, length, length), jnp.float32,
+                                     sharding=jax.sharding.NamedSharding(mesh, jax.P(("data", "fsdp"), "tensor"))))
+  loss = lambda *a: attention_fn(*a).astype(jnp.float32).sum()
   with jax.set_mesh(mesh):
-    return jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(q, q, q).lower().compile()
+    return jax.jit(jax.grad(loss, argnums=tuple(range(len(args))))).trace(*args).lower().compile()
 
 
+# The Mosaic kernels of a forward and backward: the zoo's Pallas kernel, and jax's flash attention
+# (which the TPU dispatch prefers at lengths that are multiples of its 128-blocks).
+KERNELS = {
+    "pallas": {"attention_fwd", "attention_bwd_dkdv", "attention_bwd_dq"},
+    "tpu_flash": {"jit(flash_attention)",
+                  "flash_mha_bwd_dkv_block_q_major=128_block_q=128_block_k_major=128_block_k=128",
+                  "flash_mha_bwd_dq_block_q_major=128_block_k_major=128_block_k=128"},
+}
+
+
+@pytest.mark.parametrize("implementation", [None, "pallas"], ids=["dispatched", "pallas"])
 @pytest.mark.parametrize("mesh_axes, shard", [
     (dict(data=4, fsdp=1, tensor=1), (B // 4, H)),       # batch split 4 ways
     (dict(data=2, fsdp=1, tensor=2), (B // 2, H // 2)),  # batch 2 ways, heads 2 ways
 ], ids=["data4", "data2_tensor2"])
-def test_attention_compiles_to_mosaic_kernels_per_shard(v5e_chips, mesh_axes, shard):
-  # ops.attention's dispatch follows the mesh: TPU, so the Pallas kernel, targeted at Mosaic.
-  compiled = _compile_attention_grad(v5e_chips, mesh_axes, ops.attention)
+def test_attention_compiles_to_mosaic_kernels_per_shard(v5e_chips, mesh_axes, shard, implementation):
+  # ops.attention's dispatch follows the mesh: TPU, so Mosaic kernels.
+  compiled = _compile_attention_grad(
+      v5e_chips, mesh_axes, functools.partial(ops.attention, implementation=implementation))
   hlo = compiled.as_text()
-  assert aot.mosaic_kernels(hlo) == {"attention_fwd": 1, "attention_bwd_dkdv": 1,
-                                     "attention_bwd_dq": 1}
+  assert aot.mosaic_kernels(hlo) == dict.fromkeys(KERNELS[implementation or "tpu_flash"], 1)
   kernel_lines = [line for line in hlo.splitlines()
                   if 'custom_call_target="tpu_custom_call"' in line]
   per_shard = f"bf16[{shard[0]},{shard[1]},{L},{D}]"   # the kernels' [B, H, L, D] blocks
@@ -67,6 +86,23 @@ def test_attention_compiles_to_mosaic_kernels_per_shard(v5e_chips, mesh_axes, sh
   # Each chip holds its quarter of q, k and v, nothing more.
   q_bytes = B * L * H * D * 2
   assert compiled.memory_analysis().argument_size_in_bytes == 3 * q_bytes // 4
+
+
+@pytest.mark.parametrize("dtype, bias, heads", [(jnp.bfloat16, False, 8), (jnp.float32, True, 1)],
+                         ids=["bf16", "f32_bias"])
+def test_long_attention_fits_in_vmem(v5e_chips, dtype, bias, heads):
+  # 32K tokens per sequence, one per chip. The zoo's Pallas kernel holds a whole (batch, head)
+  # sequence per block and runs out of scoped VMEM from 16K (bf16) and 8K (f32 with a bias) on;
+  # jax's flash attention streams 128-blocks.
+  length, mesh_axes = 32768, dict(data=4, fsdp=1, tensor=1)
+  fn = lambda q, k, v, bias=None, implementation=None: ops.attention(
+      q, k, v, bias=bias, implementation=implementation)
+  compiled = _compile_attention_grad(v5e_chips, mesh_axes, fn, shape=(4, length, heads, D),
+                                     dtype=dtype, bias=bias)
+  assert set(aot.mosaic_kernels(compiled.as_text())) == KERNELS["tpu_flash"]
+  with pytest.raises(Exception, match="CompileTimeScopedVmemOom"):
+    _compile_attention_grad(v5e_chips, mesh_axes, functools.partial(fn, implementation="pallas"),
+                            shape=(4, length // 2, heads, D), dtype=dtype, bias=bias)
 
 
 def test_mosaic_kernel_without_the_shard_map_cannot_be_partitioned(v5e_chips):

@@ -6,7 +6,8 @@ import pytest
 
 from ops import attention, attention_pallas, attention_reference
 from ops import testing as ops_testing
-from ops.attention import _check_pallas_supported, attention_pallas_with_lse
+from jax.experimental.pallas import tpu as pltpu
+from ops.attention import _check_pallas_supported, attention_pallas_with_lse, attention_tpu_flash
 
 HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -79,10 +80,10 @@ def _loss(fn, do):
   return lambda q, k, v, bias: jnp.sum(fn(q, k, v, bias) * do)
 
 
-def _compare(q, k, v, bias=None, **kw):
+def _compare(q, k, v, bias=None, kernel=attention_pallas, **kw):
   do = jax.random.normal(jax.random.key(7), q.shape[:3] + v.shape[3:])
   ref = lambda q_, k_, v_, b_: attention_reference(q_, k_, v_, bias=b_, **kw)
-  ker = lambda q_, k_, v_, b_: attention(q_, k_, v_, bias=b_, implementation="pallas", **kw)
+  ker = lambda q_, k_, v_, b_: kernel(q_, k_, v_, bias=b_, **kw)
   argnums = (0, 1, 2) if bias is None else (0, 1, 2, 3)
   out_r, g_r = jax.jit(jax.value_and_grad(_loss(ref, do), argnums))(q, k, v, bias)
   out_k, g_k = jax.jit(jax.value_and_grad(_loss(ker, do), argnums))(q, k, v, bias)
@@ -125,6 +126,33 @@ def test_kernel_segment_ids_with_fully_masked_row(causal):
   _compare(q, k, v, bias, segment_ids=q_seg, causal=causal)
 
 
+# jax's TPU flash attention, interpreted: the zoo's semantics on its [B, H, L, D] kernels.
+@pytest.mark.parametrize("case", [
+    dict(causal=True, d=128),
+    dict(bias=(1, 2, 256, 256), scale=0.2),         # shared over the batch: broadcast per shard
+    dict(bias=(2, 2, 256, 256), causal=True),
+    dict(segments=True, causal=True),               # with a query row that sees no key
+], ids=["causal_hd128", "bias_shared", "bias_per_batch_causal", "segments_causal"])
+def test_tpu_flash_matches_reference(case):
+  q, k, v = _qkv(2, 256, 2, case.get("d", 64), seed=21)
+  bias = jax.random.normal(jax.random.key(22), case["bias"]) if "bias" in case else None
+  kw = {key: case[key] for key in ("causal", "scale") if key in case}
+  if case.get("segments"):
+    segments = jnp.concatenate([jnp.zeros((2, 128), jnp.int32), jnp.ones((2, 128), jnp.int32)], 1)
+    kw["segment_ids"] = (segments.at[0, 7].set(5), segments)
+  with pltpu.force_tpu_interpret_mode():
+    if case.get("segments"):
+      out = attention_tpu_flash(q, k, v, **kw)
+      np.testing.assert_array_equal(np.asarray(out[0, 7]), 0.0)
+    _compare(q, k, v, bias, kernel=attention_tpu_flash, **kw)
+
+
+def test_tpu_flash_refuses_lengths_off_its_blocks():
+  q, k, v = _qkv(1, 200, 2, 32)
+  with pytest.raises(ValueError, match="multiples of 128, got q_len 200, kv_len 200"):
+    attention_tpu_flash(q, k, v)
+
+
 def test_kernel_cross_attention_and_length_broadcast_bias():
   q, k, v = _qkv(2, 30, 2, 32, seed=11, lk=49)
   key_bias = jnp.where(jnp.arange(49) < 40, 0.0, -1e9)[None, None, None, :]  # [1, 1, 1, Lk]
@@ -159,8 +187,10 @@ def _attention_lowp(q, k, v, bias, causal):
   return jnp.einsum("bhqk,bkhd->bqhd", p, v, preferred_element_type=jnp.float32).astype(q.dtype)
 
 
-@pytest.mark.parametrize("l,causal", [(49, False), (197, True)])
-def test_kernel_bf16_error_ratio_rule(l, causal):
+@pytest.mark.parametrize("l,causal,kernel", [(49, False, attention_pallas),
+                                             (197, True, attention_pallas),
+                                             (256, True, attention_tpu_flash)])
+def test_kernel_bf16_error_ratio_rule(l, causal, kernel):
   """specs/kernels.md §4.4: max|kernel - ref_f32| <= 2x (outputs) / 3x (grads) the error of the
   plain bf16 implementation, + 2x the bf16 round-off of ref_f32."""
   q, k, v = (x.astype(jnp.bfloat16) for x in _qkv(2, l, 2, 32, seed=16 + l))
@@ -173,9 +203,9 @@ def test_kernel_bf16_error_ratio_rule(l, causal):
   ref_f32 = run(lambda *a: attention_reference(*a[:3], bias=a[3], causal=causal),
                 [f32(x) for x in (q, k, v, bias)])
   ref_lowp = run(lambda *a: _attention_lowp(*a, causal=causal), (q, k, v, bias))
-  kernel = run(lambda *a: attention(*a[:3], bias=a[3], causal=causal, implementation="pallas"),
-               (q, k, v, bias))
-  for name, a, r, lp in zip(("out", "dq", "dk", "dv", "dbias"), kernel, ref_f32, ref_lowp):
+  with pltpu.force_tpu_interpret_mode():
+    got = run(lambda *a: kernel(*a[:3], bias=a[3], causal=causal), (q, k, v, bias))
+  for name, a, r, lp in zip(("out", "dq", "dk", "dv", "dbias"), got, ref_f32, ref_lowp):
     assert a.dtype == jnp.bfloat16, name
     factor = ops_testing.OUTPUT_FACTOR if name == "out" else ops_testing.GRADIENT_FACTOR
     ops_testing.assert_error_ratio(a, r, lp, factor=factor, name=name)

@@ -129,16 +129,16 @@ def test_kernel_segment_ids_with_fully_masked_row(causal):
 # jax's TPU flash attention, interpreted: the zoo's semantics on its [B, H, L, D] kernels.
 @pytest.mark.parametrize("case", [
     dict(causal=True, d=128),
-    dict(bias=(1, 2, 256, 256), scale=0.2),         # shared over the batch: broadcast per shard
-    dict(bias=(2, 2, 256, 256), causal=True),
+    dict(bias=(1, 2, 256, 256), scale=0.2, batch=2),  # shared over the batch: broadcast
+    dict(bias=(2, 2, 256, 256), causal=True, batch=2),
     dict(segments=True, causal=True),               # with a query row that sees no key
 ], ids=["causal_hd128", "bias_shared", "bias_per_batch_causal", "segments_causal"])
 def test_tpu_flash_matches_reference(case):
-  q, k, v = _qkv(2, 256, 2, case.get("d", 64), seed=21)
+  q, k, v = _qkv(case.get("batch", 1), 256, 2, case.get("d", 64), seed=21)
   bias = jax.random.normal(jax.random.key(22), case["bias"]) if "bias" in case else None
   kw = {key: case[key] for key in ("causal", "scale") if key in case}
   if case.get("segments"):
-    segments = jnp.concatenate([jnp.zeros((2, 128), jnp.int32), jnp.ones((2, 128), jnp.int32)], 1)
+    segments = jnp.concatenate([jnp.zeros((1, 128), jnp.int32), jnp.ones((1, 128), jnp.int32)], 1)
     kw["segment_ids"] = (segments.at[0, 7].set(5), segments)
   with pltpu.force_tpu_interpret_mode():
     if case.get("segments"):

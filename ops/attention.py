@@ -744,8 +744,6 @@ def _tpu_flash_reason(q, k, v) -> str | None:
 # --------------------------------------------------------------------------------------------------
 
 
-_PREFERENCE = {"cpu": ("xla",), "gpu": ("cudnn", "pallas", "xla"),
-               "tpu": ("tpu_flash", "pallas", "xla")}
 _CUDNN_DTYPES = (jnp.float16, jnp.bfloat16)
 
 
@@ -753,11 +751,16 @@ def _cudnn_reason(q, k, v, bias, segment_ids) -> str | None:
   """Why ``jax.nn.dot_product_attention(implementation="cudnn")`` cannot serve the call."""
   if dispatch.platform() != "gpu":
     return f"cuDNN needs an NVIDIA GPU, the platform is {dispatch.platform()}"
+  capability = dispatch.compute_capability() or (9, 0)  # a CPU tracing for a GPU: Hopper
+  if capability < (8, 0):
+    return f"cuDNN's fused attention needs compute capability 8.0 (Ampere) or later, got {capability}"
   if q.dtype not in _CUDNN_DTYPES:
     return f"cuDNN needs float16/bfloat16 inputs, got {q.dtype}"
   d, dv = q.shape[-1], v.shape[-1]
-  if d != dv or d % 8 or d > 256:
-    return f"cuDNN needs equal q/v head dims, a multiple of 8 and <= 256, got {d} and {dv}"
+  max_d = 256 if capability >= (9, 0) else 128
+  if d != dv or d % 8 or d > max_d:
+    return (f"cuDNN needs equal q/v head dims, a multiple of 8 and <= {max_d} on compute "
+            f"capability {capability}, got {d} and {dv}")
   if segment_ids is not None:
     return "cuDNN takes no segment ids here"
   if q.shape[1] % 2 or k.shape[1] % 2:
@@ -796,7 +799,7 @@ def attention(q, k, v, *, bias=None, segment_ids=None, causal=False, scale=None,
       "cudnn": lambda: _cudnn_reason(q, k, v, bias, segment_ids),
       "tpu_flash": lambda: _tpu_flash_reason(q, k, v),
   }
-  chosen = dispatch.choose("attention", implementation, reasons, _PREFERENCE)
+  chosen = dispatch.choose("attention", implementation, reasons)
   if chosen == "cudnn":
     bias, _, _ = _validate(q, k, v, bias, None)
     return jax.nn.dot_product_attention(q, k, v, bias=bias, scale=scale, is_causal=causal,

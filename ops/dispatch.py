@@ -2,7 +2,7 @@
 
 Every op offers ``implementation=None | "xla" | "pallas" | "cudnn" | ...``. Each implementation
 states, for a concrete call, why it cannot serve it (or ``None`` when it can). ``None`` walks the
-platform's preference order and takes the first that can; naming one that cannot raises a
+platform's order in ``ORDER`` and takes the first that can; naming one that cannot raises a
 ValueError carrying its reason. The CPU order holds only ``"xla"``: interpret mode (what
 ``"pallas"`` means on CPU) is for tests and is never picked silently.
 """
@@ -13,6 +13,26 @@ from typing import Callable, Mapping
 import jax
 
 Reason = str | None  # why an implementation cannot serve a call; None when it can
+
+# Each op's implementations per platform, best first; the last always serves. The libraries that
+# already do the job come first, the zoo's kernels for what they do not do.
+ORDER = {
+    # GPU: cuDNN's fused attention (sm80+; bf16/f16, head dim <= 256 from Hopper on, <= 128
+    # before; even lengths; no segment ids), then the zoo's Triton kernel (a bias and its gradient,
+    # segment ids, f32, odd lengths). jax's Mosaic GPU attention (sm90) serves a subset of what
+    # cuDNN serves (bf16/f16, no bias, no causal backward), so it is not in the order.
+    # TPU: jax's flash attention (lengths multiples of 128; K/V streamed, VMEM independent of L),
+    # then the zoo's Mosaic kernel (windows of 49, ragged lengths: a whole sequence per block).
+    "attention": {"cpu": ("xla",), "gpu": ("cudnn", "pallas", "xla"),
+                  "tpu": ("tpu_flash", "pallas", "xla")},
+    # No library routes regions: the zoo's kernel where it lowers (regions of >= 16 tokens).
+    "routing_attention": {"cpu": ("xla",), "gpu": ("pallas", "xla"), "tpu": ("pallas", "xla")},
+    # The lightning kernel runs only when named until it has been validated and timed on a device.
+    "lightning_attention": {"cpu": ("xla",), "gpu": ("xla",), "tpu": ("xla",)},
+    # TransNormer v1's bidirectional and block-diagonal forms: einsums, no kernel.
+    "norm_attention": {"cpu": ("xla",), "gpu": ("xla",), "tpu": ("xla",)},
+    "diag_attention": {"cpu": ("xla",), "gpu": ("xla",), "tpu": ("xla",)},
+}
 
 
 def platform() -> str:
@@ -25,17 +45,25 @@ def platform() -> str:
   return "gpu" if backend in ("cuda", "rocm") else backend
 
 
+def compute_capability() -> tuple[int, int] | None:
+  """The GPU's CUDA compute capability ((9, 0) on Hopper), or None where no GPU is attached (a
+  CPU tracing for one)."""
+  device = jax.devices()[0]
+  capability = getattr(device, "compute_capability", None)
+  return tuple(int(x) for x in capability.split(".")) if capability else None
+
+
 def choose(op: str, implementation: str | None, reasons: Mapping[str, Callable[[], Reason]],
-           preference: Mapping[str, tuple[str, ...]]) -> str:
+           order: Mapping[str, tuple[str, ...]] | None = None) -> str:
   """Returns the implementation to run.
 
   Args:
-    op: the op's name, for messages.
+    op: the op's name, for messages and its ``ORDER`` entry.
     implementation: what the caller asked for (None: the platform's best).
     reasons: implementation -> a thunk returning why it cannot serve this call (None: it can).
       Thunks keep the checks lazy: a cuDNN check never runs on CPU.
-    preference: platform -> implementations in order of preference; must end with one that always
-      serves (``"xla"``).
+    order: platform -> implementations, best first, ending with one that always serves; None is
+      ``ORDER[op]``.
   """
   if implementation is not None:
     if implementation not in reasons:
@@ -46,7 +74,7 @@ def choose(op: str, implementation: str | None, reasons: Mapping[str, Callable[[
       raise ValueError(f"{op}: implementation={implementation!r} cannot serve this call: {reason}")
     return implementation
   tried = []
-  for name in preference[platform()]:
+  for name in (ORDER[op] if order is None else order)[platform()]:
     reason = reasons[name]()
     if reason is None:
       return name

@@ -55,8 +55,6 @@ from ops.attention import _backend_params, _block_size, _default_target, _round_
 _F32 = jnp.float32
 _HIGHEST = lax.Precision.HIGHEST
 
-# The Pallas kernel runs only when named until it has been validated and timed on a device.
-_PREFERENCE = {"cpu": ("xla",), "gpu": ("xla",), "tpu": ("xla",)}
 # Sequence block of the chunked sweep, both paths: Lightning Attention-2's 64-token tiles. XLA:CPU,
 # fwd+bwd: 64 takes ~25 % (D = E = 64) or ~10 % (128) less time than 128, whose [C, C] products
 # cost twice the flops per token; 32 is up to 10 % faster still on CPU, but too narrow a tile for
@@ -349,7 +347,7 @@ _lightning.defvjp(_lightning_fwd, _lightning_bwd)
 
 def _make_sweep(implementation, head_dim, v_head_dim, name):
   reasons = {"xla": lambda: None, "pallas": lambda: _pallas_reason(head_dim, v_head_dim)}
-  if dispatch.choose(name, implementation, reasons, _PREFERENCE) == "pallas":
+  if dispatch.choose(name, implementation, reasons) == "pallas":
     return _Sweep("pallas", _BLOCK, _default_target())
   return _Sweep("xla", _BLOCK)
 
@@ -450,7 +448,7 @@ def lightning_decode_step(q, k, v, state, decay=None):
 def _xla_only(implementation, name, why):
   """For the cases with no kernel: "pallas" cannot serve them (and says why)."""
   reasons = {"xla": lambda: None, "pallas": lambda: f"{why}, no Pallas kernel"}
-  dispatch.choose(name, implementation, reasons, _PREFERENCE)
+  dispatch.choose(name, implementation, reasons)
 
 
 def simple_rms_norm(x, eps=1e-8):
@@ -503,8 +501,8 @@ def diag_attention(q, k, v, *, block_size=64, causal, softmax, eps=1e-8, dropout
   (zero) keys of the last block.
 
   ``dropout``: a function applied to the per-block probabilities (attention dropout while
-  training). The softmax form without it runs ``ops.attention`` with the block ids as segment ids
-  (``implementation`` is passed on); the other cases are one blocked einsum (only "xla").
+  training). The softmax form without it runs ``ops.attention`` over the blocks as a batch of
+  sequences (``implementation`` is passed on); the other cases are one blocked einsum (only "xla").
   """
   _validate(q, k, v, None, "diag_attention")
   b, length, h, _ = q.shape
@@ -512,15 +510,15 @@ def diag_attention(q, k, v, *, block_size=64, causal, softmax, eps=1e-8, dropout
   padded = _round_up(length, block_size)
   pad = ((0, 0), (0, padded - length), (0, 0), (0, 0))
   q, k, v = (jnp.pad(x, pad) for x in (q, k, v))
-  if softmax and dropout is None:
-    block_ids = jnp.broadcast_to(jnp.arange(padded) // block_size, (b, padded))
-    out = attention(q, k, v, segment_ids=block_ids, causal=causal, scale=1.0,
+  n = padded // block_size
+  if softmax and dropout is None:  # each block a sequence of its own: O(L block_size) work
+    blocks = lambda x: x.reshape(b * n, block_size, h, x.shape[-1])
+    out = attention(blocks(q), blocks(k), blocks(v), causal=causal, scale=1.0,
                     implementation=implementation)
-    return out[:, :length]
+    return out.reshape(b, padded, h, e)[:, :length]
   _xla_only(implementation, "diag_attention",
             "attention dropout needs the probabilities" if softmax
             else "the ReLU form is one blocked einsum")
-  n = padded // block_size
   qb, kb, vb = (x.astype(_F32).reshape(b, n, block_size, h, x.shape[-1]) for x in (q, k, v))
   scores = jnp.einsum("bnqhd,bnkhd->bnhqk", qb, kb, precision=_HIGHEST)
   mask = _decay_mask(None, block_size, block_size) if causal else 1.0

@@ -462,9 +462,6 @@ def routing_attention_pallas(q, k, v, *, num_heads, n_win, topk, scale=None, blo
 # --------------------------------------------------------------------------------------------------
 
 
-_PREFERENCE = {"cpu": ("xla",), "gpu": ("pallas", "xla"), "tpu": ("pallas", "xla")}
-
-
 def _pallas_reason(q, v, *, num_heads, n_win) -> str | None:
   tokens = (q.shape[1] // n_win) * (q.shape[2] // n_win)
   try:
@@ -488,7 +485,7 @@ def routing_attention(q, k, v, *, num_heads, n_win, topk, scale=None, implementa
   _validate(q, k, v, num_heads=num_heads, n_win=n_win, topk=topk)
   reasons = {"xla": lambda: None,
              "pallas": lambda: _pallas_reason(q, v, num_heads=num_heads, n_win=n_win)}
-  chosen = dispatch.choose("routing_attention", implementation, reasons, _PREFERENCE)
+  chosen = dispatch.choose("routing_attention", implementation, reasons)
   kwargs = dict(num_heads=num_heads, n_win=n_win, topk=topk, scale=scale)
   if chosen == "pallas":
     return routing_attention_pallas(q, k, v, **kwargs)

@@ -34,9 +34,13 @@ def test_none_on_cpu_is_the_reference_never_interpret_mode():
     (dict(dtype=jnp.bfloat16, length=49), "pallas"),              # cuDNN: odd length, no bias
     (dict(dtype=jnp.bfloat16, segments=True), "pallas"),          # cuDNN: no segment ids
     (dict(dtype=jnp.float32, head_dim=48), "xla"),                # Triton: power-of-two head dims
+    (dict(dtype=jnp.bfloat16, capability=(7, 0)), "pallas"),      # cuDNN: Ampere or later
+    (dict(dtype=jnp.bfloat16, head_dim=256, capability=(8, 0)), "pallas"),  # <= 128 before Hopper
+    (dict(dtype=jnp.bfloat16, head_dim=256, capability=(9, 0)), "cudnn"),
 ])
 def test_gpu_preference_falls_through_to_what_serves(monkeypatch, case, want):
   monkeypatch.setattr(dispatch, "platform", lambda: "gpu")
+  monkeypatch.setattr(dispatch, "compute_capability", lambda: case.get("capability", (9, 0)))
   monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
   length, d = case.get("length", 64), case.get("head_dim", 64)
   q, k, v = _qkv((2, length, 2, d), case["dtype"])

@@ -1,0 +1,284 @@
+r"""What every Pallas kernel compiles to on an H100 and a TPU, measured on a CPU (no device needed).
+
+  python benchmarks/compile_report.py --gpu          # Triton for sm_90 with pip triton + ptxas
+  python benchmarks/compile_report.py --tpu          # Mosaic for a v5e:2x2 slice with libtpu
+  python benchmarks/compile_report.py --gpu --tpu --json report.json --cases window
+
+GPU: each case's forward and backward is exported for `cuda` (the kernels lower to Triton IR, which
+is captured), the IR is compiled with pip `triton` for `GPUTarget("cuda", 90, 32)` with the
+warps and stages the zoo asks for, and `ptxas -v` reads registers and spills. A row per kernel:
+registers per thread, spill stores and loads (bytes), shared memory, and the tensor-core
+(`wgmma`, `mma.sync`) and f32 FMA instructions of its PTX. XLA compiles these kernels with its own
+bundled Triton, so the figures are close to, not identical with, what a GPU runs.
+
+TPU: each case's forward and backward, on as many sequences as the slice has chips, is compiled
+for v5e:2x2 through the dispatch ops.attention and the models use (the shard_map per chip), and
+also through the zoo's Pallas kernel by name. A row per case: whether it compiles (the first line
+of the error if not: `CompileTimeScopedVmemOom` when a block does not fit the scoped VMEM), the
+Mosaic kernels, and the temporaries per chip.
+
+Shapes are the models': MaxViT-T's window stages and BiFormer-T's routing stages at 224 and batch
+128, dense attention at 4K (head dims 64 and 128, causal, a bias), and TransNormerLLM-385M's
+lightning attention from 2K to 32K tokens, in float32 and bfloat16. Needs `pip install
+triton==3.9.0` (GPU) and `pip install -e ".[tpu]"` (TPU).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+from jax import export
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import ops  # noqa: E402
+from ops import dispatch  # noqa: E402
+from ops.attention import attention_pallas  # noqa: E402
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+  name: str
+  family: str           # for --cases
+  arrays: Callable      # dtype -> abstract arguments
+  fn: Callable          # (*arrays, implementation) -> output
+  grad_args: int        # the leading arguments the loss is differentiated by
+
+
+def _s(shape, dtype):
+  return jax.ShapeDtypeStruct(shape, dtype)
+
+
+def _attention_case(name, family, shape, bias=None, causal=False):
+  def arrays(dtype):
+    qkv = [_s(shape, dtype)] * 3
+    return qkv + ([_s(bias, jnp.float32)] if bias else [])
+
+  def fn(q, k, v, *bias_, implementation=None):
+    return ops.attention(q, k, v, bias=bias_[0] if bias_ else None, causal=causal,
+                         implementation=implementation)
+  return Case(name, family, arrays, fn, 4 if bias else 3)
+
+
+def _window_case(stage, windows, heads):
+  return _attention_case(f"maxvit_t s{stage}: {windows} windows x 49, H{heads} hd32", "window",
+                         (windows, 49, heads, 32), bias=(1, heads, 49, 49))
+
+
+def _routing_case(stage, size, dim, heads, topk):
+  def arrays(dtype):
+    return [_s((128, size, size, dim), dtype)] * 3
+
+  def fn(q, k, v, implementation=None):
+    return ops.routing_attention(q, k, v, num_heads=heads, n_win=7, topk=topk,
+                                 implementation=implementation)
+  return Case(f"biformer_t s{stage}: {size}x{size}, C{dim} H{heads} top{topk}", "routing",
+              arrays, fn, 3)
+
+
+def _lightning_case(length, batch):
+  heads, head_dim = 8, 128  # TNL-385M: width 1024 in 8 heads
+
+  def arrays(dtype):
+    return [_s((batch, length, heads, head_dim), dtype)] * 3
+
+  def fn(q, k, v, implementation=None):
+    decay = jnp.linspace(0.01, 0.5, heads)
+    return ops.lightning_attention(q, k, v, decay=decay, implementation=implementation)
+  return Case(f"tnl_385m lightning: B{batch} L{length // 1024}K H{heads} hd{head_dim}",
+              "lightning", arrays, fn, 3)
+
+
+CASES = [
+    _window_case(1, 8192, 2), _window_case(2, 2048, 4), _window_case(3, 512, 8),
+    _window_case(4, 128, 16),
+    _routing_case(1, 56, 64, 2, 1), _routing_case(2, 28, 128, 4, 4),
+    _attention_case("biformer_t s4: 49 tokens, H16 hd32", "dense", (128, 49, 16, 32)),
+    _attention_case("dense 4K hd64 H32", "dense", (4, 4096, 32, 64)),
+    _attention_case("dense 4K hd128 H16 causal", "dense", (4, 4096, 16, 128), causal=True),
+    _attention_case("dense 4K hd128 H16 bias", "dense", (4, 4096, 16, 128),
+                    bias=(1, 16, 4096, 4096)),
+    *(_lightning_case(length, batch) for length, batch in ((2048, 2), (8192, 2), (32768, 1))),
+]
+
+
+def _loss(case: Case, implementation):
+  def loss(*args):
+    out = case.fn(*args, implementation=implementation)
+    return jnp.sum(out.astype(jnp.float32))
+  return jax.jit(jax.grad(loss, argnums=tuple(range(case.grad_args))))
+
+
+def _first_line(error: Exception) -> str:
+  lines = [line for line in str(error).splitlines() if line.strip()]
+  return re.sub(r"\s+", " ", f"{type(error).__name__}: {lines[0] if lines else ''}")[:160]
+
+
+# ----------------------------------------------------------------------------------------- GPU
+
+def _captured_triton_modules(case: Case, dtype) -> list[tuple[str, str]]:
+  """(kernel name, Triton IR) of every kernel of the case's forward and backward on GPU."""
+  from jax._src.pallas.triton import lowering, pallas_call_registration
+
+  captured = []
+  original = lowering.lower_jaxpr_to_triton_module
+
+  def capture(*args, **kwargs):
+    result = original(*args, **kwargs)
+    text = result.module.operation.get_asm(enable_debug_info=False)
+    name = re.search(r"tt\.func public @(\w+)", text)
+    captured.append((name[1] if name else "?", text))
+    return result
+
+  platform = dispatch.platform
+  pallas_call_registration.lowering.lower_jaxpr_to_triton_module = capture
+  dispatch.platform = lambda: "gpu"   # the ops' dispatch and default targets, as on a GPU
+  try:
+    export.export(_loss(case, "pallas"), platforms=["cuda"], disabled_checks=[
+        export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(*case.arrays(dtype))
+  finally:
+    pallas_call_registration.lowering.lower_jaxpr_to_triton_module = original
+    dispatch.platform = platform
+  return captured
+
+
+def _sm90_row(name: str, ttir: str, workdir: Path) -> dict:
+  import triton
+  from triton.backends.compiler import GPUTarget
+
+  path = workdir / f"{name}.ttir"
+  path.write_text(ttir)
+  # The warps and stages ops.attention._backend_params gives every Triton kernel.
+  kernel = triton.compile(str(path), target=GPUTarget("cuda", 90, 32),
+                          options=dict(num_warps=4, num_stages=2))
+  ptx = kernel.asm["ptx"]
+  ptx_path = workdir / f"{name}.ptx"
+  ptx_path.write_text(ptx)
+  # The newer of the wheel's two ptxas (CUDA 13) reads the PTX version Triton writes.
+  bin_dir = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+  ptxas = next(p for p in (bin_dir / "ptxas-blackwell", bin_dir / "ptxas") if p.exists())
+  info = subprocess.run([str(ptxas), "-arch=sm_90a", "-v", str(ptx_path), "-o", os.devnull],
+                        capture_output=True, text=True).stderr
+  number = lambda pattern: int(m[1]) if (m := re.search(pattern, info)) else None
+  return dict(kernel=name, registers=number(r"Used (\d+) registers"),
+              spill_stores=number(r"(\d+) bytes spill stores"),
+              spill_loads=number(r"(\d+) bytes spill loads"),
+              shared_kib=round(kernel.metadata.shared / 1024, 1),
+              wgmma=len(re.findall(r"wgmma\.mma_async", ptx)),
+              mma_sync=len(re.findall(r"\bmma\.sync", ptx)),
+              fma_f32=len(re.findall(r"\bfma\.rn\.f32", ptx)))
+
+
+def _numbered(modules):
+  """Kernels of one name (the lightning sweeps: forward, dQ, dK, dV) numbered in trace order."""
+  counts = {}
+  for name, ttir in modules:
+    counts[name] = counts.get(name, 0) + 1
+    yield (name if counts[name] == 1 else f"{name}#{counts[name]}"), ttir
+
+
+def gpu_rows(cases, dtypes) -> list[dict]:
+  rows = []
+  with tempfile.TemporaryDirectory() as tmp:
+    for case in cases:
+      for dtype in dtypes:
+        base = dict(case=case.name, dtype=jnp.dtype(dtype).name)
+        try:
+          modules = _captured_triton_modules(case, dtype)
+        except Exception as e:  # noqa: BLE001  a case the kernels refuse: its reason is the row
+          rows.append(base | dict(kernel="-", error=_first_line(e)))
+          continue
+        for name, ttir in _numbered(modules):
+          try:
+            rows.append(base | _sm90_row(name, ttir, Path(tmp)))
+          except Exception as e:  # noqa: BLE001
+            rows.append(base | dict(kernel=name, error=_first_line(e)))
+        print(f"gpu: {case.name} {base['dtype']}: {len(modules)} kernels", file=sys.stderr)
+  return rows
+
+
+# ----------------------------------------------------------------------------------------- TPU
+
+def _tpu_row(case: Case, dtype, implementation, devices) -> dict:
+  import aot
+  import ml_collections
+  import train
+
+  mesh = train.make_mesh(ml_collections.ConfigDict(dict(data=len(devices), fsdp=1, tensor=1)),
+                         devices=devices)
+  split = jax.sharding.NamedSharding(mesh, jax.P(("data", "fsdp")))
+  arrays = []
+  for array in case.arrays(dtype):  # the batch split over the chips; a shared bias stays whole
+    batch = len(devices) if array.shape[0] > 1 else 1
+    arrays.append(jax.ShapeDtypeStruct((batch, *array.shape[1:]), array.dtype,
+                                       sharding=split if batch > 1 else None))
+  row = dict(case=case.name, dtype=jnp.dtype(dtype).name, implementation=implementation or "auto")
+  try:
+    with jax.set_mesh(mesh):
+      compiled = _loss(case, implementation).trace(*arrays).lower().compile()
+  except Exception as e:  # noqa: BLE001
+    return row | dict(compiles=False, error=_first_line(e))
+  kernels = aot.mosaic_kernels(compiled.as_text())
+  return row | dict(compiles=True, kernels=", ".join(sorted(kernels)) or "-",
+                    temp_mib=round(compiled.memory_analysis().temp_size_in_bytes / 2**20, 1))
+
+
+def tpu_rows(cases, dtypes, topology: str) -> list[dict]:
+  import aot
+  devices = aot.tpu_devices(topology)
+  rows = []
+  for case in cases:
+    for dtype in dtypes:
+      for implementation in (None, "pallas"):
+        rows.append(_tpu_row(case, dtype, implementation, devices))
+        print(f"tpu: {case.name} {rows[-1]['dtype']} {rows[-1]['implementation']}: "
+              f"{'ok' if rows[-1]['compiles'] else rows[-1]['error']}", file=sys.stderr)
+  return rows
+
+
+# ------------------------------------------------------------------------------------------- main
+
+def markdown(rows: list[dict]) -> str:
+  columns = list(dict.fromkeys(key for row in rows for key in row))
+  lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+  lines += ["| " + " | ".join(str(row.get(c, "")) for c in columns) + " |" for row in rows]
+  return "\n".join(lines)
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--gpu", action="store_true", help="Triton for sm_90 (pip triton)")
+  parser.add_argument("--tpu", action="store_true", help="Mosaic for a TPU slice (libtpu)")
+  parser.add_argument("--topology", default="v5e:2x2")
+  parser.add_argument("--cases", nargs="*", default=[], choices=sorted({c.family for c in CASES}),
+                      help="case families (default: all)")
+  parser.add_argument("--dtypes", nargs="*", default=["float32", "bfloat16"])
+  parser.add_argument("--json", type=Path, help="write the rows here")
+  args = parser.parse_args(argv)
+  if not (args.gpu or args.tpu):
+    parser.error("expected --gpu, --tpu or both")
+  cases = [c for c in CASES if not args.cases or c.family in args.cases]
+  dtypes = [jnp.dtype(d) for d in args.dtypes]
+  report = {}
+  if args.gpu:
+    report["gpu_sm90"] = gpu_rows(cases, dtypes)
+    print("## Triton, sm_90\n\n" + markdown(report["gpu_sm90"]) + "\n")
+  if args.tpu:
+    report["tpu"] = tpu_rows(cases, dtypes, args.topology)
+    print(f"## Mosaic, {args.topology}\n\n" + markdown(report["tpu"]) + "\n")
+  if args.json:
+    environment = dict(jax=jax.__version__, devices="none: compiled on a CPU")
+    args.json.write_text(json.dumps(dict(environment=environment, **report), indent=1))
+
+
+if __name__ == "__main__":
+  main()

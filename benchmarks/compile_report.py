@@ -37,12 +37,10 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
-from jax import export
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import ops  # noqa: E402
-from ops import dispatch  # noqa: E402
-from ops.attention import attention_pallas  # noqa: E402
+from ops.testing import triton_modules  # noqa: E402
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,28 +125,7 @@ def _first_line(error: Exception) -> str:
 
 def _captured_triton_modules(case: Case, dtype) -> list[tuple[str, str]]:
   """(kernel name, Triton IR) of every kernel of the case's forward and backward on GPU."""
-  from jax._src.pallas.triton import lowering, pallas_call_registration
-
-  captured = []
-  original = lowering.lower_jaxpr_to_triton_module
-
-  def capture(*args, **kwargs):
-    result = original(*args, **kwargs)
-    text = result.module.operation.get_asm(enable_debug_info=False)
-    name = re.search(r"tt\.func public @(\w+)", text)
-    captured.append((name[1] if name else "?", text))
-    return result
-
-  platform = dispatch.platform
-  pallas_call_registration.lowering.lower_jaxpr_to_triton_module = capture
-  dispatch.platform = lambda: "gpu"   # the ops' dispatch and default targets, as on a GPU
-  try:
-    export.export(_loss(case, "pallas"), platforms=["cuda"], disabled_checks=[
-        export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(*case.arrays(dtype))
-  finally:
-    pallas_call_registration.lowering.lower_jaxpr_to_triton_module = original
-    dispatch.platform = platform
-  return captured
+  return triton_modules(_loss(case, "pallas"), *case.arrays(dtype))
 
 
 def _sm90_row(name: str, ttir: str, workdir: Path) -> dict:

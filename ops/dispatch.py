@@ -27,8 +27,9 @@ ORDER = {
                   "tpu": ("tpu_flash", "pallas", "xla")},
     # No library routes regions: the zoo's kernel where it lowers (regions of >= 16 tokens).
     "routing_attention": {"cpu": ("xla",), "gpu": ("pallas", "xla"), "tpu": ("pallas", "xla")},
-    # The lightning kernel runs only when named until it has been validated and timed on a device.
-    "lightning_attention": {"cpu": ("xla",), "gpu": ("xla",), "tpu": ("xla",)},
+    # Lightning Attention-2's chunk-parallel kernels (tensor cores / the MXU) on devices; no
+    # library has decayed linear attention.
+    "lightning_attention": {"cpu": ("xla",), "gpu": ("pallas", "xla"), "tpu": ("pallas", "xla")},
     # TransNormer v1's bidirectional and block-diagonal forms: einsums, no kernel.
     "norm_attention": {"cpu": ("xla",), "gpu": ("xla",), "tpu": ("xla",)},
     "diag_attention": {"cpu": ("xla",), "gpu": ("xla",), "tpu": ("xla",)},

@@ -17,21 +17,24 @@ Paths:
   product with the decay mask, across blocks the right product with a running f32 state
   ``S = lambda^C S + (K * lambda^(C-1-c))^T V`` carried by ``lax.fori_loop``, one block per
   step, sliced in place: linear in L (time per token flat from 1K to 32K tokens on CPU).
-* ``"pallas"``: the same sweep as a Pallas kernel, one program per (batch, head, value-column
-  block) looping over the sequence blocks with the state in registers/VMEM (Lightning
-  Attention-2's forward); in the interpreter on CPU.
+* ``"pallas"``: Lightning Attention-2 as Pallas kernels, parallel over chunks as well as batch
+  and heads: a state pass writes the [D, E] state each chunk starts from, then one program per
+  (batch, head, chunk, column block) computes the chunk's output; bf16 operands enter the dots
+  as bf16 (tensor cores, the MXU) with f32 accumulation. Triton on GPU, Mosaic on TPU, the
+  interpreter on CPU.
 
-Both paths share one ``jax.custom_vjp`` whose backward is the paper's: the intra-block left products
-and inter-block state recurrences of dQ, dK, dV, each of which is itself a sweep of the same kind::
+Both paths share one ``jax.custom_vjp`` whose backward is the paper's: dQ is causal and dK, dV
+anti-causal linear attention with other operands::
 
-    dQ = sweep(dO, V, K)                       (causal; state sum lambda v k^T)
-    dK = reverse_sweep(V, dO, Q)               (anti-causal; state sum lambda dO q^T)
-    dV = reverse_sweep(K, Q, dO)               (anti-causal; state sum lambda q dO^T)
+    dQ = causal(dO, V, K)         (state sum lambda v k^T: the forward's, recomputed)
+    dK = anticausal(V, dO, Q)     (state sum lambda dO q^T)
+    dV = anticausal(K, Q, dO)     (state sum lambda q dO^T: the same state, transposed)
 
-so the residuals are only (q, k, v) and no per-block state is stored (the scan's autodiff would
-keep one [D, E] state per block). No gradient flows to ``decay`` (it is fixed in TransNormerLLM, as
-in the official kernels). Every exponent is ``<= 0``, so a large decay underflows to 0, never to
-inf (the naive ``q lambda^t``, ``k lambda^-t`` factorisation overflows).
+The jnp path runs each as a sweep; the kernels run two state passes (the forward's and one
+anti-causal one shared by dK and dV) and three chunk passes. The residuals are only (q, k, v): no
+per-chunk state is kept between forward and backward. No gradient flows to ``decay`` (it is fixed
+in TransNormerLLM, as in the official kernels). Every exponent is ``<= 0``, so a large decay
+underflows to 0, never to inf (the naive ``q lambda^t``, ``k lambda^-t`` factorisation overflows).
 
 Also here: ``lightning_prefill`` (a chunk of tokens continuing from a state, returning the new
 state) and ``lightning_decode_step`` (the O(1)-per-token recurrence ``S = lambda S + k v^T``,
@@ -60,9 +63,6 @@ _HIGHEST = lax.Precision.HIGHEST
 # cost twice the flops per token; 32 is up to 10 % faster still on CPU, but too narrow a tile for
 # the XLA path on GPU and TPU matrix units.
 _BLOCK = 64
-# Widest value-column slice per Pallas program (Lightning Attention-2 splits the value dim so that
-# one program's f32 state stays small).
-_PALLAS_BLOCK_VALUE = 128
 
 
 # --------------------------------------------------------------------------------------------------
@@ -198,104 +198,283 @@ def _sweep_xla(q, k, v, decay, block, reverse=False):
 
 
 # --------------------------------------------------------------------------------------------------
-# Pallas sweep kernel (Lightning Attention-2 forward)
+# Pallas kernels: Lightning Attention-2 in chunks, parallel over chunks
 # --------------------------------------------------------------------------------------------------
+#
+# The sequence is cut into chunks of C tokens. A state pass (sequential over chunks, one small
+# matmul per chunk) writes the state each chunk starts from; a chunk pass (one program per batch,
+# head, chunk and column block, all in parallel) then computes every chunk's output:
+#
+#     O_c = ((P_c R_c^T) * mask) V_c + row_decay * (P_c S_c)        (S_c or S_c^T)
+#
+# The forward is (P, R, V, S) = (Q, K, V, states of K, V). The backward recomputes those states and
+# adds one anti-causal state pass of (Q, dO), so it is two sweeps, then three chunk passes:
+#
+#     dQ = chunks(dO, V, K; states(K, V)^T),  causal
+#     dK = chunks(V, dO, Q; states(Q, dO)^T), anti-causal
+#     dV = chunks(K, Q, dO; states(Q, dO)),   anti-causal
+#
+# Operands enter the dots in their dtype (bf16 on tensor cores / the MXU) with f32 accumulation;
+# the running state is f32 and is stored in the inputs' dtype, which is what the chunk pass's dot
+# casts it to anyway. The anti-causal state of chunk c sums the tokens after it:
+# ``R_c = sum_{t >= (c+1)C} lambda^(t - (c+1)C) q_t do_t^T``.
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSizes:
+  """Tile sizes of the lightning kernels."""
+  chunk: int    # tokens per chunk: the intra-chunk products are [chunk, chunk]
+  state: int    # widest block of the [D, E] state per program of the state pass
+  columns: int  # widest block of output columns per program of the chunk pass
+
+
+# GPU: 64-token chunks and 64-wide f32 tiles keep every program within 4 warps' registers (a
+# 128x128 f32 tile alone is 128 registers a thread); TPU: the MXU's 128x128.
+_BLOCK_SIZES = {"interpret": BlockSizes(64, 64, 64), "gpu": BlockSizes(64, 64, 64),
+                "tpu": BlockSizes(128, 128, 128)}
 
 
 def _mm(a, b, contract: tuple[int, int]):
-  """f32 tile matmul contracting axis contract[0] of a with contract[1] of b."""
-  return lax.dot_general(a, b, (((contract[0],), (contract[1],)), ((), ())), precision=_HIGHEST,
+  """2-D tile matmul contracting axis contract[0] of a with contract[1] of b, accumulating in f32;
+  f32 operands at full precision, bf16/f16 in their dtype (tensor cores, the MXU)."""
+  precision = _HIGHEST if a.dtype == _F32 else None
+  return lax.dot_general(a, b, (((contract[0],), (contract[1],)), ((), ())), precision=precision,
                          preferred_element_type=_F32)
 
 
-def _sweep_kernel(*refs, block, num_blocks, has_decay):
-  """One (batch, head, value-column block): loops over the sequence blocks carrying the f32 state
-  [D, Eb]; every exponent is <= 0."""
-  if has_decay:
-    decay_ref, q_ref, k_ref, v_ref, o_ref = refs
-  else:
-    q_ref, k_ref, v_ref, o_ref = refs
-  row = lax.broadcasted_iota(jnp.int32, (block, block), 0)
-  col = lax.broadcasted_iota(jnp.int32, (block, block), 1)
-  local = lax.broadcasted_iota(jnp.int32, (block, 1), 0).astype(_F32)
-  if has_decay:
-    rate = decay_ref[0]
-    dist = jnp.maximum(row - col, 0).astype(_F32)
-    mask = jnp.where(row >= col, jnp.exp(-rate * dist), 0.0)
-    q_decay = jnp.exp(-rate * (local + 1.0))
-    k_decay = jnp.exp(-rate * (block - 1.0 - local))
-    block_decay = jnp.exp(-rate * block)
-  else:
-    mask = (row >= col).astype(_F32)
-
-  def body(t, state):
-    start = pl.multiple_of(t * block, block)
-    q = q_ref[pl.ds(start, block), :].astype(_F32)                 # [C, D]
-    k = k_ref[pl.ds(start, block), :].astype(_F32)                 # [C, D]
-    v = v_ref[pl.ds(start, block), :].astype(_F32)                 # [C, Eb]
-    scores = _mm(q, k, (1, 1)) * mask                              # [C, C]
-    if has_decay:
-      out = _mm(scores, v, (1, 0)) + _mm(q * q_decay, state, (1, 0))
-      state = block_decay * state + _mm(k * k_decay, v, (0, 0))
-    else:
-      out = _mm(scores, v, (1, 0)) + _mm(q, state, (1, 0))
-      state = state + _mm(k, v, (0, 0))
-    o_ref[pl.ds(start, block), :] = out.astype(o_ref.dtype)
-    return state
-
-  lax.fori_loop(0, num_blocks, body, jnp.zeros((q_ref.shape[-1], o_ref.shape[-1]), _F32))
+def _local_rows(chunk):
+  return lax.broadcasted_iota(jnp.int32, (chunk, 1), 0).astype(_F32)
 
 
-def _value_block(e, widest):
-  """The value-column slice: all of E when it fits, else the largest power of two <= ``widest``
-  dividing E (so no column padding is needed), else all of E."""
-  if e <= widest:
-    return e
+def _head_rate(rate_ref):
+  """The decay rate of this program's head (grid axis 1 in every lightning kernel)."""
+  return rate_ref[pl.program_id(1)]
+
+
+def _state_decays(rate, chunk, reverse):
+  """Each row's factor to the chunk's end (causal: ``lambda^(C-1-a)``; anti-causal, to its start:
+  ``lambda^a``) and the whole chunk's ``lambda^C``."""
+  local = _local_rows(chunk)
+  return jnp.exp(-rate * (local if reverse else chunk - 1.0 - local)), jnp.exp(-rate * chunk)
+
+
+def _state_update(state, x, y, x_decay, chunk_decay):
+  """``lambda^C state + (x * x_decay)^T y``: the state f32, the operands in their dtype."""
+  scaled = (x.astype(_F32) * x_decay).astype(x.dtype)
+  return chunk_decay * state + _mm(scaled, y, (0, 0))
+
+
+def _states_kernel(rate_ref, x_ref, y_ref, states_ref, *, chunk, num_chunks, reverse):
+  """One (batch, head, state block): a loop over the chunks (last to first with ``reverse``) that
+  writes the state each chunk starts from, then adds the chunk's ``x^T y``."""
+  x_decay, chunk_decay = _state_decays(_head_rate(rate_ref), chunk, reverse)
+
+  def body(i, state):
+    c = num_chunks - 1 - i if reverse else i
+    states_ref[c] = state.astype(states_ref.dtype)
+    rows = pl.ds(pl.multiple_of(c * chunk, chunk), chunk)
+    return _state_update(state, x_ref[rows, :], y_ref[rows, :], x_decay, chunk_decay)
+
+  lax.fori_loop(0, num_chunks, body, jnp.zeros(states_ref.shape[1:], _F32))
+
+
+def _states_kernel_tpu(rate_ref, x_ref, y_ref, states_ref, state_ref, *, chunk, reverse):
+  """The same pass on TPU: one chunk per step of a sequential grid axis, the state in VMEM
+  scratch, so that only a chunk of x and y is resident whatever L."""
+  @pl.when(pl.program_id(4) == 0)
+  def _():
+    state_ref[...] = jnp.zeros_like(state_ref)
+
+  x_decay, chunk_decay = _state_decays(_head_rate(rate_ref), chunk, reverse)
+  states_ref[...] = state_ref[...].astype(states_ref.dtype)
+  state_ref[...] = _state_update(state_ref[...], x_ref[...], y_ref[...], x_decay, chunk_decay)
+
+
+def _chunk_kernel(rate_ref, p_ref, r_ref, v_ref, state_ref, o_ref, *, anticausal,
+                  state_transposed):
+  """One (batch, head, chunk, column block): the intra-chunk product and the state's term."""
+  p, r, v = p_ref[...], r_ref[...], v_ref[...]
+  chunk = p.shape[0]
+  rate = _head_rate(rate_ref)
+  row = lax.broadcasted_iota(jnp.int32, (chunk, chunk), 0)
+  col = lax.broadcasted_iota(jnp.int32, (chunk, chunk), 1)
+  dist = col - row if anticausal else row - col
+  mask = jnp.where(dist >= 0, jnp.exp(-rate * jnp.maximum(dist, 0).astype(_F32)), 0.0)
+  # each row's distance to the state: lambda^(a+1) back to the previous chunk's last token, or
+  # lambda^(C-a) on to the next chunk's first
+  local = _local_rows(chunk)
+  row_decay = jnp.exp(-rate * ((chunk - local) if anticausal else (local + 1.0)))
+  scores = (_mm(p, r, (1, 1)) * mask).astype(v.dtype)
+  inter = _mm(p, state_ref[...].astype(p.dtype), (1, 1 if state_transposed else 0))
+  o_ref[...] = (_mm(scores, v, (1, 0)) + row_decay * inter).astype(o_ref.dtype)
+
+
+def _cost(flops, *arrays):
+  """What a kernel computes and moves, for XLA's cost analysis and scheduler (each array read or
+  written once)."""
+  moved = sum(int(np.prod(a.shape)) * jnp.dtype(a.dtype).itemsize for a in arrays)
+  return pl.CostEstimate(flops=int(flops), transcendentals=0, bytes_accessed=moved)
+
+
+def _tile(dim, widest):
+  """The block of a dimension: all of it when it fits, else the largest power of two <= ``widest``
+  dividing it (no padding needed), else all of it."""
+  if dim <= widest:
+    return dim
   width = widest
   while width >= 16:
-    if e % width == 0:
+    if dim % width == 0:
       return width
     width //= 2
-  return e
+  return dim
 
 
-def _sweep_pallas(q, k, v, decay, block, target):
-  b, length, h, d = q.shape
-  e = v.shape[-1]
-  c = _block_size(length, block)
-  padded = _round_up(length, c)
-  pad = ((0, 0), (0, padded - length), (0, 0), (0, 0))
-  q, k, v = (jnp.pad(x, pad) for x in (q, k, v))
-  be = _value_block(e, _PALLAS_BLOCK_VALUE)
-  # Blocks index [B, L, H, D] directly (the head axis squeezed): no transposes around the kernel.
-  seq = lambda width, col: pl.BlockSpec((None, padded, None, width),
-                                        lambda bi, hi, j: (bi, 0, hi, col(j)))
-  in_specs = [seq(d, lambda j: 0), seq(d, lambda j: 0), seq(be, lambda j: j)]
-  args = [q, k, v]
-  if decay is not None:
-    in_specs.insert(0, pl.BlockSpec((None, 1), lambda bi, hi, j: (hi, 0)))
-    args.insert(0, decay.reshape(h, 1))
-  out = pl.pallas_call(
-      functools.partial(_sweep_kernel, block=c, num_blocks=padded // c,
-                        has_decay=decay is not None),
-      grid=(b, h, e // be),
-      in_specs=in_specs,
-      out_specs=seq(be, lambda j: j),
-      out_shape=jax.ShapeDtypeStruct((b, padded, h, e), q.dtype),
-      name="lightning_attention_sweep",
-      **_backend_params(target, 3),
-  )(*args)
-  return out[:, :length]
+@dataclasses.dataclass(frozen=True)
+class _Chunked:
+  """The Pallas implementation (hashable: a nondiff argument of the custom_vjp). On GPU and in
+  the interpreter the kernels index ``[B, L, H, D]`` directly, the head axis squeezed; Mosaic TPU
+  tiles the two minor dims, so there the inputs are laid out ``[B, H, L, D]`` first.
+  ``tpu_interpret`` runs the TPU kernels in Pallas's TPU interpreter (tests on a CPU)."""
+  target: str
+  sizes: BlockSizes
+  tpu_interpret: bool = False
+
+  @property
+  def heads_first(self):
+    return self.target == "tpu"
+
+  def forward(self, q, k, v, rate):
+    length = q.shape[1]
+    q, k, v = self._layout(q, k, v)
+    out = self._chunks(q, k, v, self._states(k, v, rate, False), rate, False, False)
+    return self._restore(out, length)
+
+  def backward(self, q, k, v, rate, do):
+    length = q.shape[1]
+    q, k, v, do = self._layout(q, k, v, do)
+    states, later = self._states(k, v, rate, False), self._states(q, do, rate, True)
+    grads = (self._chunks(do, v, k, states, rate, False, True),
+             self._chunks(v, do, q, later, rate, True, True),
+             self._chunks(k, q, do, later, rate, True, False))
+    return tuple(self._restore(g, length) for g in grads)
+
+  def _chunk(self, length):
+    return _block_size(length, self.sizes.chunk)
+
+  def _layout(self, *xs):
+    """Zero-pads L to whole chunks (padded keys add nothing, padded rows are cut)."""
+    length = xs[0].shape[1]
+    pad = ((0, 0), (0, _round_up(length, self._chunk(length)) - length), (0, 0), (0, 0))
+    xs = [jnp.pad(x, pad) for x in xs]
+    return [jnp.swapaxes(x, 1, 2) for x in xs] if self.heads_first else xs
+
+  def _restore(self, x, length):
+    return (jnp.swapaxes(x, 1, 2) if self.heads_first else x)[:, :length]
+
+  def _dims(self, x):
+    """(batch, length, heads, features) of a laid-out input."""
+    b, a1, a2, f = x.shape
+    return (b, a2, a1, f) if self.heads_first else (b, a1, a2, f)
+
+  def _seq_spec(self, rows, cols, index):
+    """Blocks of ``rows`` tokens by ``cols`` features at ``index(*grid) = (b, h, t, j)``."""
+    if self.heads_first:
+      return pl.BlockSpec((None, None, rows, cols), index)
+
+    def bthj(*grid):
+      b, h, t, j = index(*grid)
+      return b, t, h, j
+    return pl.BlockSpec((None, rows, None, cols), bthj)
+
+  def _rate_spec(self):
+    """Every head's rate, whole (in SMEM on TPU); a program reads its head's, at grid axis 1."""
+    if self.heads_first:
+      from jax.experimental.pallas import tpu as pltpu
+      return pl.BlockSpec(memory_space=pltpu.SMEM)
+    return pl.BlockSpec(memory_space=None)
+
+  def _states(self, x, y, rate, reverse):
+    """``[B, H, n, D, E]`` in x's dtype: the state each chunk starts from (causal: the chunks
+    before it; ``reverse``: the chunks after it)."""
+    b, length, h, d = self._dims(x)
+    e = y.shape[-1]
+    chunk = self._chunk(length)
+    n = length // chunk
+    bd, be = _tile(d, self.sizes.state), _tile(e, self.sizes.state)
+    out_shape = jax.ShapeDtypeStruct((b, h, n, d, e), x.dtype)
+    cost = _cost(2 * b * h * length * d * e, x, y, out_shape)
+    if self.heads_first:
+      from jax.experimental.pallas import tpu as pltpu
+      at = (lambda t: n - 1 - t) if reverse else (lambda t: t)
+      return pl.pallas_call(
+          functools.partial(_states_kernel_tpu, chunk=chunk, reverse=reverse),
+          grid=(b, h, d // bd, e // be, n),
+          in_specs=[self._rate_spec(),
+                    self._seq_spec(chunk, bd, lambda b, h, i, j, t: (b, h, at(t), i)),
+                    self._seq_spec(chunk, be, lambda b, h, i, j, t: (b, h, at(t), j))],
+          out_specs=pl.BlockSpec((None, None, None, bd, be),
+                                 lambda b, h, i, j, t: (b, h, at(t), i, j)),
+          out_shape=out_shape,
+          scratch_shapes=[pltpu.VMEM((bd, be), _F32)],
+          name="lightning_states",
+          cost_estimate=cost,
+          **self._tpu_params(("parallel",) * 4 + ("arbitrary",)),
+      )(rate, x, y)
+    return pl.pallas_call(
+        functools.partial(_states_kernel, chunk=chunk, num_chunks=n, reverse=reverse),
+        grid=(b, h, d // bd, e // be),
+        in_specs=[self._rate_spec(),
+                  self._seq_spec(length, bd, lambda b, h, i, j: (b, h, 0, i)),
+                  self._seq_spec(length, be, lambda b, h, i, j: (b, h, 0, j))],
+        out_specs=pl.BlockSpec((None, None, n, bd, be), lambda b, h, i, j: (b, h, 0, i, j)),
+        out_shape=out_shape,
+        name="lightning_states",
+        cost_estimate=cost,
+        **_backend_params(self.target, 4),
+    )(rate, x, y)
+
+  def _chunks(self, p, r, v, states, rate, anticausal, state_transposed):
+    """The chunk pass: ``[B, L, H, v's features]`` (laid out) in p's dtype."""
+    b, length, h, d = self._dims(p)
+    e = v.shape[-1]
+    chunk = self._chunk(length)
+    be = _tile(e, self.sizes.columns)
+    if state_transposed:  # states [.., E_out, D]: a block of rows
+      state_spec = pl.BlockSpec((None, None, None, be, d), lambda b, h, t, j: (b, h, t, j, 0))
+    else:                 # states [.., D, E_out]: a block of columns
+      state_spec = pl.BlockSpec((None, None, None, d, be), lambda b, h, t, j: (b, h, t, 0, j))
+    out_shape = jax.ShapeDtypeStruct(
+        (b, h, length, e) if self.heads_first else (b, length, h, e), p.dtype)
+    # per token: scores and the score-value product over a chunk, the state's term
+    flops = 2 * b * h * length * (chunk * d + chunk * e + d * e)
+    return pl.pallas_call(
+        functools.partial(_chunk_kernel, anticausal=anticausal,
+                          state_transposed=state_transposed),
+        grid=(b, h, length // chunk, e // be),
+        in_specs=[self._rate_spec(),
+                  self._seq_spec(chunk, d, lambda b, h, t, j: (b, h, t, 0)),
+                  self._seq_spec(chunk, d, lambda b, h, t, j: (b, h, t, 0)),
+                  self._seq_spec(chunk, be, lambda b, h, t, j: (b, h, t, j)),
+                  state_spec],
+        out_specs=self._seq_spec(chunk, be, lambda b, h, t, j: (b, h, t, j)),
+        out_shape=out_shape,
+        name="lightning_chunks",
+        cost_estimate=_cost(flops, p, r, v, states, out_shape),
+        **(self._tpu_params(("parallel",) * 4) if self.heads_first
+           else _backend_params(self.target, 4)),
+    )(rate, p, r, v, states)
+
+  def _tpu_params(self, semantics):
+    from jax.experimental.pallas import tpu as pltpu
+    if self.tpu_interpret:
+      return dict(interpret=pltpu.InterpretParams())
+    return dict(compiler_params=pltpu.CompilerParams(dimension_semantics=semantics))
 
 
 def _pallas_reason(head_dim, v_head_dim) -> str | None:
-  """Why the kernel cannot be compiled for this platform's target (None: it can, or it runs in
-  the interpreter)."""
-  target = _default_target()
-  if target == "tpu":
-    return ("its blocks index [B, L, H, D] with the head axis squeezed, which Mosaic TPU cannot "
-            "tile")
-  if target == "gpu":
+  """Why the kernels cannot be compiled for this platform's target (None: they can, or they run
+  in the interpreter)."""
+  if _default_target() == "gpu":
     for name, dim in (("head_dim", head_dim), ("v head_dim", v_head_dim)):
       if dim < 16 or dim & (dim - 1):
         return f"Triton tiles need a power-of-two {name} >= 16, got {dim}"
@@ -308,71 +487,63 @@ def _pallas_reason(head_dim, v_head_dim) -> str | None:
 
 
 @dataclasses.dataclass(frozen=True)
-class _Sweep:
-  """Static choice of the sweep implementation (hashable: a nondiff argument of the custom_vjp)."""
-  implementation: str
+class _Sweeps:
+  """The jnp implementation: the forward is one chunked sweep, the backward three (dQ causal, dK
+  and dV anti-causal), each the same ``fori_loop`` with other operands."""
   block: int
-  target: str = ""  # the Pallas target ("interpret", "gpu"); unused by "xla"
 
-  def __call__(self, q, k, v, decay, *, reverse=False):
-    """Causal sweep, or anti-causal (``o_t = sum_{s >= t} ...``) with ``reverse``: the XLA sweep
-    runs backwards; the kernel sweeps the time-reversed sequence."""
-    if self.implementation != "pallas":
-      return _sweep_xla(q, k, v, decay, self.block, reverse=reverse)
-    if reverse:
-      q, k, v = (x[:, ::-1] for x in (q, k, v))
-    out = _sweep_pallas(q, k, v, decay, self.block, self.target)
-    return out[:, ::-1] if reverse else out
+  def forward(self, q, k, v, decay):
+    return _sweep_xla(q, k, v, decay, self.block)
+
+  def backward(self, q, k, v, decay, do):
+    return (_sweep_xla(do, v, k, decay, self.block),
+            _sweep_xla(v, do, q, decay, self.block, reverse=True),
+            _sweep_xla(k, q, do, decay, self.block, reverse=True))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _lightning(q, k, v, decay, sweep):
-  return sweep(q, k, v, decay)
+def _lightning(q, k, v, decay, impl):
+  return impl.forward(q, k, v, decay)
 
 
-def _lightning_fwd(q, k, v, decay, sweep):
-  return sweep(q, k, v, decay), (q, k, v, decay)
+def _lightning_fwd(q, k, v, decay, impl):
+  return impl.forward(q, k, v, decay), (q, k, v, decay)
 
 
-def _lightning_bwd(sweep, residuals, do):
+def _lightning_bwd(impl, residuals, do):
   q, k, v, decay = residuals
-  dq = sweep(do, v, k, decay)
-  dk = sweep(v, do, q, decay, reverse=True)
-  dv = sweep(k, q, do, decay, reverse=True)
+  dq, dk, dv = impl.backward(q, k, v, decay, do)
   return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None
 
 
 _lightning.defvjp(_lightning_fwd, _lightning_bwd)
 
 
-def _make_sweep(implementation, head_dim, v_head_dim, name):
-  reasons = {"xla": lambda: None, "pallas": lambda: _pallas_reason(head_dim, v_head_dim)}
-  if dispatch.choose(name, implementation, reasons) == "pallas":
-    return _Sweep("pallas", _BLOCK, _default_target())
-  return _Sweep("xla", _BLOCK)
-
-
 def lightning_attention(q, k, v, *, decay=None, implementation=None):
   """Causal linear attention with per-head decay, ``[B, L, H, D] x2, [B, L, H, E] -> [B, L, H, E]``.
 
   ``o_t = sum_{s <= t} exp(-decay_h)^(t-s) (q_t . k_s) v_s``. ``decay``: per-head rates ``>= 0``
-  (shape ``[H]`` or a scalar), or None for no decay. Any L (the last block is zero-padded).
+  (shape ``[H]`` or a scalar), or None for no decay. Any L (the last chunk is zero-padded).
 
-  ``implementation`` (``ops.dispatch``): ``None`` picks the chunked jnp path ("xla"), on CPU always
-  (never interpret mode silently) and on devices until the Pallas kernel has been validated there;
-  ``"pallas"`` runs the kernel (in the interpreter on CPU, Triton on GPU), raising ValueError where
-  it cannot be compiled. Both differentiate with the paper's backward (module
-  docstring); no gradient reaches ``decay``. Output in ``q.dtype``; math and state in f32.
+  ``implementation`` (``ops.dispatch``): ``None`` takes the platform's order: the Pallas kernels
+  on GPU (Triton) and TPU (Mosaic), the chunked jnp sweep ("xla") on CPU, where ``"pallas"`` runs
+  the kernels in the interpreter (never picked silently). Naming one that cannot serve the call
+  raises ValueError. Both differentiate with Lightning Attention-2's backward (module docstring);
+  no gradient reaches ``decay``. Output in ``q.dtype``; the state in f32.
   """
   decay = _validate(q, k, v, decay)
-  sweep = _make_sweep(implementation, q.shape[-1], v.shape[-1], "lightning_attention")
-  if sweep.implementation != "pallas":
-    return _lightning(q, k, v, decay, sweep)
-  # Under a mesh the kernel runs per shard of the batch and the heads (XLA cannot partition a
+  reasons = {"xla": lambda: None,
+             "pallas": lambda: _pallas_reason(q.shape[-1], v.shape[-1])}
+  if dispatch.choose("lightning_attention", implementation, reasons) == "xla":
+    return _lightning(q, k, v, decay, _Sweeps(_BLOCK))
+  target = _default_target()
+  impl = _Chunked(target, _BLOCK_SIZES[target])
+  rate = jnp.zeros((q.shape[2],), _F32) if decay is None else decay
+  # Under a mesh the kernels run per shard of the batch and the heads (XLA cannot partition a
   # Pallas kernel).
   qkv = ("batch", None, "heads", None)
-  return sharding.shard_map(lambda q, k, v, decay: _lightning(q, k, v, decay, sweep),
-                            (qkv, qkv, qkv, ("heads",)), qkv)(q, k, v, decay)
+  return sharding.shard_map(lambda q, k, v, rate: _lightning(q, k, v, rate, impl),
+                            (qkv, qkv, qkv, ("heads",)), qkv)(q, k, v, rate)
 
 
 # --------------------------------------------------------------------------------------------------

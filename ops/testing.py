@@ -39,3 +39,37 @@ def assert_error_ratio(kernel, ref_f32, ref_lowp, *, factor: float = OUTPUT_FACT
     raise AssertionError(
         f"{name}: max|kernel - ref_f32| = {err:.3g} exceeds {factor:g} x max|ref_lowp - ref_f32| "
         f"+ atol0 = {bound:.3g}")
+
+
+def triton_modules(fn, *args) -> list[tuple[str, str]]:
+  """(kernel name, Triton IR) of every Pallas kernel ``jax.jit(fn)(*args)`` lowers to on GPU, in
+  trace order: the program is exported for ``cuda`` on this host (no GPU needed) with the ops'
+  dispatch told the platform is a GPU, and jax's Triton lowering is intercepted."""
+  import contextlib
+  import re
+
+  import jax
+  from jax import export
+  from jax._src.pallas.triton import pallas_call_registration
+
+  from ops import dispatch
+
+  lowering = pallas_call_registration.lowering
+  original, platform = lowering.lower_jaxpr_to_triton_module, dispatch.platform
+  captured = []
+
+  def capture(*a, **kw):
+    result = original(*a, **kw)
+    text = result.module.operation.get_asm(enable_debug_info=False)
+    name = re.search(r"tt\.func public @(\w+)", text)
+    captured.append((name[1] if name else "?", text))
+    return result
+
+  with contextlib.ExitStack() as restore:
+    restore.callback(setattr, lowering, "lower_jaxpr_to_triton_module", original)
+    restore.callback(setattr, dispatch, "platform", platform)
+    lowering.lower_jaxpr_to_triton_module = capture
+    dispatch.platform = lambda: "gpu"
+    export.export(jax.jit(fn), platforms=["cuda"], disabled_checks=[
+        export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(*args)
+  return captured

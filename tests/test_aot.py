@@ -105,6 +105,16 @@ def test_long_attention_fits_in_vmem(v5e_chips, dtype, bias, heads):
                             shape=(4, length // 2, heads, D), dtype=dtype, bias=bias)
 
 
+def test_lightning_attention_compiles_per_shard_at_32k(v5e_chips):
+  # TransNormerLLM-385M's heads at 32K tokens, one sequence per chip: the dispatch takes the
+  # lightning kernels on TPU, whose blocks are a chunk of 128 tokens whatever L.
+  decay = jnp.linspace(0.01, 0.5, 8)
+  fn = lambda q, k, v: ops.lightning_attention(q, k, v, decay=decay)
+  compiled = _compile_attention_grad(v5e_chips, dict(data=4, fsdp=1, tensor=1), fn,
+                                     shape=(4, 32768, 8, D))
+  assert set(aot.mosaic_kernels(compiled.as_text())) == {"lightning_states", "lightning_chunks"}
+
+
 def test_mosaic_kernel_without_the_shard_map_cannot_be_partitioned(v5e_chips):
   def unwrapped(q, k, v):   # the custom_vjp kernel that attention_pallas shard_maps
     return ATTENTION._pallas_attention(q, k, v, None, None, None, False, D**-0.5, 128, 128, "tpu")

@@ -1,15 +1,21 @@
-"""ops.linear_attention: Lightning attention (Pallas kernel in interpret mode, chunked jnp path,
-quadratic reference, recurrence), its backward, prefill/decode, TransNormer Norm/Diag attention."""
+"""ops.linear_attention: Lightning attention (Pallas kernels in interpret mode, chunked jnp path,
+quadratic reference, recurrence), its backward, prefill/decode, TransNormer Norm/Diag attention;
+the kernels' GPU and TPU lowerings, exported on this CPU."""
 import functools
+import math
+import re
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax import export
 
+from ops import dispatch
+from ops import linear_attention as linear_attention_module
 from ops import (diag_attention, lightning_attention, lightning_attention_reference,
                  lightning_decode_step, lightning_prefill, norm_attention, simple_rms_norm)
-from ops.testing import GRADIENT_FACTOR, assert_error_ratio
+from ops.testing import GRADIENT_FACTOR, assert_error_ratio, triton_modules
 
 HIGHEST = jax.lax.Precision.HIGHEST
 IMPLS = ("xla", "pallas")
@@ -179,6 +185,67 @@ def test_bf16_error_ratio(impl):
   assert_error_ratio(out, ref, low)
   for name, got, lowp, want in zip("qkv", out_g, low_g, ref_g):
     assert_error_ratio(got, want, lowp, factor=GRADIENT_FACTOR, name=f"d{name}")
+
+
+# --- the compiled kernels: TPU layout, GPU and TPU lowerings ---------------------------------------
+
+
+def test_tpu_kernels_in_the_tpu_interpreter():
+  """The TPU variant ([B, H, L, D] blocks, the state pass on a sequential grid axis with VMEM
+  scratch) in Pallas's TPU interpreter, small tiles so that every axis has several blocks: 3
+  chunks (the last ragged), 2 x 1 state blocks, 2 output column blocks."""
+  impl = linear_attention_module._Chunked("tpu", linear_attention_module.BlockSizes(16, 16, 16),
+                                          tpu_interpret=True)
+  q, k, v = _qkv(2, 40, 3, 16, 32, seed=13)
+  do = jax.random.normal(jax.random.key(14), v.shape)
+  decay = jnp.asarray(DECAY3)
+  out, vjp = jax.vjp(lambda *a: linear_attention_module._lightning(*a, decay, impl), q, k, v)
+  want, want_vjp = jax.vjp(lambda *a: lightning_attention_reference(*a, decay=decay), q, k, v)
+  _close(out, want, 1e-5)
+  for got, expected in zip(vjp(do), want_vjp(do)):
+    _close(got, expected, 1e-4)
+
+
+def _lightning_grad(q, k, v):
+  decay = jnp.linspace(0.01, 0.5, q.shape[2])
+  loss = lambda *a: jnp.sum(lightning_attention(*a, decay=decay).astype(jnp.float32))
+  return jax.value_and_grad(loss, (0, 1, 2))(q, k, v)
+
+
+def test_gpu_kernels_are_chunk_parallel_on_tensor_cores():
+  """What ops.lightning_attention lowers to on a GPU by default (bf16, TNL's head dim 128): the
+  Triton kernels of the forward (one state pass, one chunk pass) and the backward (two state
+  passes, three chunk passes), every dot on bf16 operands with f32 accumulation (tensor-core
+  MMA), and one chunk-pass program per (batch, head, 64-token chunk, 64 output columns)."""
+  b, length, h, d = 2, 256, 2, 128
+  q = jnp.zeros((b, length, h, d), jnp.bfloat16)
+  modules = triton_modules(_lightning_grad, q, q, q)
+  names = [name for name, _ in modules]
+  assert sorted(names) == ["lightning_chunks"] * 4 + ["lightning_states"] * 3, names
+  for name, ir in modules:
+    dots = re.findall(r"tt\.dot .*: (tensor<\S+>) \* (tensor<\S+>) -> (tensor<\S+>)", ir)
+    assert dots and all(a.endswith("xbf16>") and b_.endswith("xbf16>") and out.endswith("xf32>")
+                        for a, b_, out in dots), (name, dots)
+  exported = export.export(jax.jit(_lightning_grad), platforms=["cuda"], disabled_checks=[
+      export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])
+  dispatch_platform = dispatch.platform
+  try:
+    dispatch.platform = lambda: "gpu"
+    text = exported(q, q, q).mlir_module()
+  finally:
+    dispatch.platform = dispatch_platform
+  grids = [math.prod(int(n) for n in re.findall(r"grid_[xyz] = (\d+)", call))
+           for call in re.findall(r"xla\.gpu\.triton.*lightning_chunks.*", text)]
+  assert grids and set(grids) == {b * h * (length // 64) * (d // 64)}, grids
+
+
+def test_tpu_kernels_lower_with_mosaic(monkeypatch):
+  """The dispatched op on a TPU: Mosaic kernels for the forward and backward (the TPU (8, 128)
+  block rules and SMEM rates are checked by the lowering)."""
+  monkeypatch.setattr(dispatch, "platform", lambda: "tpu")
+  q = jnp.zeros((2, 512, 2, 128), jnp.bfloat16)
+  text = export.export(jax.jit(_lightning_grad), platforms=["tpu"])(q, q, q).mlir_module()
+  assert text.count("tpu_custom_call") == 7   # forward 2, backward 2 state + 3 chunk passes
 
 
 # --- state: prefill and decode --------------------------------------------------------------------

@@ -214,8 +214,9 @@ def print_report(header: list[str], reports: dict[str, dict], hbm: float | None)
   print("\n".join(header))
   for row in rows:
     print("  " + row[0].ljust(widths[0]) + "".join(f"  {c:>{w}}" for c, w in zip(row[1:], widths[1:])))
-  print("  FLOPs and bytes: XLA's cost analysis, in which Pallas kernels count nothing and a while\n"
-        "  loop's body counts once (scans, and the matmuls fsdp splits into loops, read low).")
+  print("  FLOPs and bytes: XLA's cost analysis, in which a Pallas kernel counts its cost estimate\n"
+        "  (the lightning kernels give one, the others none) and a while loop's body counts once\n"
+        "  (scans, and the matmuls fsdp splits into loops, read low).")
   for name, report in reports.items():
     if report["kernels"]:
       kernels = ", ".join(f"{k} x{n}" for k, n in sorted(report["kernels"].items()))

@@ -3,6 +3,7 @@ r"""What every Pallas kernel compiles to on an H100 and a TPU, measured on a CPU
   python benchmarks/compile_report.py --gpu          # Triton for sm_90 with pip triton + ptxas
   python benchmarks/compile_report.py --tpu          # Mosaic for a v5e:2x2 slice with libtpu
   python benchmarks/compile_report.py --gpu --tpu --json report.json --cases window
+  python benchmarks/compile_report.py --lightning_cost   # lightning kernels vs the XLA loop, TPU
 
 GPU: each case's forward and backward is exported for `cuda` (the kernels lower to Triton IR, which
 is captured), the IR is compiled with pip `triton` for `GPUTarget("cuda", 90, 32)` with the
@@ -222,6 +223,45 @@ def tpu_rows(cases, dtypes, topology: str) -> list[dict]:
   return rows
 
 
+def lightning_cost_rows(topology: str, length: int = 2048) -> list[dict]:
+  """Lightning attention on TPU, kernels against the XLA chunk loop, by XLA's cost analysis per
+  chip (TNL-385M's heads, one sequence per chip, bf16). The loop is compiled unrolled so that its
+  cost analysis counts every step (a while loop's body counts once); the kernels count their cost
+  estimates."""
+  import functools
+
+  import aot
+  import ml_collections
+  import train
+  from ops import linear_attention
+
+  devices = aot.tpu_devices(topology)
+  mesh = train.make_mesh(ml_collections.ConfigDict(dict(data=len(devices), fsdp=1, tensor=1)),
+                         devices=devices)
+  qkv = jax.ShapeDtypeStruct((len(devices), length, 8, 128), jnp.bfloat16,
+                             sharding=jax.sharding.NamedSharding(mesh, jax.P("data")))
+  decay = jnp.linspace(0.01, 0.5, 8)
+  fori_loop = linear_attention.lax.fori_loop
+  rows = []
+  for implementation in ("xla", "pallas"):
+    loss = lambda *a: jnp.sum(ops.lightning_attention(
+        *a, decay=decay, implementation=implementation).astype(jnp.float32))
+    for name, fn in (("fwd", loss), ("fwd+bwd", jax.value_and_grad(loss, (0, 1, 2)))):
+      if implementation == "xla":
+        linear_attention.lax.fori_loop = functools.partial(fori_loop, unroll=True)
+      try:
+        with jax.set_mesh(mesh):
+          compiled = jax.jit(fn).trace(qkv, qkv, qkv).lower().compile()
+      finally:
+        linear_attention.lax.fori_loop = fori_loop
+      cost = compiled.cost_analysis()
+      cost = cost[0] if isinstance(cost, list) else cost
+      rows.append(dict(implementation=implementation, pass_=name, length=length,
+                       gflop=round(cost.get("flops", 0) / 1e9, 3),
+                       mb_accessed=round(cost.get("bytes accessed", 0) / 1e6, 1)))
+  return rows
+
+
 # ------------------------------------------------------------------------------------------- main
 
 def markdown(rows: list[dict]) -> str:
@@ -239,10 +279,12 @@ def main(argv=None):
   parser.add_argument("--cases", nargs="*", default=[], choices=sorted({c.family for c in CASES}),
                       help="case families (default: all)")
   parser.add_argument("--dtypes", nargs="*", default=["float32", "bfloat16"])
+  parser.add_argument("--lightning_cost", action="store_true",
+                      help="lightning on TPU: the kernels' cost analysis against the XLA loop's")
   parser.add_argument("--json", type=Path, help="write the rows here")
   args = parser.parse_args(argv)
-  if not (args.gpu or args.tpu):
-    parser.error("expected --gpu, --tpu or both")
+  if not (args.gpu or args.tpu or args.lightning_cost):
+    parser.error("expected --gpu, --tpu, --lightning_cost or several")
   cases = [c for c in CASES if not args.cases or c.family in args.cases]
   dtypes = [jnp.dtype(d) for d in args.dtypes]
   report = {}
@@ -252,6 +294,10 @@ def main(argv=None):
   if args.tpu:
     report["tpu"] = tpu_rows(cases, dtypes, args.topology)
     print(f"## Mosaic, {args.topology}\n\n" + markdown(report["tpu"]) + "\n")
+  if args.lightning_cost:
+    report["lightning_cost"] = lightning_cost_rows(args.topology)
+    print(f"## Lightning on {args.topology}: cost analysis per chip\n\n"
+          + markdown(report["lightning_cost"]) + "\n")
   if args.json:
     environment = dict(jax=jax.__version__, devices="none: compiled on a CPU")
     args.json.write_text(json.dumps(dict(environment=environment, **report), indent=1))

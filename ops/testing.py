@@ -11,6 +11,7 @@ at the output dtype (``max|cast(ref_f32, dtype) - ref_f32|``), so exact-looking 
 """
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -73,3 +74,48 @@ def triton_modules(fn, *args) -> list[tuple[str, str]]:
     export.export(jax.jit(fn), platforms=["cuda"], disabled_checks=[
         export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(*args)
   return captured
+
+
+# --- the plain low-precision implementations the error-ratio rule compares against ----------------
+
+
+def attention_lowp(q, k, v, bias=None, *, causal=False, scale=None):
+  """Softmax attention as plain bf16 code: matmul operands in the inputs' dtype with f32
+  accumulation, an f32 softmax, P cast down before P @ V (FlashAttention's ref_lowp)."""
+  scale = q.shape[-1] ** -0.5 if scale is None else scale
+  s = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
+  if bias is not None:
+    s = s + bias.astype(jnp.float32)
+  if causal:
+    s = jnp.where(jnp.tril(jnp.ones(s.shape[-2:], bool)), s, -jnp.inf)
+  p = jax.nn.softmax(s, axis=-1).astype(v.dtype)
+  return jnp.einsum("bhqk,bkhd->bqhd", p, v, preferred_element_type=jnp.float32).astype(q.dtype)
+
+
+def routing_lowp(q, k, v, routes, *, num_heads, n_win, scale):
+  """Routing attention as the plain gather code in the inputs' dtype, f32 accumulation and
+  softmax."""
+  from ops.routing import _from_regions, _to_regions
+
+  qr, kr, vr = (_to_regions(x, n_win, num_heads) for x in (q, k, v))
+  gather = jax.vmap(lambda x, r: x[:, r])
+  kg, vg = gather(kr, routes), gather(vr, routes)
+  kg = kg.reshape(*kg.shape[:3], -1, kg.shape[-1])
+  vg = vg.reshape(*vg.shape[:3], -1, vg.shape[-1])
+  s = jnp.einsum("bmpqd,bmpkd->bmpqk", qr, kg, preferred_element_type=jnp.float32) * scale
+  p = jax.nn.softmax(s, axis=-1).astype(q.dtype)
+  out = jnp.einsum("bmpqk,bmpkd->bmpqd", p, vg, preferred_element_type=jnp.float32)
+  return _from_regions(out.astype(q.dtype), n_win, *q.shape[1:3])
+
+
+def lightning_lowp(q, k, v, decay):
+  """Decayed causal linear attention as plain bf16 code: the quadratic form with bf16 scores and
+  mask, f32 accumulation, a bf16 output."""
+  length = q.shape[1]
+  lam = jnp.exp(-jnp.asarray(decay, jnp.float32))
+  dist = jnp.arange(length)[:, None] - jnp.arange(length)[None, :]
+  mask = jnp.where(dist >= 0, lam[:, None, None] ** jnp.maximum(dist, 0), 0.0).astype(q.dtype)
+  scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
+  scores = scores.astype(q.dtype) * mask[None]
+  out = jnp.einsum("bhqk,bkhe->bqhe", scores, v, preferred_element_type=jnp.float32)
+  return out.astype(q.dtype)

@@ -1,10 +1,19 @@
-"""One persistent XLA compilation cache for a test session: its pytest workers and the train.py,
+"""The test session's set-up.
+
+One persistent XLA compilation cache for a test session: its pytest workers and the train.py,
 eval.py and aot.py processes the tests start compile the same programs again and again (a
 resumed run recompiles its step; every digits test builds the same model). Fresh each session, so
-a test that counts compiles never sees an earlier session's programs, and removed after it."""
+a test that counts compiles never sees an earlier session's programs, and removed after it.
+
+On a GPU or TPU, a test that names a compiled kernel for a case the kernel refuses is skipped with
+the kernel's reason (see ``device_refusal``)."""
 import os
+import re
 import shutil
+import sys
 import tempfile
+
+import pytest
 
 # Set before any test imports jax; the workers of one session (pytest-xdist) inherit the variables
 # from the process that starts them, and so do the processes the tests start.
@@ -19,3 +28,29 @@ def pytest_sessionfinish(session):
   # The process that made the cache (the xdist controller, after its workers) removes it.
   if _OWN_CACHE and not hasattr(session.config, "workerinput"):
     shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
+
+
+# On a GPU or TPU, "pallas" means the compiled kernel, which refuses some shapes the interpreter
+# runs (Triton's power-of-two tiles of at least 16). A test naming it for such a shape is skipped
+# there with the kernel's reason; on CPU the same error fails the test.
+_REFUSED = re.compile(r"implementation='pallas' cannot serve this call: (.+)")
+
+
+def device_refusal(error: BaseException, backend: str) -> str | None:
+  """The skip reason when `error` is a compiled kernel refusing a case on a device, else None."""
+  match = _REFUSED.search(str(error)) if isinstance(error, ValueError) else None
+  if match is None or backend == "cpu":
+    return None
+  return f"the {backend} kernel refuses this case: {match[1]}"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+  outcome = yield
+  if call.when != "call" or call.excinfo is None or "jax" not in sys.modules:
+    return
+  reason = device_refusal(call.excinfo.value, sys.modules["jax"].default_backend())
+  if reason is not None:
+    report = outcome.get_result()
+    report.outcome = "skipped"
+    report.longrepr = (str(item.path), item.location[1] or 0, f"Skipped: {reason}")

@@ -176,17 +176,6 @@ def test_shared_bias_gradient_is_reduced_in_kernel():
   assert "attention_bwd_dbias" in jaxpr and "f32[4,2,64,64]" not in jaxpr  # one group of 4
 
 
-def _attention_lowp(q, k, v, bias, causal):
-  """The plain bf16 implementation: bf16 matmul operands with f32 accumulation, f32 softmax, P cast
-  to bf16 before P @ V (what FlashAttention's test calls ref_lowp)."""
-  s = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * q.shape[-1] ** -0.5
-  s = s + bias.astype(jnp.float32)
-  if causal:
-    s = jnp.where(jnp.tril(jnp.ones(s.shape[-2:], bool)), s, -jnp.inf)
-  p = jax.nn.softmax(s, axis=-1).astype(v.dtype)
-  return jnp.einsum("bhqk,bkhd->bqhd", p, v, preferred_element_type=jnp.float32).astype(q.dtype)
-
-
 @pytest.mark.parametrize("l,causal,kernel", [(49, False, attention_pallas),
                                              (197, True, attention_pallas),
                                              (256, True, attention_tpu_flash)])
@@ -202,7 +191,7 @@ def test_kernel_bf16_error_ratio_rule(l, causal, kernel):
   f32 = lambda x: x.astype(jnp.float32)
   ref_f32 = run(lambda *a: attention_reference(*a[:3], bias=a[3], causal=causal),
                 [f32(x) for x in (q, k, v, bias)])
-  ref_lowp = run(lambda *a: _attention_lowp(*a, causal=causal), (q, k, v, bias))
+  ref_lowp = run(lambda *a: ops_testing.attention_lowp(*a, causal=causal), (q, k, v, bias))
   with pltpu.force_tpu_interpret_mode():
     got = run(lambda *a: kernel(*a[:3], bias=a[3], causal=causal), (q, k, v, bias))
   for name, a, r, lp in zip(("out", "dq", "dk", "dv", "dbias"), got, ref_f32, ref_lowp):

@@ -119,3 +119,18 @@ def test_bf16_attention_trains_on_gpu_at_odd_and_even_lengths(monkeypatch, lengt
       for name in ("__gpu$xla.gpu.triton", "__cudnn$fmhaSoftmax", "__cudnn$fmhaSoftmaxBackward")])(
           q, q, q)
   assert want in exported.mlir_module()
+
+
+def test_kernel_refusals_skip_on_devices_and_fail_on_cpu(monkeypatch):
+  # tests/conftest.py turns this error into a skip on a GPU or TPU: the CPU tests that name
+  # "pallas" for shapes the interpreter runs and Triton cannot tile (a value head dim of 24 here).
+  from conftest import device_refusal
+  monkeypatch.setattr(dispatch, "platform", lambda: "gpu")
+  q = jnp.zeros((1, 64, 2, 16))
+  v = jnp.zeros((1, 64, 2, 24))
+  with pytest.raises(ValueError) as refused:
+    ops.lightning_attention(q, q, v, implementation="pallas")
+  assert device_refusal(refused.value, "gpu") == (
+      "the gpu kernel refuses this case: Triton tiles need a power-of-two v head_dim >= 16, got 24")
+  assert device_refusal(refused.value, "cpu") is None
+  assert device_refusal(ValueError("attention: expected q of rank 4"), "gpu") is None

@@ -15,7 +15,7 @@ from ops import dispatch
 from ops import linear_attention as linear_attention_module
 from ops import (diag_attention, lightning_attention, lightning_attention_reference,
                  lightning_decode_step, lightning_prefill, norm_attention, simple_rms_norm)
-from ops.testing import GRADIENT_FACTOR, assert_error_ratio, triton_modules
+from ops.testing import GRADIENT_FACTOR, assert_error_ratio, lightning_lowp, triton_modules
 
 HIGHEST = jax.lax.Precision.HIGHEST
 IMPLS = ("xla", "pallas")
@@ -153,18 +153,6 @@ def test_xla_path_copies_nothing_of_the_sequence_length():
 # --- bf16: error-ratio rule (FlashAttention tests) ------------------------------------------------
 
 
-def _quadratic_bf16(q, k, v, decay):
-  """A naive bf16 implementation: bf16 scores and mask, f32 accumulation, bf16 output."""
-  length = q.shape[1]
-  lam = jnp.exp(-jnp.asarray(decay, jnp.float32))
-  dist = jnp.arange(length)[:, None] - jnp.arange(length)[None, :]
-  mask = jnp.where(dist >= 0, lam[:, None, None] ** jnp.maximum(dist, 0), 0.0).astype(jnp.bfloat16)
-  scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
-  scores = scores.astype(jnp.bfloat16) * mask[None]
-  out = jnp.einsum("bhqk,bkhe->bqhe", scores, v, preferred_element_type=jnp.float32)
-  return out.astype(jnp.bfloat16)
-
-
 @pytest.mark.parametrize("impl", IMPLS)
 def test_bf16_error_ratio(impl):
   q, k, v = _qkv(2, 130, 2, 32, seed=8, dtype=jnp.bfloat16)
@@ -178,7 +166,7 @@ def test_bf16_error_ratio(impl):
     return out, vjp(do.astype(out.dtype))
 
   ref, ref_g = value_and_grads(lambda *a: lightning_attention_reference(*a, decay=decay), f32)
-  low, low_g = value_and_grads(lambda *a: _quadratic_bf16(*a, decay), (q, k, v))
+  low, low_g = value_and_grads(lambda *a: lightning_lowp(*a, decay), (q, k, v))
   out, out_g = value_and_grads(lambda *a: lightning_attention(*a, decay=decay,
                                                               implementation=impl), (q, k, v))
   assert out.dtype == jnp.bfloat16 and all(g.dtype == jnp.bfloat16 for g in out_g)

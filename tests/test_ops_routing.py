@@ -11,7 +11,7 @@ from jax import export
 from ops import (attention_reference, dispatch, region_routes, routing_attention,
                  routing_attention_pallas, routing_attention_reference)
 from ops.routing import _check_pallas_supported, _from_regions, _to_regions
-from ops.testing import GRADIENT_FACTOR, OUTPUT_FACTOR, assert_error_ratio
+from ops.testing import GRADIENT_FACTOR, OUTPUT_FACTOR, assert_error_ratio, routing_lowp
 
 HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -153,19 +153,6 @@ def test_all_regions_routed_is_dense_attention():
   _close(routing_attention(q, k, v, implementation="pallas", **kw), dense, 1e-5)
 
 
-def _lowp_reference(q, k, v, routes, *, num_heads, n_win, scale):
-  """The gather reference in the inputs' dtype with f32 accumulation and an f32 softmax."""
-  qr, kr, vr = (_to_regions(x, n_win, num_heads) for x in (q, k, v))
-  gather = jax.vmap(lambda x, r: x[:, r])
-  kg, vg = gather(kr, routes), gather(vr, routes)
-  kg = kg.reshape(*kg.shape[:3], -1, kg.shape[-1])
-  vg = vg.reshape(*vg.shape[:3], -1, vg.shape[-1])
-  s = jnp.einsum("bmpqd,bmpkd->bmpqk", qr, kg, preferred_element_type=jnp.float32) * scale
-  p = jax.nn.softmax(s, axis=-1).astype(q.dtype)
-  out = jnp.einsum("bmpqk,bmpkd->bmpqd", p, vg, preferred_element_type=jnp.float32)
-  return _from_regions(out.astype(q.dtype), n_win, *q.shape[1:3])
-
-
 def test_kernel_bf16_error_ratio_rule():
   """kernels.md 4.4 (ops.testing): the kernel on bf16 inputs is as close to the f32 reference as a
   plain bf16 gather-attention is, within 2x (outputs) and 3x (gradients)."""
@@ -173,7 +160,7 @@ def test_kernel_bf16_error_ratio_rule():
   (h, w), n_win, topk, heads, qk_dim, dim, _ = CASES[name]
   q, k, v, do = _inputs(name, seed=8, dtype=jnp.bfloat16)
   routes = region_routes(q, k, n_win=n_win, topk=topk)
-  lowp = functools.partial(_lowp_reference, routes=routes, num_heads=heads, n_win=n_win,
+  lowp = functools.partial(routing_lowp, routes=routes, num_heads=heads, n_win=n_win,
                            scale=qk_dim ** -0.5)
   out_l, vjp_l = jax.vjp(lowp, q, k, v)
   result_l = (out_l, *vjp_l(do))

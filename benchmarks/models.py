@@ -79,8 +79,34 @@ def images(size: int, channels: int = 3, num_classes: int = 1000) -> Callable[[i
   return make
 
 
+def tokens(length: int, vocab_size: int) -> Callable[[int], dict]:
+  """A language-modelling batch maker: random token ids, every target weighted."""
+  def make(batch: int) -> dict:
+    rng = np.random.default_rng(0)
+    return {"tokens": rng.integers(0, vocab_size, (batch, length + 1)).astype(np.int32),
+            "weights": np.ones((batch, length), np.float32)}
+  return make
+
+
+def series(lookback: int, horizon: int, variates: int) -> Callable[[int], dict]:
+  """A forecasting batch maker: random lookback windows and targets."""
+  def make(batch: int) -> dict:
+    rng = np.random.default_rng(0)
+    return {"x": rng.standard_normal((batch, lookback, variates), np.float32),
+            "y": rng.standard_normal((batch, horizon, variates), np.float32)}
+  return make
+
+
 def classify(model: nnx.Module, batch: dict) -> jax.Array:
   return model(batch["image"], train=False)
+
+
+def next_token_logits(model: nnx.Module, batch: dict) -> jax.Array:
+  return model(batch["tokens"][:, :-1], train=False)
+
+
+def forecast(model: nnx.Module, batch: dict) -> jax.Array:
+  return model(batch["x"], None, train=False)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,6 +118,7 @@ class Entry:
   batch_accelerator: int
   timm: str | None = None             # timm's name of the same model (None: timm has none)
   forward: Callable[[nnx.Module, dict], jax.Array] = classify  # the inference call
+  accelerator_only: bool = False      # left out of the default list on CPU (too big for it)
 
 
 MODELS = (
@@ -101,6 +128,13 @@ MODELS = (
     Entry("biformer_tiny", "classification", images(224), batch_cpu=8, batch_accelerator=128),
     Entry("maxvit_tiny_tf_224", "classification", images(224), batch_cpu=8,
           batch_accelerator=128, timm="maxvit_tiny_tf_224"),
+    Entry("itransformer_etth1_96", "forecasting", series(96, 96, 7), batch_cpu=32,
+          batch_accelerator=32, forward=forecast),
+    # The LM recipes' shapes: 2048-token sequences, 4 a step per accelerator here.
+    Entry("transnormer_llm_385m", "language_modeling", tokens(2048, 64000), batch_cpu=1,
+          batch_accelerator=4, forward=next_token_logits, accelerator_only=True),
+    Entry("matlm_olmo_180m", "language_modeling", tokens(2048, 50304), batch_cpu=1,
+          batch_accelerator=4, forward=next_token_logits, accelerator_only=True),
 )
 
 
@@ -233,7 +267,8 @@ def print_row(r: dict, no_timm: str = "") -> None:
 
 def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--models", nargs="*", help="names from MODELS (default: all)")
+  parser.add_argument("--models", nargs="*",
+                      help="names from MODELS (default: all; on CPU those not accelerator_only)")
   parser.add_argument("--json", type=Path, help="write the rows and the environment here")
   parser.add_argument("--rounds", type=int, default=1, help="measurements per model")
   parser.add_argument("--reps", type=int, default=10, help="timed samples per measurement")
@@ -260,7 +295,9 @@ def main(argv=None) -> None:
   print(json.dumps(env))
   print_header()
   rows = []
-  for name in args.models or known:  # each model's rows as soon as they are measured
+  on_cpu = jax.default_backend() == "cpu"
+  default = [e.model for e in MODELS if not (on_cpu and e.accelerator_only)]
+  for name in args.models or default:  # each model's rows as soon as they are measured
     entry = known[name]
     zoo = ZooBench(entry)
     reference = None
@@ -285,9 +322,9 @@ def main(argv=None) -> None:
     else:
       print_row(rows[-1], "no timm model" if args.torch_python else "")
     del zoo  # its compiled steps and state
-  if args.json:
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(dict(environment=env, rows=rows), indent=1) + "\n")
+    if args.json:  # after every model: a run stopped by a time limit keeps what it measured
+      args.json.parent.mkdir(parents=True, exist_ok=True)
+      args.json.write_text(json.dumps(dict(environment=env, rows=rows), indent=1) + "\n")
 
 
 if __name__ == "__main__":

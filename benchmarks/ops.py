@@ -6,11 +6,15 @@
     python benchmarks/ops.py --suite routing_cpu    # CPU: BiFormer routing (gather) vs dense
     python benchmarks/ops.py --suite routing        # GPU/TPU: routing Pallas vs gather, dense
     python benchmarks/ops.py --suite depthwise_cpu  # CPU: layers.depthwise_conv2d vs grouped conv
+    python benchmarks/ops.py --suite lightning      # GPU/TPU: lightning kernels vs XLA loop, cuDNN
+    python benchmarks/ops.py --suite window --quick # fewer cases and repetitions (gpu_check.sh)
 
 Every row is measured in this run on this machine; ratios are against the other implementations of
 the same row. Timing follows specs/kernels.md §4.5: jit, one call to compile (left out), >= 3
-warm-up calls, then >= 10 repetitions of >= 25 ms each; median with p10/p90.
-Wall clock with `block_until_ready`, host overhead included (no CUPTI kernel timing).
+warm-up calls, then >= 10 repetitions; median with p10/p90. On a GPU each repetition is the device
+time of the call's kernels, by CUPTI (`jax.experimental.mosaic.gpu.profiler.measure`); elsewhere,
+or where CUPTI is unavailable, wall clock with `block_until_ready` over >= 25 ms (host overhead
+included). Each row says which (`timer`).
 FLOPs are logical (4 B H Lq Lk D forward, 2.5x that backward; half when causal); bytes are the
 minimum HBM traffic (q, k, v, o forward; + do, dq, dk, dv backward; + the bias once).
 `--json PATH` writes the rows with the device, versions and block sizes.
@@ -59,8 +63,33 @@ PEAKS = {
 }
 
 
+def timer() -> str:
+  """"cupti" (device time of the kernels) on a GPU where CUPTI loads, else "wall"."""
+  if jax.default_backend() != "gpu":
+    return "wall"
+  try:
+    from jax.experimental.mosaic.gpu import profiler  # noqa: F401
+  except ImportError:
+    return "wall"
+  return "cupti"
+
+
+def _time_cupti(fn, *args, reps):
+  from jax.experimental.mosaic.gpu import profiler
+  jax.block_until_ready(fn(*args))
+  for _ in range(3):
+    jax.block_until_ready(fn(*args))
+  _, ms = profiler.measure(fn, iterations=reps)(*args)
+  seconds = [t / 1e3 for t in ms]
+  q10, q90 = np.percentile(seconds, [10, 90])
+  return statistics.median(seconds), float(q10), float(q90)
+
+
 def time_fn(fn, *args, min_reps=10, min_rep_seconds=0.025):
-  """Median, p10, p90 seconds per call of a jitted fn (compile and warm-up left out)."""
+  """Median, p10, p90 seconds per call of a jitted fn (compile and warm-up left out): device time
+  by CUPTI where ``timer()`` says so, else wall clock."""
+  if timer() == "cupti":
+    return _time_cupti(fn, *args, reps=min_reps)
   jax.block_until_ready(fn(*args))
   start, warm = time.perf_counter(), 0
   while warm < 3 or time.perf_counter() - start < 0.025:
@@ -120,7 +149,7 @@ def _row(case, impl, pass_name, seconds, flops, bytes_, peaks, extra=None):
   med, p10, p90 = seconds
   row = dict(case=case, implementation=impl, passes=pass_name, median_ms=med * 1e3,
              p10_ms=p10 * 1e3, p90_ms=p90 * 1e3, tflops=flops / med / 1e12,
-             gbps=bytes_ / med / 1e9)
+             gbps=bytes_ / med / 1e9, timer=timer())
   if peaks:
     row["pct_peak_flops"] = 100 * row["tflops"] / peaks[0]
     row["pct_peak_hbm"] = 100 * row["gbps"] / (peaks[1] * 1e3)
@@ -162,9 +191,10 @@ def _implementations():
 
 
 def suite_attention(args):
-  """Dense attention at 16k tokens per batch (FA grid), bf16: no bias, causal, shared bias."""
+  """Dense attention at 16k tokens per batch (FA grid), bf16: no bias, causal, shared bias; on a
+  GPU also jax's reference Triton kernel (`jax.experimental.pallas.ops.gpu.attention.mha`)."""
   rows, dtype = [], jnp.bfloat16
-  for lq, d in ((1024, 128), (4096, 128), (4096, 64)):
+  for lq, d in ((4096, 128),) if args.quick else ((1024, 128), (4096, 128), (4096, 64)):
     h = 2048 // d
     b = max(1, 16384 // lq)
     for variant in ("plain", "causal", "bias [1,H,L,L]"):
@@ -173,17 +203,24 @@ def suite_attention(args):
               else None)
       causal = variant == "causal"
       cost = _attention_cost(b, lq, lq, h, d, causal, 2, 0 if bias is None else bias.nbytes)
+      case = f"L{lq} hd{d} B{b} H{h} {variant}"
       for impl in _implementations():
         f = (lambda q, k, v, impl=impl: attention_fn(q, k, v, bias=bias, causal=causal,
                                                      implementation=impl))
-        rows += _measure(f"L{lq} hd{d} B{b} H{h} {variant}", impl, f, (q, k, v), cost)
+        rows += _measure(case, impl, f, (q, k, v), cost)
+      if bias is None and jax.default_backend() == "gpu":  # jax's own Triton kernel: no bias
+        from jax.experimental.pallas.ops.gpu import attention as jax_gpu_attention
+        f = lambda q, k, v: jax_gpu_attention.mha(q, k, v, None, sm_scale=d ** -0.5,
+                                                  causal=causal)
+        rows += _measure(case, "jax pallas mha", f, (q, k, v), cost)
   return rows
 
 
 def suite_window(args):
   """MaxViT windows: 49 tokens, head dim 32, a [H, 13, 13] table, bf16, many windows."""
   rows, dtype = [], jnp.bfloat16
-  for n, h in ((32 * 64, 2), (32 * 16, 4)):  # MaxViT-T stage 1 / 2 at 224, batch 32
+  for n, h in ((32 * 64, 2),) if args.quick else ((32 * 64, 2), (32 * 16, 4)):  # MaxViT-T
+    # stage 1 / 2 at 224, batch 32
     q, k, v, key = _inputs((n, 49, h, 32), dtype)
     table = jax.random.normal(key, (h, 13, 13), dtype)
     cost = _attention_cost(n, 49, 49, h, 32, False, 2, 2 * h * 13 * 13)
@@ -230,7 +267,34 @@ def suite_routing_cpu(args):
 
 def suite_routing(args):
   """BiFormer-T stages, bf16, batch 64: the Pallas kernel vs the gather reference vs dense."""
-  return _routing_rows(64, jnp.bfloat16, ["xla", "pallas"], _implementations(), with_memory=True)
+  dense = [] if args.quick else _implementations()
+  return _routing_rows(64, jnp.bfloat16, ["xla", "pallas"], dense, with_memory=not args.quick)
+
+
+def suite_lightning(args):
+  """TransNormerLLM-385M's heads (8 of 128), bf16, 2K-32K tokens (16K tokens a batch): lightning
+  attention's kernels vs its XLA loop, beside causal softmax attention (cuDNN on a GPU, jax's
+  flash attention on a TPU) over the same tokens. FLOPs: the chunked form's, 2 L (C (D + E) + 2 D
+  E) per head forward with 64-token chunks (2.5x that forward+backward); bytes: q, k, v, o."""
+  rows, h, d, chunk = [], 8, 128, 64
+  decay = jnp.linspace(0.01, 0.5, h)
+  lengths = (2048, 32768) if args.quick else (2048, 4096, 8192, 16384, 32768)
+  for length in lengths:
+    b = max(1, 16384 // length)
+    q, k, v, _ = _inputs((b, length, h, d), jnp.bfloat16)
+    case = f"L{length} B{b} H{h} hd{d}"
+    fwd = 2.0 * b * h * length * (chunk * 2 * d + 2 * d * d)
+    io = 2 * b * length * h * d * 4
+    cost = {"fwd": (fwd, io), "bwd": (2.5 * fwd, 2 * io), "fwd+bwd": (3.5 * fwd, 3 * io)}
+    # on CPU "pallas" is the interpreter, which says nothing of the kernels' speed
+    for impl in ("xla",) if jax.default_backend() == "cpu" else ("xla", "pallas"):
+      f = lambda q, k, v, impl=impl: ops.lightning_attention(q, k, v, decay=decay,
+                                                             implementation=impl)
+      rows += _measure(case, f"lightning {impl}", f, (q, k, v), cost)
+    softmax = lambda q, k, v: attention_fn(q, k, v, causal=True)
+    rows += _measure(case, "softmax causal", softmax, (q, k, v),
+                     _attention_cost(b, length, length, h, d, True, 2, 0))
+  return rows
 
 
 def suite_depthwise_cpu(args):
@@ -294,7 +358,7 @@ def environment() -> dict:
 
 def print_table(rows):
   keys = ["case", "implementation", "passes", "median_ms", "p10_ms", "p90_ms", "tflops", "gbps"]
-  keys += [k for k in ("pct_peak_flops", "pct_peak_hbm", "temp_mib", "speedup")
+  keys += [k for k in ("pct_peak_flops", "pct_peak_hbm", "temp_mib", "speedup", "timer")
            if any(k in r for r in rows)]
   print("| " + " | ".join(keys) + " |")
   print("|" + "---|" * len(keys))
@@ -318,7 +382,8 @@ def add_ratios(rows, baseline):
 SUITES = {"window_cpu": (suite_window_cpu, "naive einsum"), "attention": (suite_attention, "xla"),
           "window": (suite_window, "xla"), "routing_cpu": (suite_routing_cpu, "routing xla"),
           "routing": (suite_routing, "routing xla"),
-          "depthwise_cpu": (suite_depthwise_cpu, "xla grouped conv")}
+          "depthwise_cpu": (suite_depthwise_cpu, "xla grouped conv"),
+          "lightning": (suite_lightning, "lightning xla")}
 
 
 # One malloc arena, no trimming, no mmap for buffers: every call reuses already-touched pages.
@@ -330,6 +395,8 @@ def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--suite", choices=sorted(SUITES), required=True)
   parser.add_argument("--json", type=Path, help="write the rows and the environment here")
+  parser.add_argument("--quick", action="store_true",
+                      help="the largest case of each suite only (benchmarks/gpu_check.sh)")
   parser.add_argument("--steady_heap", action="store_true",
                       help="rerun with glibc malloc tunables that keep buffers' pages mapped")
   args = parser.parse_args(argv)

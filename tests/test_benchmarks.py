@@ -52,3 +52,47 @@ def test_table_means_the_seeds_and_averages_complete_datasets(reproduce, tmp_pat
   average = next(line for line in lines if line.startswith("| **Exchange** | Avg"))
   assert f"| {paper_avg[0] + 0.002:.3f} | {paper_avg[1]:.3f} |" in average
   assert lines[-1] == "5/5 finished settings pass."   # the Avg rows are not settings
+
+
+# --- benchmarks/gpu_check.sh and its report ------------------------------------------------------
+
+
+def test_gpu_check_refuses_a_machine_without_a_gpu(tmp_path):
+  import subprocess
+  import sys
+  result = subprocess.run(["bash", os.path.join(REPO, "benchmarks", "gpu_check.sh"),
+                           str(tmp_path / "out")], cwd=REPO, capture_output=True, text=True,
+                          env={**os.environ, "PYTHON": sys.executable, "JAX_PLATFORMS": "cpu"},
+                          timeout=120)
+  assert result.returncode == 1
+  assert result.stderr.startswith("gpu_check.sh: expected a GPU"), result.stderr
+  assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_gpu_check_report_gathers_what_finished(tmp_path):
+  report = load_script("gpu_check_report")
+  (tmp_path / "gpu.txt").write_text("NVIDIA H100 80GB HBM3, 81559 MiB, 580.159.04\n")
+  (tmp_path / "tests.xml").write_text(
+      '<testsuites><testsuite tests="3" failures="1" errors="0" skipped="0">'
+      '<testcase name="test_attention[dense]"/><testcase name="test_lightning_attention[2048]">'
+      '<failure message="dq: max|kernel - ref_f32| = 0.5 exceeds 3 x ..."/></testcase>'
+      '<testcase name="test_routing_attention[s1]"/></testsuite></testsuites>')
+  rows = [dict(case="windows 2048x49 H2 hd32", implementation="pallas", passes="fwd",
+               median_ms=0.25, tflops=12.0, gbps=900.0, speedup=3.0, timer="cupti"),
+          dict(case="windows 2048x49 H2 hd32", implementation="cudnn", skipped="odd length")]
+  (tmp_path / "ops_window.json").write_text(json.dumps(dict(
+      environment={"device_kind": "NVIDIA H100 80GB HBM3"}, suite="window", baseline="xla",
+      rows=rows)))
+  (tmp_path / "models.json").write_text(json.dumps(dict(environment={}, rows=[dict(
+      model="hornet_tiny_7x7", params=22409512, dtype="bfloat16", batch=128,
+      train_step_ms=80.0, train_per_s=1600.0, forward_ms=20.0)])))
+  result, markdown = report.report(tmp_path)
+  assert result["tests"]["failures"] == 1 and result["tests"]["failed"][0].startswith(
+      "test_lightning_attention[2048]: dq:")
+  assert result["missing"] == ["ops_attention.json", "ops_routing.json", "ops_lightning.json"]
+  assert result["ops"]["window"]["rows"] == rows
+  assert "| windows 2048x49 H2 hd32 | pallas | fwd | 0.25 | 12 | 900 |  |  | 3 | cupti |" in markdown
+  assert "| windows 2048x49 H2 hd32 | cudnn | skipped: odd length |" in markdown
+  assert "| hornet_tiny_7x7 | 22409512 | bfloat16 | 128 | 80 | 1.6e+03 | 20 |" in markdown
+  report.main([str(tmp_path)])
+  assert json.loads((tmp_path / "gpu_check.json").read_text())["gpu"].startswith("NVIDIA H100")

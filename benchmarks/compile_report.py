@@ -4,6 +4,7 @@ r"""What every Pallas kernel compiles to on an H100 and a TPU, measured on a CPU
   python benchmarks/compile_report.py --tpu          # Mosaic for a v5e:2x2 slice with libtpu
   python benchmarks/compile_report.py --gpu --tpu --json report.json --cases window
   python benchmarks/compile_report.py --lightning_cost   # lightning kernels vs the XLA loop, TPU
+  python benchmarks/compile_report.py --window_passes    # window attention's HBM passes, GPU
 
 GPU: each case's forward and backward is exported for `cuda` (the kernels lower to Triton IR, which
 is captured), the IR is compiled with pip `triton` for `GPUTarget("cuda", 90, 32)` with the
@@ -28,6 +29,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import re
 import subprocess
@@ -37,6 +39,7 @@ from pathlib import Path
 from typing import Callable
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -69,8 +72,12 @@ def _attention_case(name, family, shape, bias=None, causal=False):
 
 
 def _window_case(stage, windows, heads):
-  return _attention_case(f"maxvit_t s{stage}: {windows} windows x 49, H{heads} hd32", "window",
-                         (windows, 49, heads, 32), bias=(1, heads, 49, 49))
+  def arrays(dtype):
+    return [_s((windows, 49, heads, 32), dtype)] * 3 + [_s((heads, 13, 13), jnp.float32)]
+
+  def fn(q, k, v, table, implementation=None):
+    return ops.window_attention(q, k, v, table, window=(7, 7), implementation=implementation)
+  return Case(f"maxvit_t s{stage}: {windows} windows x 49, H{heads} hd32", "window", arrays, fn, 4)
 
 
 def _routing_case(stage, size, dim, heads, topk):
@@ -196,9 +203,11 @@ def _tpu_row(case: Case, dtype, implementation, devices) -> dict:
   split = jax.sharding.NamedSharding(mesh, jax.P(("data", "fsdp")))
   arrays = []
   for array in case.arrays(dtype):  # the batch split over the chips; a shared bias stays whole
-    batch = len(devices) if array.shape[0] > 1 else 1
-    arrays.append(jax.ShapeDtypeStruct((batch, *array.shape[1:]), array.dtype,
-                                       sharding=split if batch > 1 else None))
+    if array.ndim < 4 or array.shape[0] == 1:
+      arrays.append(array)
+      continue
+    arrays.append(jax.ShapeDtypeStruct((len(devices), *array.shape[1:]), array.dtype,
+                                       sharding=split))
   row = dict(case=case.name, dtype=jnp.dtype(dtype).name, implementation=implementation or "auto")
   try:
     with jax.set_mesh(mesh):
@@ -220,6 +229,52 @@ def tpu_rows(cases, dtypes, topology: str) -> list[dict]:
         rows.append(_tpu_row(case, dtype, implementation, devices))
         print(f"tpu: {case.name} {rows[-1]['dtype']} {rows[-1]['implementation']}: "
               f"{'ok' if rows[-1]['compiles'] else rows[-1]['error']}", file=sys.stderr)
+  return rows
+
+
+def _pallas_call_bytes(jaxpr) -> int:
+  """Bytes of every pallas_call's operands and results in a jaxpr (nested ones included)."""
+  total = 0
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "pallas_call":
+      total += sum(math.prod(v.aval.shape) * v.aval.dtype.itemsize
+                   for v in (*eqn.invars, *eqn.outvars))
+    for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+      total += _pallas_call_bytes(sub)
+  return total
+
+
+def hbm_passes(fn, *args) -> float:
+  """HBM traffic of ``jit(fn)`` on a GPU, in passes over ``args[0]``: the kernels' operands and
+  results (each read or written once, the minimum) plus XLA's cost analysis of everything else in
+  the program lowered for CUDA (unoptimized: a copy XLA would fuse away still counts, so the
+  figure is an upper bound)."""
+  from ops import dispatch
+  platform, dispatch.platform = dispatch.platform, lambda: "gpu"
+  try:
+    closed = jax.make_jaxpr(fn)(*args)
+    lowered = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",))
+  finally:
+    dispatch.platform = platform
+  moved = lowered.cost_analysis()["bytes accessed"] + _pallas_call_bytes(closed.jaxpr)
+  return moved / (math.prod(args[0].shape) * args[0].dtype.itemsize)
+
+
+def window_passes_rows() -> list[dict]:
+  """MaxViT-T's stage-1 windows (batch 32, bf16): HBM passes over q of window attention through
+  the window kernel and through ops.attention's kernel (transposed and padded to 64 rows)."""
+  q = jax.ShapeDtypeStruct((2048, 49, 2, 32), jnp.bfloat16)
+  table = jax.ShapeDtypeStruct((2, 13, 13), jnp.float32)
+  paths = {
+      "window kernel": lambda q, k, v, t: ops.window_attention(q, k, v, t, implementation="pallas"),
+      "ops.attention kernel": lambda q, k, v, t: ops.attention(
+          q, k, v, bias=ops.relative_position_bias(t, (7, 7))[None], implementation="pallas"),
+  }
+  rows = []
+  for name, fn in paths.items():
+    grads = lambda *a, fn=fn: jax.vjp(fn, *a)[1](jnp.ones(q.shape, q.dtype))
+    rows.append(dict(path=name, fwd_passes=round(hbm_passes(fn, q, q, q, table), 2),
+                     bwd_passes=round(hbm_passes(grads, q, q, q, table), 2)))
   return rows
 
 
@@ -279,12 +334,14 @@ def main(argv=None):
   parser.add_argument("--cases", nargs="*", default=[], choices=sorted({c.family for c in CASES}),
                       help="case families (default: all)")
   parser.add_argument("--dtypes", nargs="*", default=["float32", "bfloat16"])
+  parser.add_argument("--window_passes", action="store_true",
+                      help="window attention on a GPU: HBM passes of the kernels and around them")
   parser.add_argument("--lightning_cost", action="store_true",
                       help="lightning on TPU: the kernels' cost analysis against the XLA loop's")
   parser.add_argument("--json", type=Path, help="write the rows here")
   args = parser.parse_args(argv)
-  if not (args.gpu or args.tpu or args.lightning_cost):
-    parser.error("expected --gpu, --tpu, --lightning_cost or several")
+  if not (args.gpu or args.tpu or args.lightning_cost or args.window_passes):
+    parser.error("expected --gpu, --tpu, --lightning_cost, --window_passes or several")
   cases = [c for c in CASES if not args.cases or c.family in args.cases]
   dtypes = [jnp.dtype(d) for d in args.dtypes]
   report = {}
@@ -294,6 +351,10 @@ def main(argv=None):
   if args.tpu:
     report["tpu"] = tpu_rows(cases, dtypes, args.topology)
     print(f"## Mosaic, {args.topology}\n\n" + markdown(report["tpu"]) + "\n")
+  if args.window_passes:
+    report["window_passes"] = window_passes_rows()
+    print("## Window attention on a GPU: HBM passes over q\n\n"
+          + markdown(report["window_passes"]) + "\n")
   if args.lightning_cost:
     report["lightning_cost"] = lightning_cost_rows(args.topology)
     print(f"## Lightning on {args.topology}: cost analysis per chip\n\n"

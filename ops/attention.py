@@ -209,6 +209,13 @@ def _backend_params(target: str, grid_rank: int) -> dict:
       dimension_semantics=("parallel",) * grid_rank))
 
 
+def _cost_estimate(flops, *arrays):
+  """What a kernel computes and moves, for XLA's cost analysis and scheduler: each array read or
+  written once (a kernel that reads a block again costs more than this says)."""
+  moved = sum(math.prod(a.shape) * jnp.dtype(a.dtype).itemsize for a in arrays)
+  return pl.CostEstimate(flops=int(flops), transcendentals=0, bytes_accessed=moved)
+
+
 def _check_pallas_supported(target, head_dim, v_head_dim):
   """Raises ValueError for cases the compiled kernel of `target` cannot lower."""
   if target not in TARGETS:
@@ -329,16 +336,18 @@ def _pallas_forward(q, k, v, bias, q_seg, kv_seg, causal, scale, block_q, block_
   kernel = functools.partial(
       _fwd_kernel, scale=scale, causal=causal, kv_len=lk, block_q=bq, block_k=bk,
       num_k_blocks=lk_p // bk, has_bias=bias is not None, has_seg=q_seg is not None)
+  out_shape = [jax.ShapeDtypeStruct((b, h, lq_p, dv), q.dtype),
+               jax.ShapeDtypeStruct((b, h, lq_p, 1), _F32)]
   out, lse = pl.pallas_call(
       kernel,
       grid=(b, h, lq_p // bq),
       in_specs=in_specs,
       out_specs=[pl.BlockSpec((None, None, bq, dv), lambda bi, hi, qi: (bi, hi, qi, 0)),
                  pl.BlockSpec((None, None, bq, 1), lambda bi, hi, qi: (bi, hi, qi, 0))],
-      out_shape=[jax.ShapeDtypeStruct((b, h, lq_p, dv), q.dtype),
-                 jax.ShapeDtypeStruct((b, h, lq_p, 1), _F32)],
+      out_shape=out_shape,
       **_backend_params(target, 3),
       name="attention_fwd",
+      cost_estimate=_cost_estimate(2 * b * h * lq_p * lk_p * (d + dv), *args, *out_shape),
   )(*args)
   return jnp.swapaxes(out[:, :, :lq], 1, 2), lse[:, :, :lq, 0]
 
@@ -544,14 +553,18 @@ def _pallas_backward(q, k, v, bias, q_seg, kv_seg, out, lse, do, causal, scale, 
   if has_seg:
     specs += [pl.BlockSpec((None, lq_p, 1), lambda bi, hi, j: (bi, 0, 0)),
               pl.BlockSpec((None, 1, bk), lambda bi, hi, j: (bi, 0, j))]
+  # matmuls per tile: s, dp, dv, dk (and dq, ds in the dQ kernel)
+  tile_flops = 2 * b * h * lq_p * lk_p * (d + dv_dim)
+  out_shape = [jax.ShapeDtypeStruct(kt.shape, k.dtype), jax.ShapeDtypeStruct(vt.shape, v.dtype)]
   dk, dv = pl.pallas_call(
       functools.partial(_dkdv_kernel, num_q_blocks=lq_p // bq, **flags),
       grid=(b, h, lk_p // bk),
       in_specs=specs,
       out_specs=[blk_k(d), blk_k(dv_dim)],
-      out_shape=[jax.ShapeDtypeStruct(kt.shape, k.dtype), jax.ShapeDtypeStruct(vt.shape, v.dtype)],
+      out_shape=out_shape,
       **_backend_params(target, 3),
       name="attention_bwd_dkdv",
+      cost_estimate=_cost_estimate(2 * tile_flops, *common, *extra, *out_shape),
   )(*common, *extra)
 
   # dQ (and, when the bias is per batch and head, the dS tiles, which are dbias): one program per
@@ -580,6 +593,7 @@ def _pallas_backward(q, k, v, bias, q_seg, kv_seg, out, lse, do, causal, scale, 
       out_shape=out_shape,
       **_backend_params(target, 3),
       name="attention_bwd_dq",
+      cost_estimate=_cost_estimate(1.5 * tile_flops, *common, *extra, *out_shape),
   )(*common, *extra)
   if shared:
     # dbias of a bias shared over batch and/or heads: each program sums the dS tiles of `per_b x nh`
@@ -598,6 +612,7 @@ def _pallas_backward(q, k, v, bias, q_seg, kv_seg, out, lse, do, causal, scale, 
       specs += [pl.BlockSpec((per_b, bq, 1), lambda g, bi, hi, i: (g + bi, i, 0)),
                 pl.BlockSpec((per_b, 1, lk_p), lambda g, bi, hi, i: (g + bi, 0, 0))]
     out_spec = pl.BlockSpec((None, None, None, bq, lk_p), lambda g, bi, hi, i: (g, bi, hi, i, 0))
+    partials_shape = jax.ShapeDtypeStruct((groups, bb, bh, lq_p, lk_p), _F32)
     partials = pl.pallas_call(
         functools.partial(_dbias_kernel, scale=scale, causal=causal, q_len=lq, kv_len=lk,
                           block_q=bq, block_k=bk, num_k_blocks=lk_p // bk, nb=per_b, nh=nh,
@@ -605,9 +620,10 @@ def _pallas_backward(q, k, v, bias, q_seg, kv_seg, out, lse, do, causal, scale, 
         grid=(groups, bb, bh, lq_p // bq),
         in_specs=specs,
         out_specs=out_spec,
-        out_shape=jax.ShapeDtypeStruct((groups, bb, bh, lq_p, lk_p), _F32),
+        out_shape=partials_shape,
         **_backend_params(target, 4),
         name="attention_bwd_dbias",
+        cost_estimate=_cost_estimate(tile_flops, *common, *extra, partials_shape),
     )(*common, *extra)
     res = [res[0], jnp.sum(partials, axis=0)]
   dq = res[0]

@@ -53,7 +53,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from ops import dispatch, sharding
-from ops.attention import _backend_params, _block_size, _default_target, _round_up, attention
+from ops.attention import (_backend_params, _block_size, _cost_estimate, _default_target,
+                           _round_up, attention)
 
 _F32 = jnp.float32
 _HIGHEST = lax.Precision.HIGHEST
@@ -309,13 +310,6 @@ def _chunk_kernel(rate_ref, p_ref, r_ref, v_ref, state_ref, o_ref, *, anticausal
   o_ref[...] = (_mm(scores, v, (1, 0)) + row_decay * inter).astype(o_ref.dtype)
 
 
-def _cost(flops, *arrays):
-  """What a kernel computes and moves, for XLA's cost analysis and scheduler (each array read or
-  written once)."""
-  moved = sum(int(np.prod(a.shape)) * jnp.dtype(a.dtype).itemsize for a in arrays)
-  return pl.CostEstimate(flops=int(flops), transcendentals=0, bytes_accessed=moved)
-
-
 def _tile(dim, widest):
   """The block of a dimension: all of it when it fits, else the largest power of two <= ``widest``
   dividing it (no padding needed), else all of it."""
@@ -402,7 +396,7 @@ class _Chunked:
     n = length // chunk
     bd, be = _tile(d, self.sizes.state), _tile(e, self.sizes.state)
     out_shape = jax.ShapeDtypeStruct((b, h, n, d, e), x.dtype)
-    cost = _cost(2 * b * h * length * d * e, x, y, out_shape)
+    cost = _cost_estimate(2 * b * h * length * d * e, x, y, out_shape)
     if self.heads_first:
       from jax.experimental.pallas import tpu as pltpu
       at = (lambda t: n - 1 - t) if reverse else (lambda t: t)
@@ -459,7 +453,7 @@ class _Chunked:
         out_specs=self._seq_spec(chunk, be, lambda b, h, t, j: (b, h, t, j)),
         out_shape=out_shape,
         name="lightning_chunks",
-        cost_estimate=_cost(flops, p, r, v, states, out_shape),
+        cost_estimate=_cost_estimate(flops, p, r, v, states, out_shape),
         **(self._tpu_params(("parallel",) * 4) if self.heads_first
            else _backend_params(self.target, 4)),
     )(rate, p, r, v, states)

@@ -7,6 +7,7 @@ a test that counts compiles never sees an earlier session's programs, and remove
 
 On a GPU or TPU, a test that names a compiled kernel for a case the kernel refuses is skipped with
 the kernel's reason (see ``device_refusal``)."""
+import importlib.util
 import os
 import re
 import shutil
@@ -14,6 +15,8 @@ import sys
 import tempfile
 
 import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Set before any test imports jax; the workers of one session (pytest-xdist) inherit the variables
 # from the process that starts them, and so do the processes the tests start.
@@ -54,3 +57,12 @@ def pytest_runtest_makereport(item, call):
     report = outcome.get_result()
     report.outcome = "skipped"
     report.longrepr = (str(item.path), item.location[1] or 0, f"Skipped: {reason}")
+
+
+def load_benchmark(name: str):
+  """benchmarks/<name>.py as a module (the scripts are not a package; "ops" would clash)."""
+  spec = importlib.util.spec_from_file_location(f"benchmark_{name}",
+                                                os.path.join(REPO, "benchmarks", f"{name}.py"))
+  module = sys.modules[spec.name] = importlib.util.module_from_spec(spec)  # for its dataclasses
+  spec.loader.exec_module(module)
+  return module

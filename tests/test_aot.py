@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 
 import aot
+from conftest import load_benchmark
 import data
 import ops
 import tasks
@@ -118,12 +119,8 @@ def test_lightning_attention_compiles_per_shard_at_32k(v5e_chips):
 def test_lightning_kernels_move_fewer_bytes_than_the_xla_loop():
   # Why the TPU dispatch takes the kernels (benchmarks/RESULTS.md has the 2K figures): by XLA's
   # cost analysis of the compiled programs, with the loop unrolled so that every step counts.
-  spec = importlib.util.spec_from_file_location("compile_report",
-                                                REPO / "benchmarks" / "compile_report.py")
-  compile_report = sys.modules[spec.name] = importlib.util.module_from_spec(spec)  # dataclasses
-  spec.loader.exec_module(compile_report)
   rows = {(r["implementation"], r["pass_"]): r
-          for r in compile_report.lightning_cost_rows("v5e:2x2", length=512)}
+          for r in load_benchmark("compile_report").lightning_cost_rows("v5e:2x2", length=512)}
   for pass_ in ("fwd", "fwd+bwd"):
     xla, kernels = rows["xla", pass_], rows["pallas", pass_]
     assert kernels["mb_accessed"] < 0.6 * xla["mb_accessed"], (xla, kernels)

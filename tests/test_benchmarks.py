@@ -1,23 +1,17 @@
 """The benchmark scripts' own logic (no timing): the iTransformer reproduction table."""
-import importlib.util
 import json
 import os
 
 import pytest
 
+from conftest import load_benchmark
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def load_script(name):
-  spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "benchmarks", f"{name}.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
 
 
 @pytest.fixture(scope="module")
 def reproduce():
-  return load_script("itransformer_reproduce")
+  return load_benchmark("itransformer_reproduce")
 
 
 def write_final(root, dataset, horizon, seed, mse, mae):
@@ -70,7 +64,7 @@ def test_gpu_check_refuses_a_machine_without_a_gpu(tmp_path):
 
 
 def test_gpu_check_report_gathers_what_finished(tmp_path):
-  report = load_script("gpu_check_report")
+  report = load_benchmark("gpu_check_report")
   (tmp_path / "gpu.txt").write_text("NVIDIA H100 80GB HBM3, 81559 MiB, 580.159.04\n")
   (tmp_path / "tests.xml").write_text(
       '<testsuites><testsuite tests="3" failures="1" errors="0" skipped="0">'

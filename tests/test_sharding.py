@@ -128,6 +128,7 @@ def _kernels() -> dict:
   segments = jnp.repeat(jnp.arange(2), 8)[None].repeat(8, 0)
   maps = [jax.random.normal(k, (4, 8, 8, 32)) for k in keys[:3]]
   decay = jnp.array([0.1, 0.2, 0.3, 0.4])
+  table = jax.random.normal(keys[3], (4, 7, 7))
   cases = {
       "attention+bias": (lambda impl, q, k, v: ops.attention(
           q, k, v, bias=bias, implementation=impl), qkv),
@@ -139,6 +140,8 @@ def _kernels() -> dict:
           q, k, v, num_heads=2, n_win=2, topk=2, implementation=impl), maps),
       "lightning": (lambda impl, q, k, v: ops.lightning_attention(
           q, k, v, decay=decay, implementation=impl), qkv),
+      "windows": (lambda impl, q, k, v: ops.window_attention(
+          q, k, v, table, window=(4, 4), implementation=impl), qkv),
   }
   errors = {}
   for name, (op, args) in cases.items():
@@ -188,7 +191,7 @@ def _result(results: dict, name: str):
 def test_kernels_under_a_mesh_match_the_reference(eight_devices):
   errors = _result(eight_devices, "kernels")
   assert set(errors) == {"attention+bias", "attention causal", "attention segments", "routing",
-                         "lightning"}
+                         "lightning", "windows"}
   for name, error in errors.items():
     assert error is not False and error < 1e-5, (name, error)
 

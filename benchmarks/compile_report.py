@@ -17,7 +17,8 @@ TPU: each case's forward and backward, on as many sequences as the slice has chi
 for v5e:2x2 through the dispatch ops.attention and the models use (the shard_map per chip), and
 also through the zoo's Pallas kernel by name. A row per case: whether it compiles (the first line
 of the error if not: `CompileTimeScopedVmemOom` when a block does not fit the scoped VMEM), the
-Mosaic kernels, and the temporaries per chip.
+Mosaic kernels, the temporaries per chip, and each Pallas kernel's VMEM from its blocks
+(double-buffered, in Mosaic's (8, 128) tiles, scratch included).
 
 Shapes are the models': MaxViT-T's window stages and BiFormer-T's routing stages at 224 and batch
 128, dense attention at 4K (head dims 64 and 128, causal, a bias), and TransNormerLLM-385M's
@@ -91,16 +92,16 @@ def _routing_case(stage, size, dim, heads, topk):
               arrays, fn, 3)
 
 
-def _lightning_case(length, batch):
-  heads, head_dim = 8, 128  # TNL-385M: width 1024 in 8 heads
-
+def _lightning_case(length, batch, heads=8, head_dim=128):
+  """TNL-385M's heads by default (width 1024 in 8 heads); hd 64 for the smaller head dim."""
   def arrays(dtype):
     return [_s((batch, length, heads, head_dim), dtype)] * 3
 
   def fn(q, k, v, implementation=None):
     decay = jnp.linspace(0.01, 0.5, heads)
     return ops.lightning_attention(q, k, v, decay=decay, implementation=implementation)
-  return Case(f"tnl_385m lightning: B{batch} L{length // 1024}K H{heads} hd{head_dim}",
+  model = "tnl_385m" if head_dim == 128 else "tnl"
+  return Case(f"{model} lightning: B{batch} L{length // 1024}K H{heads} hd{head_dim}",
               "lightning", arrays, fn, 3)
 
 
@@ -114,6 +115,7 @@ CASES = [
     _attention_case("dense 4K hd128 H16 bias", "dense", (4, 4096, 16, 128),
                     bias=(1, 16, 4096, 4096)),
     *(_lightning_case(length, batch) for length, batch in ((2048, 2), (8192, 2), (32768, 1))),
+    *(_lightning_case(length, batch, 16, 64) for length, batch in ((4096, 2), (32768, 1))),
 ]
 
 
@@ -193,6 +195,43 @@ def gpu_rows(cases, dtypes) -> list[dict]:
 
 # ----------------------------------------------------------------------------------------- TPU
 
+def _vmem_tile_bytes(shape, dtype) -> int:
+  """Bytes of a block in VMEM: Mosaic lays the two minor dims out in (8 x 32-bit sublanes, 128
+  lanes) tiles, so a [128, 1] f32 column takes as much as [128, 128]."""
+  dtype = jnp.dtype(dtype)
+  rows, cols = ((1,) + tuple(shape))[-2:]
+  sublanes = 8 * max(1, 4 // dtype.itemsize)
+  lead = math.prod(shape[:-2]) if len(shape) > 2 else 1
+  return lead * -(-rows // sublanes) * sublanes * -(-cols // 128) * 128 * dtype.itemsize
+
+
+def kernel_vmem(closed_jaxpr) -> dict[str, int]:
+  """Each Mosaic kernel's VMEM in bytes, from its blocks: inputs and outputs double-buffered (the
+  pipeline's), scratch once, SMEM and HBM operands left out; the largest per kernel name."""
+  vmem = {}
+
+  def visit(jaxpr):
+    for eqn in jaxpr.eqns:
+      if eqn.primitive.name == "pallas_call":
+        grid = eqn.params["grid_mapping"]
+        total = 0
+        for block in grid.block_mappings:
+          ref = block.transformed_block_aval
+          if str(getattr(ref, "memory_space", "")).lower() in ("smem", "any", "hbm"):
+            continue
+          total += 2 * _vmem_tile_bytes(ref.inner_aval.shape, ref.inner_aval.dtype)
+        for scratch in grid.scratch_avals:
+          aval = getattr(scratch, "inner_aval", scratch)
+          total += _vmem_tile_bytes(aval.shape, aval.dtype)
+        name = eqn.params["name_and_src_info"].name
+        vmem[name] = max(vmem.get(name, 0), total)
+      for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+        visit(sub)
+
+  visit(closed_jaxpr.jaxpr)
+  return vmem
+
+
 def _tpu_row(case: Case, dtype, implementation, devices) -> dict:
   import aot
   import ml_collections
@@ -215,8 +254,12 @@ def _tpu_row(case: Case, dtype, implementation, devices) -> dict:
   except Exception as e:  # noqa: BLE001
     return row | dict(compiles=False, error=_first_line(e))
   kernels = aot.mosaic_kernels(compiled.as_text())
+  with jax.set_mesh(mesh):
+    vmem = kernel_vmem(jax.make_jaxpr(_loss(case, implementation))(*arrays))
   return row | dict(compiles=True, kernels=", ".join(sorted(kernels)) or "-",
-                    temp_mib=round(compiled.memory_analysis().temp_size_in_bytes / 2**20, 1))
+                    temp_mib=round(compiled.memory_analysis().temp_size_in_bytes / 2**20, 1),
+                    vmem_kib=", ".join(f"{name} {size / 1024:.0f}"
+                                       for name, size in sorted(vmem.items())) or "-")
 
 
 def tpu_rows(cases, dtypes, topology: str) -> list[dict]:

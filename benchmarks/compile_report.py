@@ -223,7 +223,7 @@ def kernel_vmem(closed_jaxpr) -> dict[str, int]:
         for scratch in grid.scratch_avals:
           aval = getattr(scratch, "inner_aval", scratch)
           total += _vmem_tile_bytes(aval.shape, aval.dtype)
-        name = eqn.params["name_and_src_info"].name
+        name = str(getattr(eqn.params["name"], "name", eqn.params["name"]))
         vmem[name] = max(vmem.get(name, 0), total)
       for sub in jax.extend.core.jaxprs_in_params(eqn.params):
         visit(sub)

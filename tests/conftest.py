@@ -5,6 +5,12 @@ eval.py and aot.py processes the tests start compile the same programs again and
 resumed run recompiles its step; every digits test builds the same model). Fresh each session, so
 a test that counts compiles never sees an earlier session's programs, and removed after it.
 
+On the CPU (``JAX_PLATFORMS=cpu``, as the README's test command runs), XLA compiles with LLVM's
+optimisations off and its older elemental emitters, unless ``XLA_FLAGS`` is set: the suite's
+programs run for milliseconds and compile for seconds, and these flags take a fifth off the suite
+(tests/test_hornet.py and tests/test_train.py: 177 -> 142 s). Results stay within every test's
+tolerance; benchmarks and users run XLA's defaults.
+
 On a GPU or TPU, a test that names a compiled kernel for a case the kernel refuses is skipped with
 the kernel's reason (see ``device_refusal``)."""
 import importlib.util
@@ -25,6 +31,9 @@ if _OWN_CACHE:
   os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="zoo-xla-cache-")
   os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
   os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+if os.environ.get("JAX_PLATFORMS") == "cpu" and "XLA_FLAGS" not in os.environ:
+  os.environ["XLA_FLAGS"] = ("--xla_backend_optimization_level=0 "
+                             "--xla_cpu_use_fusion_emitters=false")
 
 
 def pytest_sessionfinish(session):
@@ -32,6 +41,11 @@ def pytest_sessionfinish(session):
   if _OWN_CACHE and not hasattr(session.config, "workerinput"):
     shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
 
+
+
+def xla_flags(*flags: str) -> str:
+  """The session's XLA_FLAGS with ``flags`` added, for the processes tests start."""
+  return " ".join([os.environ.get("XLA_FLAGS", ""), *flags]).strip()
 
 # On a GPU or TPU, "pallas" means the compiled kernel, which refuses some shapes the interpreter
 # runs (Triton's power-of-two tiles of at least 16). A test naming it for such a shape is skipped

@@ -26,6 +26,7 @@ import pytest
 import train
 from configs import itransformer as itransformer_config
 from configs import matformer as matformer_config
+from conftest import xla_flags
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIRST_EVAL = 15
@@ -68,7 +69,7 @@ class Pair:
   def __init__(self, root: pathlib.Path, name: str, script: str, args: list[str]):
     port = free_port()
     env = {**os.environ, "JAX_PLATFORMS": "cpu",
-           "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+           "XLA_FLAGS": xla_flags("--xla_force_host_platform_device_count=2"),
            "JAX_COMPILATION_CACHE_DIR": str(root / "jax_cache"),
            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
     self.logs = [root / f"{name}.{i}.{kind}" for i in range(2) for kind in ("out", "err")]

@@ -11,6 +11,7 @@ import pytest
 import train
 from configs import itransformer as itransformer_config
 from configs import transnormer as transnormer_config
+from conftest import xla_flags
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -175,7 +176,7 @@ def test_eight_devices_match_one(tmp_path):
           "--config.input.batch_size=64"]
   one = run_cli("train.py", *args, f"--workdir={tmp_path / 'one'}")
   eight = run_cli("train.py", *args, f"--workdir={tmp_path / 'eight'}",
-                  env={"XLA_FLAGS": "--xla_force_host_platform_device_count=8"})
+                  env={"XLA_FLAGS": xla_flags("--xla_force_host_platform_device_count=8")})
   assert one.returncode == 0 and eight.returncode == 0, (one.stderr[-2000:], eight.stderr[-2000:])
   loss_one = [m["train/loss"] for m in read_metrics(tmp_path / "one") if "train/loss" in m]
   loss_eight = [m["train/loss"] for m in read_metrics(tmp_path / "eight") if "train/loss" in m]
@@ -219,7 +220,7 @@ def test_eval_batch_size_is_checked_before_training(tmp_path):
   """The Fashion-MNIST recipes' 500 on 8 devices: refused at the start, not at the first evaluation."""
   out = run_cli("train.py", "--config", "configs/itransformer.py:digits", f"--workdir={tmp_path}",
                 "--config.total_steps=2", "--config.input.eval_batch_size=500", "--config.mesh.data=8",
-                env={"XLA_FLAGS": "--xla_force_host_platform_device_count=8"})
+                env={"XLA_FLAGS": xla_flags("--xla_force_host_platform_device_count=8")})
   assert out.returncode == 1
   errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
   assert len(errors) == 1 and "input.eval_batch_size=500 must be divisible by the 8" in errors[0]

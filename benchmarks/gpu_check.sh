@@ -28,8 +28,9 @@ python=${PYTHON:-python3}
 
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"   # the zoo's packages, not installed there
 if ls .whl/*.whl >/dev/null 2>&1; then
+  site=$(mktemp -d)
   "$python" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/gpu_check_site .whl/*.whl && export PYTHONPATH="$PYTHONPATH:/tmp/gpu_check_site"
+    --target "$site" .whl/*.whl && export PYTHONPATH="$PYTHONPATH:$site"
 fi
 if ! "$python" -c "import jax, sys; sys.exit(jax.default_backend() != 'gpu')"; then
   echo "gpu_check.sh: expected a GPU (jax.default_backend() == 'gpu'); found $("$python" -c \

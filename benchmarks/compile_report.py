@@ -223,7 +223,8 @@ def kernel_vmem(closed_jaxpr) -> dict[str, int]:
         for scratch in grid.scratch_avals:
           aval = getattr(scratch, "inner_aval", scratch)
           total += _vmem_tile_bytes(aval.shape, aval.dtype)
-        name = str(getattr(eqn.params["name"], "name", eqn.params["name"]))
+        name = eqn.params["name"] or eqn.params["jaxpr"].debug_info.func_name  # unnamed: jax's
+        name = str(getattr(name, "name", name))
         vmem[name] = max(vmem.get(name, 0), total)
       for sub in jax.extend.core.jaxprs_in_params(eqn.params):
         visit(sub)

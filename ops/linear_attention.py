@@ -53,7 +53,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from ops import dispatch, sharding
-from ops.attention import (_backend_params, _block_size, _cost_estimate, _default_target,
+from ops.attention import (_backend_params, _block_size, _cost_estimate, _default_target, _mm,
                            _round_up, attention)
 
 _F32 = jnp.float32
@@ -233,14 +233,6 @@ class BlockSizes:
 # 128x128 f32 tile alone is 128 registers a thread); TPU: the MXU's 128x128.
 _BLOCK_SIZES = {"interpret": BlockSizes(64, 64, 64), "gpu": BlockSizes(64, 64, 64),
                 "tpu": BlockSizes(128, 128, 128)}
-
-
-def _mm(a, b, contract: tuple[int, int]):
-  """2-D tile matmul contracting axis contract[0] of a with contract[1] of b, accumulating in f32;
-  f32 operands at full precision, bf16/f16 in their dtype (tensor cores, the MXU)."""
-  precision = _HIGHEST if a.dtype == _F32 else None
-  return lax.dot_general(a, b, (((contract[0],), (contract[1],)), ((), ())), precision=precision,
-                         preferred_element_type=_F32)
 
 
 def _local_rows(chunk):

@@ -169,14 +169,21 @@ def _probabilities(q, k, bias, scale, key_valid):
   return p / jnp.sum(p, axis=-1, keepdims=True)
 
 
+def _window_masks_and_bias(bias_ref, head, tile, tokens):
+  """What every window of a program shares: the valid query rows [tile, 1], the valid keys
+  [1, tile] and the head's bias tile (None without a bias)."""
+  rows = lax.broadcasted_iota(jnp.int32, (tile, 1), 0) < tokens
+  key_valid = lax.broadcasted_iota(jnp.int32, (1, tile), 1) < tokens
+  bias = None if bias_ref is None else _bias_tile(bias_ref, head, tile, tokens)
+  return rows, key_valid, bias
+
+
 def _window_fwd_kernel(*refs, scale, tokens, tile, windows, has_bias):
   q_ref, k_ref, v_ref, *rest = refs
   bias_ref = rest.pop(0) if has_bias else None
   (o_ref,) = rest
   group, head = pl.program_id(0), pl.program_id(1)
-  rows = lax.broadcasted_iota(jnp.int32, (tile, 1), 0) < tokens
-  key_valid = lax.broadcasted_iota(jnp.int32, (1, tile), 1) < tokens
-  bias = _bias_tile(bias_ref, head, tile, tokens) if has_bias else None
+  rows, key_valid, bias = _window_masks_and_bias(bias_ref, head, tile, tokens)
 
   def window(w, _):
     n = group * windows + w
@@ -193,9 +200,7 @@ def _window_bwd_kernel(*refs, scale, tokens, tile, windows, has_bias):
   bias_ref = rest.pop(0) if has_bias else None
   dq_ref, dk_ref, dv_ref, *dbias_ref = rest
   group, head = pl.program_id(0), pl.program_id(1)
-  rows = lax.broadcasted_iota(jnp.int32, (tile, 1), 0) < tokens
-  key_valid = lax.broadcasted_iota(jnp.int32, (1, tile), 1) < tokens
-  bias = _bias_tile(bias_ref, head, tile, tokens) if has_bias else None
+  rows, key_valid, bias = _window_masks_and_bias(bias_ref, head, tile, tokens)
 
   def window(w, dbias):
     n = group * windows + w

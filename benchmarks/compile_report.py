@@ -4,7 +4,7 @@ r"""What every Pallas kernel compiles to on an H100 and a TPU, measured on a CPU
   python benchmarks/compile_report.py --tpu          # Mosaic for a v5e:2x2 slice with libtpu
   python benchmarks/compile_report.py --gpu --tpu --json report.json --cases window
   python benchmarks/compile_report.py --lightning_cost   # lightning kernels vs the XLA loop, TPU
-  python benchmarks/compile_report.py --window_passes    # window attention's HBM passes, GPU
+  python benchmarks/compile_report.py --window_passes    # window attention's HBM passes, GPU, TPU
 
 GPU: each case's forward and backward is exported for `cuda` (the kernels lower to Triton IR, which
 is captured), the IR is compiled with pip `triton` for `GPUTarget("cuda", 90, 32)` with the
@@ -13,9 +13,9 @@ registers per thread, spill stores and loads (bytes), shared memory, and the ten
 (`wgmma`, `mma.sync`) and f32 FMA instructions of its PTX. XLA compiles these kernels with its own
 bundled Triton, so the figures are close to, not identical with, what a GPU runs.
 
-TPU: each case's forward and backward, on as many sequences as the slice has chips, is compiled
-for v5e:2x2 through the dispatch ops.attention and the models use (the shard_map per chip), and
-also through the zoo's Pallas kernel by name. A row per case: whether it compiles (the first line
+TPU: each case's forward and backward, the batch split over the chips (one sequence a chip where
+it does not split), is compiled for v5e:2x2 through the dispatch ops.attention and the models use
+(the shard_map per chip), and also through the zoo's Pallas kernel by name. A row per case: whether it compiles (the first line
 of the error if not: `CompileTimeScopedVmemOom` when a block does not fit the scoped VMEM), the
 Mosaic kernels, the temporaries per chip, and each Pallas kernel's VMEM from its blocks
 (double-buffered, in Mosaic's (8, 128) tiles, scratch included).
@@ -246,8 +246,8 @@ def _tpu_row(case: Case, dtype, implementation, devices) -> dict:
     if array.ndim < 4 or array.shape[0] == 1:
       arrays.append(array)
       continue
-    arrays.append(jax.ShapeDtypeStruct((len(devices), *array.shape[1:]), array.dtype,
-                                       sharding=split))
+    batch = array.shape[0] if array.shape[0] % len(devices) == 0 else len(devices)
+    arrays.append(jax.ShapeDtypeStruct((batch, *array.shape[1:]), array.dtype, sharding=split))
   row = dict(case=case.name, dtype=jnp.dtype(dtype).name, implementation=implementation or "auto")
   try:
     with jax.set_mesh(mesh):
@@ -322,6 +322,73 @@ def window_passes_rows() -> list[dict]:
   return rows
 
 
+def tpu_window_rows(topology: str, images: int = 128) -> list[dict]:
+  """MaxViT-T's stage-1 block attention on TPU (56x56x64 maps cut into 7x7 windows, 2 heads of
+  32, bf16), per chip by XLA's cost analysis of the compiled program: HBM passes over q and the
+  grid steps of the kernels, through the window kernel, through ops.attention's (transposed and
+  padded to 64 rows) and with no attention (q + k + v). The program is the model's around it: the
+  window partition, the qkv projection, attention, the reverse partition and the residual, so that
+  XLA lays the arrays out as it would in the model."""
+  import aot
+  import ml_collections
+  import train
+
+  devices = aot.tpu_devices(topology)
+  mesh = train.make_mesh(ml_collections.ConfigDict(dict(data=len(devices), fsdp=1, tensor=1)),
+                         devices=devices)
+  x = jax.ShapeDtypeStruct((images, 56, 56, 64), jnp.bfloat16,
+                           sharding=jax.sharding.NamedSharding(mesh, jax.P("data")))
+  w = jax.ShapeDtypeStruct((64, 3 * 64), jnp.bfloat16)
+  table = jax.ShapeDtypeStruct((2, 13, 13), jnp.float32)
+  paths = {
+      "window kernel": lambda q, k, v, t: ops.window_attention(q, k, v, t, implementation="pallas"),
+      "ops.attention kernel": lambda q, k, v, t: ops.attention(
+          q, k, v, bias=ops.relative_position_bias(t, (7, 7))[None], implementation="pallas"),
+      "no attention (q + k + v)": lambda q, k, v, t: q + k + v,
+  }
+
+  def windows(x):  # [B, 56, 56, C] -> [B * 64, 49, C]
+    b, c = x.shape[0], x.shape[-1]
+    return x.reshape(b, 8, 7, 8, 7, c).transpose(0, 1, 3, 2, 4, 5).reshape(b * 64, 49, c)
+
+  def unwindows(y, like):
+    b, c = like.shape[0], like.shape[-1]
+    return y.reshape(b, 8, 8, 7, 7, c).transpose(0, 1, 3, 2, 4, 5).reshape(like.shape)
+
+  q_bytes = images // len(devices) * 56 * 56 * 64 * 2  # one chip's q
+  rows = []
+  for name, path in paths.items():
+    def block(x, w, t, path=path):
+      tokens = windows(x)
+      q, k, v = jnp.moveaxis((tokens @ w).reshape(*tokens.shape[:2], 3, 2, 32), 2, 0)
+      return x + unwindows(path(q, k, v, t).reshape(tokens.shape), x)
+    grads = lambda x, w, t, block=block: jax.grad(
+        lambda *a: jnp.sum(block(*a).astype(jnp.float32)), (0, 1))(x, w, t)
+    row = dict(path=name)
+    for pass_, fn in (("fwd", block), ("fwd+bwd", grads)):
+      with jax.set_mesh(mesh):
+        compiled = jax.jit(fn).trace(x, w, table).lower().compile()
+        steps = _pallas_grid_steps(jax.make_jaxpr(fn)(x, w, table).jaxpr)
+      cost = compiled.cost_analysis()
+      cost = cost[0] if isinstance(cost, list) else cost
+      row[f"{pass_}_passes"] = round(cost["bytes accessed"] / q_bytes, 1)
+      row[f"{pass_}_grid_steps"] = steps
+    rows.append(row)
+  return rows
+
+
+def _pallas_grid_steps(jaxpr) -> int:
+  """Grid steps of every pallas_call in a jaxpr (nested ones included; under a shard_map, per
+  shard)."""
+  total = 0
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "pallas_call":
+      total += math.prod(eqn.params["grid_mapping"].grid)
+    for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+      total += _pallas_grid_steps(sub)
+  return total
+
+
 def lightning_cost_rows(topology: str, length: int = 2048) -> list[dict]:
   """Lightning attention on TPU, kernels against the XLA chunk loop, by XLA's cost analysis per
   chip (TNL-385M's heads, one sequence per chip, bf16). The loop is compiled unrolled so that its
@@ -379,7 +446,7 @@ def main(argv=None):
                       help="case families (default: all)")
   parser.add_argument("--dtypes", nargs="*", default=["float32", "bfloat16"])
   parser.add_argument("--window_passes", action="store_true",
-                      help="window attention on a GPU: HBM passes of the kernels and around them")
+                      help="window attention on a GPU and a TPU: HBM passes of the kernels and around them")
   parser.add_argument("--lightning_cost", action="store_true",
                       help="lightning on TPU: the kernels' cost analysis against the XLA loop's")
   parser.add_argument("--json", type=Path, help="write the rows here")
@@ -399,6 +466,9 @@ def main(argv=None):
     report["window_passes"] = window_passes_rows()
     print("## Window attention on a GPU: HBM passes over q\n\n"
           + markdown(report["window_passes"]) + "\n")
+    report["tpu_window_passes"] = tpu_window_rows(args.topology)
+    print(f"## Window attention on {args.topology}: HBM passes over q and grid steps per chip\n\n"
+          + markdown(report["tpu_window_passes"]) + "\n")
   if args.lightning_cost:
     report["lightning_cost"] = lightning_cost_rows(args.topology)
     print(f"## Lightning on {args.topology}: cost analysis per chip\n\n"

@@ -25,9 +25,8 @@ ORDER = {
     # then the zoo's Mosaic kernel (windows of 49, ragged lengths: a whole sequence per block).
     "attention": {"cpu": ("xla",), "gpu": ("cudnn", "pallas", "xla"),
                   "tpu": ("tpu_flash", "pallas", "xla")},
-    # Windows (MaxViT's 49 tokens with a shared bias; cuDNN takes no odd lengths in training): on
-    # GPU the zoo's window kernel (several windows a program, read in place), on TPU the zoo's
-    # Mosaic attention kernel.
+    # Windows (MaxViT's 49 tokens with a shared bias; cuDNN takes no odd lengths in training):
+    # the zoo's window kernel (several windows a program, read in place) on GPU and TPU.
     "window_attention": {"cpu": ("xla",), "gpu": ("pallas", "xla"), "tpu": ("pallas", "xla")},
     # No library routes regions: the zoo's kernel where it lowers (regions of >= 16 tokens).
     "routing_attention": {"cpu": ("xla",), "gpu": ("pallas", "xla"), "tpu": ("pallas", "xla")},

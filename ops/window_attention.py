@@ -12,16 +12,19 @@ The same ``[H, T, T]`` bias is shared by every window, so this is ``ops.attentio
 broadcast over the batch axis; the gradient reaches the table through the gather's transpose (a
 scatter-add), and the kernels reduce ``dbias`` over the windows without materializing it per window.
 
-On GPU (and in the interpreter) ``"pallas"`` is the window kernel below: it reads the windows where
-they are, ``[B * num_windows, T, H, D]``, a tile of the next power of two of T rows per window
-loaded and stored under a row mask (no transposed or padded copies of q, k, v or the output), and
-each program runs several windows of one head with the bias tile loaded once. A window fits one
-tile, so the softmax is computed whole (no online rescaling) and the backward recomputes it
-(nothing but q, k, v and the bias is kept for it); ``dbias`` is summed over each program's windows
-in registers, then over the programs. On TPU ``"pallas"`` is ``ops.attention``'s Mosaic kernel.
+``"pallas"`` is the window kernel below. It reads the windows where they are, with no transposed
+or padded copies of q, k, v or the output, and each program runs several windows with the bias
+loaded once per head. On GPU (and in the interpreter) a program takes one head of up to 32
+windows of ``[B * num_windows, T, H, D]``, each a tile of the next power of two of T rows loaded
+and stored under a row mask. On TPU a program takes a block of ``[B * num_windows, T, H * D]`` (a
+free reshape): as many windows as fit 512 KiB of VMEM per array, by a lane-dense group of heads,
+T rows exactly. A window fits one tile, so the softmax is computed whole (no online rescaling) and
+the backward recomputes it (nothing but q, k, v and the bias is kept for it); ``dbias`` is summed
+over each program's windows on chip, then over the programs.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -40,6 +43,9 @@ _F32 = jnp.float32
 _MAX_WINDOWS_PER_PROGRAM = 32
 # A window is one tile: its rows and keys padded to a power of two up to this.
 _MAX_TILE = 128
+# TPU: windows per program up to this much VMEM per array block in Mosaic's tiles (a backward
+# program double-buffers seven such blocks: q, k, v, do in and dq, dk, dv out).
+_TPU_BLOCK_BYTES = 512 * 1024
 
 
 @functools.lru_cache(maxsize=None)
@@ -78,9 +84,9 @@ def window_attention(q, k, v, rel_pos_table=None, *, window=(7, 7), scale=None,
       for windows without a relative-position bias (BiFormer's 64-token windows).
     window: ``(wh, ww)``; ``wh * ww`` must equal the token axis.
     scale: logits scale, default ``1 / sqrt(D)``; the bias is not scaled.
-    implementation: ``None`` (the platform's best: the window kernel on GPU, ``ops.attention``'s
-      Mosaic kernel on TPU, the reference on CPU), ``"pallas"`` (those kernels; the interpreter on
-      CPU), or any of ``ops.attention``'s, which then runs with the bias.
+    implementation: ``None`` (the platform's best: the window kernel on GPU and TPU, the
+      reference on CPU), ``"pallas"`` (the window kernel; the interpreter on CPU), or any of
+      ``ops.attention``'s, which then runs with the bias.
 
   Returns:
     ``[B * num_windows, wh * ww, H, Dv]`` in ``q.dtype``.
@@ -101,7 +107,7 @@ def window_attention(q, k, v, rel_pos_table=None, *, window=(7, 7), scale=None,
   if implementation in (None, "xla", "pallas"):
     reasons = {"xla": lambda: None, "pallas": lambda: _pallas_reason(q, k, v)}
     implementation = dispatch.choose("window_attention", implementation, reasons)
-  if implementation == "pallas" and _default_target() != "tpu":
+  if implementation == "pallas":
     return window_attention_pallas(q, k, v, bias, scale=scale)
   return attention(q, k, v, bias=None if bias is None else bias[None], scale=scale,
                    implementation=implementation)
@@ -116,7 +122,7 @@ def _check_window(window) -> tuple[int, int]:
 
 
 # --------------------------------------------------------------------------------------------------
-# Pallas window kernels (GPU, interpreter)
+# Pallas window kernels
 # --------------------------------------------------------------------------------------------------
 
 
@@ -133,30 +139,159 @@ def _pallas_reason(q, k, v) -> str | None:
   return None
 
 
-def _windows_per_program(count: int) -> int:
-  return max(n for n in range(1, min(count, _MAX_WINDOWS_PER_PROGRAM) + 1) if count % n == 0)
+@dataclasses.dataclass(frozen=True)
+class _Windows:
+  """Which windows and heads a program runs and how its kernel reads them (hashable: a nondiff
+  argument of the custom_vjp). The arrays are ``[N, T, H, D]``; the kernels see them per target:
+
+  * GPU and the interpreter: whole, one head per program (grid axis 1) and ``windows``
+    consecutive windows (grid axis 0), each loaded as a ``tile`` of the next power of two of T
+    rows under a row mask.
+  * TPU (Mosaic tiles the two minor dims): viewed ``[N, T, H * D]`` (a free reshape), in blocks
+    of ``windows`` windows by ``heads`` heads (a multiple of 128 lanes, or all of them), T rows
+    exactly (Mosaic pads to its tiles inside). ``tpu_interpret`` runs them in Pallas's TPU
+    interpreter (tests on a CPU).
+  """
+  target: str
+  tokens: int   # T
+  windows: int  # per program
+  heads: int    # per program
+  tpu_interpret: bool = False
+
+  @classmethod
+  def plan(cls, q, v, target, tpu_interpret=False) -> "_Windows":
+    count, tokens, heads, _ = q.shape
+    if target != "tpu":
+      return cls(target, tokens, _largest_divisor(count, _MAX_WINDOWS_PER_PROGRAM), 1)
+    widths = (q.shape[-1], v.shape[-1])
+    lane_dense = [n for n in range(1, heads + 1)
+                  if heads % n == 0 and all(n * width % 128 == 0 for width in widths)]
+    block_heads = lane_dense[0] if lane_dense else heads
+    itemsize = q.dtype.itemsize
+    per_window = (_round_up(tokens, 32 // itemsize) * _round_up(block_heads * max(widths), 128)
+                  * itemsize)
+    return cls(target, tokens, _largest_divisor(count, _TPU_BLOCK_BYTES // per_window),
+               block_heads, tpu_interpret)
+
+  @property
+  def tile(self) -> int:
+    return self.tokens if self.target == "tpu" else max(16, 1 << (self.tokens - 1).bit_length())
+
+  # -- inside a kernel ------------------------------------------------------------------------------
+
+  def program_heads(self):
+    """The heads this program runs: its grid index on GPU, the block's (static) on TPU."""
+    return range(self.heads) if self.target == "tpu" else (pl.program_id(1),)
+
+  def first_window(self):
+    """This program's first window in the refs it sees (read outside loops: the interpreter
+    takes no program_id inside one)."""
+    return 0 if self.target == "tpu" else pl.program_id(0) * self.windows
+
+  def load(self, ref, w, head):
+    """``[tile, D]``: window ``w`` of the refs, one head; rows past T are 0."""
+    if self.target == "tpu":
+      return ref[w, :, self._columns(ref, head)]
+    from jax.experimental.pallas import triton as plgpu
+    return plgpu.load(self._window(ref, w, head), mask=self._row_mask(ref.shape[-1]), other=0)
+
+  def store(self, ref, w, head, value):
+    value = value.astype(ref.dtype)
+    if self.target == "tpu":
+      ref[w, :, self._columns(ref, head)] = value
+    else:
+      from jax.experimental.pallas import triton as plgpu
+      plgpu.store(self._window(ref, w, head), value, mask=self._row_mask(value.shape[-1]))
+
+  def bias(self, bias_ref, head):
+    """The head's ``[tile, tile]`` bias in f32, padding 0 (None without a bias)."""
+    if bias_ref is None:
+      return None
+    if self.target == "tpu":
+      return bias_ref[head].astype(_F32)
+    from jax.experimental.pallas import triton as plgpu
+    view = bias_ref.at[head, pl.ds(0, self.tile), pl.ds(0, self.tile)]
+    mask = None if self.tile == self.tokens else self.valid_rows() & self.valid_keys()
+    return plgpu.load(view, mask=mask, other=0).astype(_F32)
+
+  def store_dbias(self, dbias_ref, head, value):
+    """This program's windows' part of dbias; the programs' parts are summed outside."""
+    if self.target == "tpu":
+      dbias_ref[0, head] = value
+    else:
+      dbias_ref[pl.program_id(0), head] = value
+
+  def valid_rows(self):
+    """``[tile, 1]``: the rows that are the window's (None: all are)."""
+    if self.tile == self.tokens:
+      return None
+    return lax.broadcasted_iota(jnp.int32, (self.tile, 1), 0) < self.tokens
+
+  def valid_keys(self):
+    """``[1, tile]``: the keys that are the window's (None: all are)."""
+    if self.tile == self.tokens:
+      return None
+    return lax.broadcasted_iota(jnp.int32, (1, self.tile), 1) < self.tokens
+
+  def _columns(self, ref, head):
+    width = ref.shape[-1] // self.heads
+    return pl.ds(head * width, width)
+
+  def _window(self, ref, w, head):
+    return ref.at[w, pl.ds(0, self.tile), head, :]
+
+  def _row_mask(self, width):
+    rows = self.valid_rows()
+    return None if rows is None else jnp.broadcast_to(rows, (self.tile, width))
+
+  # -- around the kernels ---------------------------------------------------------------------------
+
+  def call(self, kernel, name, windows, bias, out_like, with_dbias, flops):
+    """``pallas_call`` of a window kernel over (window groups, head groups). ``windows``: the
+    ``[N, T, H, D]`` inputs; ``bias``: ``[H, T, T]`` or None; outputs shaped like ``out_like``
+    and, ``with_dbias``, the programs' parts of dbias ``[groups, H, tile, tile]`` (f32)."""
+    count, tokens, heads, _ = windows[0].shape
+    groups = count // self.windows
+    outputs = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in out_like]
+    if with_dbias:
+      outputs.append(jax.ShapeDtypeStruct((groups, heads, self.tile, self.tile), _F32))
+    inputs = windows + ([] if bias is None else [bias])
+    if bias is None:  # refs are positional: None stands in for the bias's
+      kernel = functools.partial(_without_bias, kernel, len(windows))
+    common = dict(grid=(groups, heads // self.heads), name=name,
+                  cost_estimate=_cost_estimate(flops, *inputs, *outputs))
+    if self.target != "tpu":
+      return pl.pallas_call(kernel, out_shape=outputs, **common,
+                            **_backend_params(self.target, 2))(*inputs)
+    from jax.experimental.pallas import tpu as pltpu
+
+    def window_block(x):
+      return pl.BlockSpec((self.windows, tokens, self.heads * x.shape[-1]), lambda g, j: (g, 0, j))
+    bias_blocks = [pl.BlockSpec((self.heads, tokens, tokens), lambda g, j: (j, 0, 0))]
+    dbias_blocks = [pl.BlockSpec((1, self.heads, tokens, tokens), lambda g, j: (g, j, 0, 0))]
+    flat = [jax.ShapeDtypeStruct((count, tokens, heads * x.shape[-1]), x.dtype) for x in out_like]
+    params = (dict(interpret=pltpu.InterpretParams()) if self.tpu_interpret else
+              dict(compiler_params=pltpu.CompilerParams(
+                  dimension_semantics=("parallel", "parallel"))))
+    results = pl.pallas_call(
+        kernel, out_shape=flat + outputs[len(flat):],
+        in_specs=[window_block(x) for x in windows] + (bias_blocks if bias is not None else []),
+        out_specs=[window_block(x) for x in out_like] + (dbias_blocks if with_dbias else []),
+        **common, **params,
+    )(*[x.reshape(count, tokens, -1) for x in windows], *inputs[len(windows):])
+    return [r.reshape(o.shape) for r, o in zip(results, outputs)]
 
 
-def _window_rows(ref, window, head, rows, mask):
-  """The [rows, D] tile of one window and head of a [N, T, H, D] ref: rows T and on are masked
-  (in memory they are the next window's, or lie past the end)."""
-  from jax.experimental.pallas import triton as plgpu
-  view = ref.at[window, pl.ds(0, rows), head, :]
-  return plgpu.load(view, mask=jnp.broadcast_to(mask, (rows, ref.shape[-1])), other=0)
+def _without_bias(kernel, bias_position, *refs):
+  return kernel(*refs[:bias_position], None, *refs[bias_position:])
 
 
-def _store_rows(ref, window, head, value, mask):
-  from jax.experimental.pallas import triton as plgpu
-  plgpu.store(ref.at[window, pl.ds(0, value.shape[0]), head, :], value.astype(ref.dtype),
-              mask=jnp.broadcast_to(mask, value.shape))
+def _largest_divisor(count: int, at_most: int) -> int:
+  return max(n for n in range(1, max(1, min(count, at_most)) + 1) if count % n == 0)
 
 
-def _bias_tile(bias_ref, head, tile, tokens):
-  from jax.experimental.pallas import triton as plgpu
-  row = lax.broadcasted_iota(jnp.int32, (tile, tile), 0)
-  col = lax.broadcasted_iota(jnp.int32, (tile, tile), 1)
-  view = bias_ref.at[head, pl.ds(0, tile), pl.ds(0, tile)]
-  return plgpu.load(view, mask=(row < tokens) & (col < tokens), other=0).astype(_F32)
+def _round_up(x: int, multiple: int) -> int:
+  return -(-x // multiple) * multiple
 
 
 def _probabilities(q, k, bias, scale, key_valid):
@@ -164,132 +299,106 @@ def _probabilities(q, k, bias, scale, key_valid):
   s = _mm(q, k, (1, 1)) * scale
   if bias is not None:
     s = s + bias
-  s = jnp.where(key_valid, s, _MASK_VALUE)
+  if key_valid is not None:
+    s = jnp.where(key_valid, s, _MASK_VALUE)
   p = jnp.exp(s - jnp.max(s, axis=-1, keepdims=True))
   return p / jnp.sum(p, axis=-1, keepdims=True)
 
 
-def _window_masks_and_bias(bias_ref, head, tile, tokens):
-  """What every window of a program shares: the valid query rows [tile, 1], the valid keys
-  [1, tile] and the head's bias tile (None without a bias)."""
-  rows = lax.broadcasted_iota(jnp.int32, (tile, 1), 0) < tokens
-  key_valid = lax.broadcasted_iota(jnp.int32, (1, tile), 1) < tokens
-  bias = None if bias_ref is None else _bias_tile(bias_ref, head, tile, tokens)
-  return rows, key_valid, bias
+def _window_fwd_kernel(q_ref, k_ref, v_ref, bias_ref, o_ref, *, scale, at: _Windows):
+  first = at.first_window()
+  for head in at.program_heads():
+    bias = at.bias(bias_ref, head)
+
+    def window(i, _, head=head, bias=bias):
+      w = first + i
+      q, k, v = (at.load(ref, w, head) for ref in (q_ref, k_ref, v_ref))
+      p = _probabilities(q, k, bias, scale, at.valid_keys())
+      at.store(o_ref, w, head, _mm(p.astype(v.dtype), v, (1, 0)))
+      return 0
+
+    lax.fori_loop(0, at.windows, window, 0)
 
 
-def _window_fwd_kernel(*refs, scale, tokens, tile, windows, has_bias):
-  q_ref, k_ref, v_ref, *rest = refs
-  bias_ref = rest.pop(0) if has_bias else None
-  (o_ref,) = rest
-  group, head = pl.program_id(0), pl.program_id(1)
-  rows, key_valid, bias = _window_masks_and_bias(bias_ref, head, tile, tokens)
+def _window_bwd_kernel(q_ref, k_ref, v_ref, do_ref, bias_ref, dq_ref, dk_ref, dv_ref,
+                       dbias_ref=None, *, scale, at: _Windows):
+  rows, first = at.valid_rows(), at.first_window()
+  for head in at.program_heads():
+    bias = at.bias(bias_ref, head)
 
-  def window(w, _):
-    n = group * windows + w
-    q, k, v = (_window_rows(ref, n, head, tile, rows) for ref in (q_ref, k_ref, v_ref))
-    p = _probabilities(q, k, bias, scale, key_valid)
-    _store_rows(o_ref, n, head, _mm(p.astype(v.dtype), v, (1, 0)), rows)
-    return 0
+    def window(i, dbias, head=head, bias=bias):
+      w = first + i
+      q, k, v, do = (at.load(ref, w, head) for ref in (q_ref, k_ref, v_ref, do_ref))
+      p = _probabilities(q, k, bias, scale, at.valid_keys())
+      out = _mm(p.astype(v.dtype), v, (1, 0))
+      delta = jnp.sum(out * do.astype(_F32), axis=-1, keepdims=True)
+      ds = p * (_mm(do, v, (1, 1)) - delta)                           # d(logits)
+      if rows is not None:
+        ds = jnp.where(rows, ds, 0.0)                                 # padded rows add nothing
+      at.store(dv_ref, w, head, _mm(p.astype(do.dtype), do, (0, 0)))
+      at.store(dq_ref, w, head, _mm(ds.astype(k.dtype), k, (1, 0)) * scale)
+      at.store(dk_ref, w, head, _mm(ds.astype(q.dtype), q, (0, 0)) * scale)
+      return dbias if dbias_ref is None else dbias + ds
 
-  lax.fori_loop(0, windows, window, 0)
-
-
-def _window_bwd_kernel(*refs, scale, tokens, tile, windows, has_bias):
-  q_ref, k_ref, v_ref, do_ref, *rest = refs
-  bias_ref = rest.pop(0) if has_bias else None
-  dq_ref, dk_ref, dv_ref, *dbias_ref = rest
-  group, head = pl.program_id(0), pl.program_id(1)
-  rows, key_valid, bias = _window_masks_and_bias(bias_ref, head, tile, tokens)
-
-  def window(w, dbias):
-    n = group * windows + w
-    q, k, v, do = (_window_rows(ref, n, head, tile, rows)
-                   for ref in (q_ref, k_ref, v_ref, do_ref))
-    p = _probabilities(q, k, bias, scale, key_valid)
-    out = _mm(p.astype(v.dtype), v, (1, 0))
-    delta = jnp.sum(out * do.astype(_F32), axis=-1, keepdims=True)
-    ds = jnp.where(rows, p * (_mm(do, v, (1, 1)) - delta), 0.0)     # d(logits), padded rows 0
-    _store_rows(dv_ref, n, head, _mm(p.astype(do.dtype), do, (0, 0)), rows)
-    _store_rows(dq_ref, n, head, _mm(ds.astype(k.dtype), k, (1, 0)) * scale, rows)
-    _store_rows(dk_ref, n, head, _mm(ds.astype(q.dtype), q, (0, 0)) * scale, rows)
-    return dbias + ds
-
-  dbias = lax.fori_loop(0, windows, window, jnp.zeros((tile, tile), _F32))
-  if has_bias:
-    dbias_ref[0][group, head] = dbias
+    dbias = lax.fori_loop(0, at.windows, window, jnp.zeros((at.tile, at.tile), _F32))
+    if dbias_ref is not None:
+      at.store_dbias(dbias_ref, head, dbias)
 
 
-def _window_call(kernel, arrays, out_shape, has_bias, scale, target):
-  """pallas_call over (window groups, heads); arrays [N, T, H, D] as they are, and the bias."""
-  count, tokens, heads, _ = arrays[0].shape
-  windows = _windows_per_program(count)
-  tile = max(16, 1 << (tokens - 1).bit_length())
-  outputs = out_shape(count // windows, tile)
-  # matmuls of one window: scores and output (forward); again, and dp, dv, dq, dk (backward)
-  flops = 2 * count * heads * tokens * tokens * (arrays[0].shape[-1] + arrays[2].shape[-1])
-  flops *= 3 if kernel is _window_bwd_kernel else 1
-  return pl.pallas_call(
-      functools.partial(kernel, scale=scale, tokens=tokens, tile=tile, windows=windows,
-                        has_bias=has_bias),
-      grid=(count // windows, heads),
-      out_shape=outputs,
-      cost_estimate=_cost_estimate(flops, *arrays, *jax.tree.leaves(outputs)),
-      name=kernel.__name__.strip("_").removesuffix("_kernel"),
-      **_backend_params(target, 2),
-  )(*arrays)
+def _window_flops(q, v, backward):
+  """Matmuls of every window: scores and output (forward); again, and dp, dv, dq, dk (backward)."""
+  count, tokens, heads, d = q.shape
+  return 2 * count * heads * tokens * tokens * (d + v.shape[-1]) * (3 if backward else 1)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def _window_attention(q, k, v, bias, scale, target):
-  return _window_forward(q, k, v, bias, scale, target)
+def _window_attention(q, k, v, bias, scale, at):
+  return _window_forward(q, k, v, bias, scale, at)
 
 
-def _window_forward(q, k, v, bias, scale, target):
-  arrays = [q, k, v] + ([] if bias is None else [bias])
-  return _window_call(_window_fwd_kernel, arrays,
-                      lambda groups, tile: jax.ShapeDtypeStruct((*q.shape[:3], v.shape[-1]),
-                                                                q.dtype),
-                      bias is not None, scale, target)
+def _window_forward(q, k, v, bias, scale, at):
+  out_like = jax.ShapeDtypeStruct((*q.shape[:3], v.shape[-1]), q.dtype)
+  (out,) = at.call(functools.partial(_window_fwd_kernel, scale=scale, at=at), "window_fwd",
+                   [q, k, v], bias, [out_like], False, _window_flops(q, v, False))
+  return out
 
 
-def _window_attention_fwd(q, k, v, bias, scale, target):
-  return _window_forward(q, k, v, bias, scale, target), (q, k, v, bias)
+def _window_attention_fwd(q, k, v, bias, scale, at):
+  return _window_forward(q, k, v, bias, scale, at), (q, k, v, bias)
 
 
-def _window_attention_bwd(scale, target, residuals, do):
+def _window_attention_bwd(scale, at, residuals, do):
   q, k, v, bias = residuals
-  tokens, heads = q.shape[1:3]
-  arrays = [q, k, v, do] + ([] if bias is None else [bias])
-
-  def out_shape(groups, tile):
-    grads = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (q, k, v)]
-    return grads + ([] if bias is None else
-                    [jax.ShapeDtypeStruct((groups, heads, tile, tile), _F32)])
-  dq, dk, dv, *partials = _window_call(_window_bwd_kernel, arrays, out_shape, bias is not None,
-                                       scale, target)
+  dq, dk, dv, *parts = at.call(functools.partial(_window_bwd_kernel, scale=scale, at=at),
+                               "window_bwd", [q, k, v, do], bias, [q, k, v], bias is not None,
+                               _window_flops(q, v, True))
   dbias = None
   if bias is not None:
-    dbias = jnp.sum(partials[0], axis=0)[:, :tokens, :tokens].astype(bias.dtype)
+    tokens = q.shape[1]
+    dbias = jnp.sum(parts[0], axis=0)[:, :tokens, :tokens].astype(bias.dtype)
   return dq, dk, dv, dbias
 
 
 _window_attention.defvjp(_window_attention_fwd, _window_attention_bwd)
 
 
-def window_attention_pallas(q, k, v, bias=None, *, scale=None, target=None):
+def window_attention_pallas(q, k, v, bias=None, *, scale=None, target=None, tpu_interpret=False):
   """The window kernel: softmax attention inside each window of ``[N, T, H, D]`` (T <= 128), with
   an optional bias ``[H, T, T]`` shared by every window; its ``custom_vjp`` backward gives dq, dk,
-  dv and the bias's gradient. ``target``: ``"interpret"`` or ``"gpu"`` (Triton); None is the
-  platform's. Under a mesh it runs per shard of the windows and the heads."""
+  dv and the bias's gradient. ``target``: ``"interpret"``, ``"gpu"`` (Triton) or ``"tpu"``
+  (Mosaic; with ``tpu_interpret``, in Pallas's TPU interpreter); None is the platform's. Under a
+  mesh it runs per shard of the windows and the heads."""
   target = _default_target() if target is None else target
-  if target not in ("interpret", "gpu"):
-    raise ValueError(f"window_attention_pallas: expected target 'interpret' or 'gpu', got "
-                     f"{target!r}; on TPU ops.attention's kernel serves windows")
+  if target not in ("interpret", "gpu", "tpu"):
+    raise ValueError(f"window_attention_pallas: expected target 'interpret', 'gpu' or 'tpu', got "
+                     f"{target!r}")
   scale = _default_scale(scale, q.shape[-1])
+
+  def local(q, k, v, *bias):
+    at = _Windows.plan(q, v, target, tpu_interpret)
+    return _window_attention(q, k, v, bias[0] if bias else None, scale, at)
   qkv = ("batch", None, "heads", None)
-  if bias is None:
-    return sharding.shard_map(lambda q, k, v: _window_attention(q, k, v, None, scale, target),
-                              (qkv,) * 3, qkv)(q, k, v)
-  return sharding.shard_map(lambda *a: _window_attention(*a, scale, target),
-                            (qkv,) * 3 + (("heads", None, None),), qkv)(q, k, v, bias)
+  arrays, specs = (q, k, v), (qkv,) * 3
+  if bias is not None:
+    arrays, specs = arrays + (bias,), specs + (("heads", None, None),)
+  return sharding.shard_map(local, specs, qkv)(*arrays)

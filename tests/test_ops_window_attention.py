@@ -1,5 +1,6 @@
 """ops.window_attention: the MaxViT bias convention, the invariants of the issue, the window kernel
 vs the reference (interpret mode), and what it lowers to on a GPU."""
+import importlib
 import itertools
 
 import jax
@@ -10,6 +11,8 @@ import pytest
 import ops
 from conftest import load_benchmark
 from ops import testing
+
+window_attention_module = importlib.import_module("ops.window_attention")
 
 
 def _windows(n, window, h, d, seed=0):
@@ -96,6 +99,25 @@ def test_kernel_bf16_error_ratio_rule():
   for name, a, w, lp in zip(("out", "dq", "dk", "dv", "dbias"), got, want, low):
     factor = testing.OUTPUT_FACTOR if name == "out" else testing.GRADIENT_FACTOR
     testing.assert_error_ratio(a, w, lp, factor=factor, dtype=jnp.bfloat16, name=name)
+
+
+def test_tpu_layout_in_the_tpu_interpreter():
+  """The TPU variant ([N, T, H * D] blocks of several windows and a lane-dense group of heads,
+  T rows exact) in Pallas's TPU interpreter: 40 windows in 4 programs of 10, 8 heads of 32 in 2
+  groups of 4; outputs and every gradient, the bias's too, against the reference."""
+  q, k, v, table = _windows(40, (7, 7), 8, 32, seed=40)
+  bias = ops.relative_position_bias(table, (7, 7))
+  plan = window_attention_module._Windows.plan(q, v, "tpu")
+  assert (plan.windows, plan.heads) == (10, 4)
+  do = jax.random.normal(jax.random.key(41), q.shape)
+  for args in ((q, k, v, bias), (q, k, v)):
+    kernel = lambda *a: ops.window_attention_pallas(*a, target="tpu", tpu_interpret=True)
+    reference = lambda q, k, v, *b: ops.attention_reference(q, k, v, bias=b[0][None] if b else None)
+    out, vjp = jax.vjp(kernel, *args)
+    want, want_vjp = jax.vjp(reference, *args)
+    _close(out, want, 1e-5)
+    for got, expected in zip(vjp(do), want_vjp(do)):
+      _close(got, expected, 1e-4)
 
 
 def test_gpu_path_reads_the_windows_in_place():

@@ -74,6 +74,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.input.std = (1.0,)
   c.input.interpolation = "bicubic"  # bicubic | bilinear | nearest | lanczos | box | hamming
   c.input.crop_pct = 0.875        # eval: short side -> floor(image_size / crop_pct), center crop
+  c.input.crop_mode = "center"    # eval: center (keep the aspect) | squash (resize both sides)
   c.input.train_crop = "random_resized"  # random_resized | center (the eval crop) | resize (whole)
   c.input.crop_scale = (0.08, 1.0)       # random_resized: area fraction ~ U(crop_scale)
   c.input.crop_ratio = (3 / 4, 4 / 3)    # random_resized: aspect w/h ~ log-uniform in crop_ratio

@@ -6,8 +6,10 @@ Training, per image (uint8, any size):
 Training, per batch: Mixup or CutMix of the batch with its reverse (timm's 'batch' mode: one mixing
   weight per batch) and label smoothing; the batch then has 'soft_label' [B, num_classes] float32
   (each row sums to 1) besides the hard 'label', which the task keeps for accuracy.
-Evaluation, per image: channels -> resize the short side to floor(image_size / crop_pct) -> center
-  crop image_size x image_size -> normalise (timm's eval transform, with torchvision's rounding).
+Evaluation, per image: channels -> resize the short side to floor(image_size / crop_pct) (both
+  sides, `crop_mode="squash"`) -> center crop image_size x image_size -> normalise (timm's eval
+  transform, with torchvision's rounding). `eval_transform(models.resolve_data_config(model))` is
+  the one pretrained weights were evaluated with.
 `image_size = 0` serves images at their stored size; with the defaults a batch is exactly the
 stored pixels / pixel_max, as before any augmentation existed.
 
@@ -37,6 +39,7 @@ from data.randaugment import OPS, RandAugment
 
 _AUGMENT, _MIX = 1, 2   # spawn-key tags: the per-image and per-batch random streams
 TRAIN_CROPS = ("random_resized", "center", "resize")
+CROP_MODES = ("center", "squash")
 INTERPOLATIONS = {name: getattr(Image.Resampling, name.upper())
                   for name in ("nearest", "bilinear", "bicubic", "lanczos", "box", "hamming")}
 
@@ -50,6 +53,7 @@ class ImageOptions:
   std: tuple[float, ...]
   interpolation: str
   crop_pct: float
+  crop_mode: str
   train_crop: str
   crop_scale: tuple[float, float]
   crop_ratio: tuple[float, float]
@@ -80,7 +84,7 @@ class ImageOptions:
         mean=tuple(float(m) for m in input_config["mean"]),
         std=tuple(float(s) for s in input_config["std"]),
         interpolation=str(input_config["interpolation"]), crop_pct=float(input_config["crop_pct"]),
-        train_crop=str(input_config["train_crop"]),
+        crop_mode=str(input_config["crop_mode"]), train_crop=str(input_config["train_crop"]),
         crop_scale=tuple(float(s) for s in input_config["crop_scale"]),
         crop_ratio=tuple(float(r) for r in input_config["crop_ratio"]),
         hflip=float(input_config["hflip"]), randaugment=randaugment,
@@ -104,6 +108,8 @@ class ImageOptions:
                       f"got {self.interpolation!r}")
     if not 0 < self.crop_pct <= 1:
       problems.append(f"crop_pct must be in (0, 1], got {self.crop_pct}")
+    if self.crop_mode not in CROP_MODES:
+      problems.append(f"crop_mode must be one of {CROP_MODES}, got {self.crop_mode!r}")
     if self.train_crop not in TRAIN_CROPS:
       problems.append(f"train_crop must be one of {TRAIN_CROPS}, got {self.train_crop!r}")
     if len(self.crop_scale) != 2 or not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
@@ -166,16 +172,18 @@ def random_resized_crop_box(rng: np.random.Generator, height: int, width: int,
   return (height - crop_h) // 2, (width - crop_w) // 2, crop_h, crop_w
 
 
-def eval_geometry(height: int, width: int, image_size: int, crop_pct: float
-                  ) -> tuple[tuple[int, int], tuple[int, int]]:
+def eval_geometry(height: int, width: int, image_size: int, crop_pct: float,
+                  squash: bool = False) -> tuple[tuple[int, int], tuple[int, int]]:
   """((resized height, width), (crop top, left)) of the eval transform.
 
   The short side becomes floor(image_size / crop_pct) and the long side keeps the aspect ratio
-  (truncated, as torchvision's Resize); the crop is centred with torchvision's offsets (Python's
-  round, half to even).
+  (truncated, as torchvision's Resize), or both sides become it (`squash`, timm's crop_mode); the
+  crop is centred with torchvision's offsets (Python's round, half to even).
   """
   short = math.floor(image_size / crop_pct)
-  if width <= height:
+  if squash:
+    resized = (short, short)
+  elif width <= height:
     resized = (int(short * height / width), short)
   else:
     resized = (short, int(short * width / height))
@@ -229,7 +237,7 @@ def train_image(image: np.ndarray, rng: np.random.Generator, pixel_max: int,
 
 def _center_crop(pil: Image.Image, options: ImageOptions) -> Image.Image:
   (height, width), (top, left) = eval_geometry(pil.height, pil.width, options.image_size,
-                                               options.crop_pct)
+                                               options.crop_pct, options.crop_mode == "squash")
   pil = pil.resize((width, height), INTERPOLATIONS[options.interpolation])
   return pil.crop((left, top, left + options.image_size, top + options.image_size))
 
@@ -240,6 +248,21 @@ def eval_image(image: np.ndarray, pixel_max: int, options: ImageOptions) -> np.n
   if options.image_size:
     pil = _center_crop(pil, options)
   return _normalize(pil, pixel_max, options)
+
+
+def eval_transform(data_config: Mapping[str, Any], pixel_max: int = 255):
+  """The evaluation transform of a data config (`models.resolve_data_config`): uint8 [H, W, C] ->
+  float32 [S, S, C] normalised, as the weights were evaluated."""
+  channels, size, _ = data_config["input_size"]
+  options = ImageOptions(
+      image_size=size, channels=channels, mean=tuple(data_config["mean"]),
+      std=tuple(data_config["std"]), interpolation=data_config["interpolation"],
+      crop_pct=data_config["crop_pct"], crop_mode=data_config["crop_mode"],
+      train_crop="center", crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), hflip=0.0,
+      randaugment=None, mixup_alpha=0.0, cutmix_alpha=0.0, mix_switch_prob=0.0, mix_prob=0.0,
+      label_smoothing=0.0)
+  options.validate()
+  return lambda image: eval_image(image, pixel_max, options)
 
 
 # ----------------------------------------------------------------------------- per batch

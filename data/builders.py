@@ -151,7 +151,7 @@ class ZooImagenet2012(_EncodedImageClassification, tfds.core.GeneratorBasedBuild
   MANUAL_DOWNLOAD_INSTRUCTIONS = f"Put in manual_dir, from {catalog.IMAGENET_SOURCE}."
 
   def _info(self) -> tfds.core.DatasetInfo:
-    return self._encoded_info(image_files.imagenet_class_names())
+    return self._encoded_info(image_files.imagenet_wnids())
 
   def _split_generators(self, dl_manager):
     return {split: self._generate_examples(image_files.imagenet_examples(source, split))

@@ -131,9 +131,17 @@ def _tfds_imagenet_file(name: str) -> tuple[str, ...]:
 
 
 @functools.cache
-def imagenet_class_names() -> tuple[str, ...]:
+def imagenet_wnids() -> tuple[str, ...]:
   """The 1000 WordNet ids in TFDS's label order (sorted)."""
   return _tfds_imagenet_file("labels.txt")
+
+
+@functools.cache
+def imagenet_class_names() -> tuple[str, ...]:
+  """The 1000 classes' names in label order, WordNet's synonyms ("tench, Tinca tinca"; timm's
+  ImageNetInfo descriptions)."""
+  lines = (pathlib.Path(__file__).parent / "imagenet_class_names.txt").read_text().splitlines()
+  return tuple(line.split("\t", 1)[1] for line in lines)
 
 
 @functools.cache
@@ -165,7 +173,7 @@ def imagenet_sources(manual_dir: str) -> dict[str, pathlib.Path]:
 
 @functools.cache
 def _imagenet_class_index() -> dict[str, int]:
-  return {name: i for i, name in enumerate(imagenet_class_names())}
+  return {name: i for i, name in enumerate(imagenet_wnids())}
 
 
 def _class_label(wnid: str, where: str) -> int:

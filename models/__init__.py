@@ -1,9 +1,12 @@
-"""The zoo's models: `create_model`, `list_models`, `model_info`, `count_params`, `load_pretrained`,
+"""The zoo's models: `create_model`, `list_models`, `model_info`, `count_params`, pretrained weights
+(`list_pretrained`, `pretrained_cfg`, `load_pretrained`, `save_pretrained`, `resolve_data_config`),
 and `generate` for the language models."""
-from models.registry import (count_params, create_model, list_models, model_info, model_keywords,
-                             register_model)
-from models.pretrained import load_pretrained, save_params
+from models.registry import (PretrainedCfg, count_params, create_model, list_models,
+                             list_pretrained, model_info, model_keywords, pretrained_cfg,
+                             register_model, register_pretrained)
+from models.pretrained import load_pretrained, resolve_data_config, save_params, save_pretrained
 from models.generation import generate
 
-__all__ = ["count_params", "create_model", "list_models", "model_info", "model_keywords", "register_model",
-           "load_pretrained", "save_params", "generate"]
+__all__ = ["PretrainedCfg", "count_params", "create_model", "list_models", "list_pretrained",
+           "model_info", "model_keywords", "pretrained_cfg", "register_model", "register_pretrained",
+           "load_pretrained", "resolve_data_config", "save_params", "save_pretrained", "generate"]

@@ -1,14 +1,23 @@
-"""Saving zoo params and loading pretrained weights into a model.
+"""Saving zoo weights and loading pretrained weights into a model.
 
-A params directory (what `save_params` and the converter CLI write) looks like one step of a training run:
-`DIR/params` is an orbax StandardCheckpointer item holding `nnx.to_pure_dict(nnx.state(model, nnx.Param))`,
-`DIR/model_state` (models with BatchNorm statistics or fixed `Buffer`s only) holds those, as train.py writes them, and
-`DIR/model.json` says which model it belongs to. So `load_pretrained` reads, with one code path, a params
-directory, a training step directory (`workdir/checkpoints/<step>`) and a training workdir (latest step).
+Two formats hold the zoo's own weights:
+
+* A weights directory (`save_pretrained`, timm and transformers' layout): `DIR/model.safetensors` holds every
+  weight (params, BatchNorm statistics, fixed buffers) under its '/'-joined param path, and `DIR/config.json`
+  the model's name, constructor overrides and the weights' `pretrained_cfg`. It can be pushed to the
+  Hugging Face hub as it is and read back as `hf-hub:org/repo`.
+* A params directory (what `save_params` and the converter CLI write) looks like one step of a training
+  run: `DIR/params` is an orbax StandardCheckpointer item holding `nnx.to_pure_dict(nnx.state(model,
+  nnx.Param))`, `DIR/model_state` (models with BatchNorm statistics or fixed `Buffer`s only) holds those, as
+  train.py writes them, and `DIR/model.json` says which model it belongs to. So `load_pretrained` reads,
+  with one code path, a params directory, a training step directory (`workdir/checkpoints/<step>`) and a
+  training workdir (latest step).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
+import logging
 import os
 import re
 from pathlib import Path
@@ -19,6 +28,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx, traverse_util
 
+from models import hub, registry
+from models.hub import flatten
 from models.layers import Buffer
 
 PARAMS_ITEM = "params"  # the item name train.py's CheckpointManager saves the params under
@@ -28,6 +39,9 @@ STATS_ITEM = "model_state"  # ... and the batch statistics under
 WEIGHTS = nnx.Any(nnx.Param, nnx.BatchStat, Buffer)
 _NOT_TRAINED = nnx.Any(nnx.BatchStat, Buffer)
 MODEL_JSON = "model.json"
+WEIGHTS_FILE = "model.safetensors"  # a weights directory's, and a hub repo's, weights
+CONFIG_JSON = "config.json"         # ... and its description
+_log = logging.getLogger(__name__)
 
 
 def family_of(model: nnx.Module) -> str:
@@ -51,24 +65,124 @@ def save_params(model: nnx.Module, path, *, name: str | None = None,
   (path / MODEL_JSON).write_text(json.dumps(info, indent=2) + "\n")
 
 
-def load_pretrained(model: nnx.Module, path, dont_load: Iterable[str] = ()) -> nnx.Module:
-  """Loads params into `model` in place and returns it.
+def save_pretrained(model: nnx.Module, path, *, name: str | None = None,
+                    kwargs: Mapping[str, Any] | None = None) -> Path:
+  """Writes a weights directory: `path/model.safetensors` (every weight, in the zoo's layout) and
+  `path/config.json` (`architecture`, `model_kwargs`, `pretrained_cfg`). A model from
+  `create_model` knows its name and overrides; pass them for one built otherwise. Read it back
+  with `create_model(name, pretrained=path)`, `create_model("local-dir:" + path)` or
+  `load_pretrained(model, path)`."""
+  spec = getattr(model, "build_spec", None)
+  name = name or (spec.name if spec else None)
+  if name is None:
+    raise ValueError("save_pretrained: expected name= (the registered model) for a model that "
+                     "create_model did not build")
+  kwargs = dict(kwargs) if kwargs is not None else (json.loads(spec.overrides) if spec else {})
+  path = Path(path)
+  path.mkdir(parents=True, exist_ok=True)
+  weights = {k: np.asarray(jax.device_get(v))
+             for k, v in flatten(nnx.to_pure_dict(nnx.state(model, WEIGHTS))).items()}
+  hub.write_weights(path / WEIGHTS_FILE, weights, {"family": family_of(model), "architecture": name})
+  cfg = getattr(model, "pretrained_cfg", None)
+  config = {"architecture": name, "model_kwargs": kwargs,
+            "pretrained_cfg": dataclasses.asdict(cfg) if cfg else None}
+  (path / CONFIG_JSON).write_text(json.dumps(config, indent=2, default=str) + "\n")
+  return path
 
-  `path`: a params directory (from `save_params` or `python -m models.convert`), a training workdir (latest
-  step of its `checkpoints/`), one step directory, or an official `.pth`/`.pt`/`.safetensors` file, converted
-  on the fly by the model family's converter. `dont_load`: regexes over '/'-joined param paths (e.g.
-  `projector/.*`); matching params keep the model's values. Params missing from the checkpoint, mis-shaped or
-  left over in it (and not excluded) raise one ValueError. Each param keeps its dtype and sharding.
+
+def resolve_data_config(model: nnx.Module | str) -> dict:
+  """The evaluation preprocessing of pretrained weights, timm's keys: `input_size` (C, H, W),
+  `interpolation`, `mean`, `std`, `crop_pct`, `crop_mode`. `model`: a model loaded with registered
+  weights, or their name `<model>.<tag>`. `data.augment.eval_transform` applies it."""
+  cfg = registry.pretrained_cfg(model) if isinstance(model, str) else getattr(
+      model, "pretrained_cfg", None)
+  if cfg is None or cfg.input_size is None:
+    raise ValueError(f"resolve_data_config: expected vision weights from the pretrained registry "
+                     f"(create_model(..., pretrained=True) or a '<model>.<tag>' name), got "
+                     f"{model if isinstance(model, str) else type(model).__name__}")
+  return {"input_size": cfg.input_size, "interpolation": cfg.interpolation, "mean": cfg.mean,
+          "std": cfg.std, "crop_pct": cfg.crop_pct, "crop_mode": cfg.crop_mode}
+
+
+def read_config(source: str) -> dict:
+  """The config.json of a weights directory (`local-dir:DIR` or a path) or hub repo (`hf-hub:org/repo`)."""
+  if source.startswith("hf-hub:"):
+    file = hub.fetch_hub_file(source.removeprefix("hf-hub:"), CONFIG_JSON)
+  else:
+    file = Path(source.removeprefix("local-dir:")) / CONFIG_JSON
+    if not file.is_file():
+      raise ValueError(f"{source}: no {CONFIG_JSON}; expected a directory save_pretrained wrote")
+  config = json.loads(Path(file).read_text())
+  if "architecture" not in config:
+    raise ValueError(f"{file}: expected an 'architecture' (a registered model name)")
+  return config
+
+
+def load_pretrained(model: nnx.Module, path, dont_load: Iterable[str] = ()) -> nnx.Module:
+  """Loads weights into `model` in place and returns it.
+
+  `path`, any of:
+    * registered weights `<model>.<tag>` (`models.list_pretrained()`): fetched through the Hugging Face cache
+      and converted once (models.hub); the model gets their `pretrained_cfg`, and a classifier of another
+      size than theirs keeps its initialisation, with a warning;
+    * `hf-hub:org/repo` (its model.safetensors) or `hf-hub:org/repo/file`: the zoo's layout or an official
+      file of the model's family;
+    * a weights directory (`save_pretrained`; also as `local-dir:DIR`), a params directory (`save_params`, `python -m models.convert`),
+      a training workdir (latest step of its `checkpoints/`) or one step directory;
+    * an official `.pth`/`.pt`/`.safetensors` file, converted on the fly by the model family's converter.
+  `dont_load`: regexes over '/'-joined param paths (e.g. `projector/.*`); matching params keep the model's
+  values. Params missing from the checkpoint, mis-shaped or left over in it (and not excluded) raise one
+  ValueError. Each param keeps its dtype and sharding.
   """
   from models import convert
 
-  if convert.is_official_checkpoint(path):
-    params, _, _ = convert.get_converter(family_of(model))(convert.read_state_dict(path))
+  source = os.fspath(path).removeprefix("local-dir:")
+  dont_load = tuple(dont_load)
+  if _is_registered_weights(source):
+    cfg = registry.pretrained_cfg(source)
+    params = hub.converted_weights(hub.fetch(source), family_of(model))
+    dont_load += _new_classifier(model, params, cfg, source)
+    model.pretrained_cfg = cfg
+  elif source.startswith("hf-hub:"):
+    parts = source.removeprefix("hf-hub:").split("/")
+    repo, filename = "/".join(parts[:2]), "/".join(parts[2:]) or WEIGHTS_FILE
+    params = _read_weights_file(hub.fetch_hub_file(repo, filename), family_of(model))
+  elif (Path(source) / WEIGHTS_FILE).is_file():
+    params = hub.read_weights(Path(source) / WEIGHTS_FILE)
+  elif convert.is_official_checkpoint(source):
+    params = _read_weights_file(Path(source), family_of(model))
   else:  # orbax needs an absolute path
-    item_dir = _params_item_dir(Path(path).expanduser().absolute())
+    item_dir = _params_item_dir(Path(source).expanduser().absolute())
     params = _restore_weights(item_dir, _restore_targets(model, dont_load))
   assign_params(model, params, dont_load)
   return model
+
+
+def _is_registered_weights(source: str) -> bool:
+  return "." in source and not os.path.exists(source) and source in registry.list_pretrained(
+      source.partition(".")[0] + ".*")
+
+
+def _read_weights_file(path: Path, family: str) -> dict:
+  """A file in the zoo's layout as it is; an official one converted (and kept converted)."""
+  if str(path).endswith(".safetensors") and hub.is_zoo_weights(path):
+    return hub.read_weights(path)
+  return hub.converted_weights(path, family)
+
+
+def _new_classifier(model, params, cfg, name) -> tuple[str, ...]:
+  """The `dont_load` pattern that keeps the model's classifier when its size is not the weights'
+  (and a warning saying so), else none."""
+  if not cfg.classifier:
+    return ()
+  current = flatten(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+  head = [k for k in params if k.startswith(cfg.classifier + "/")]
+  if all(k in current and tuple(current[k].shape) == tuple(params[k].shape) for k in head):
+    return ()
+  classes = next((current[k].shape[-1] for k in head if k in current), "?")
+  _log.warning("%s: the weights' classifier has %s classes and the model %s: %s keeps its fresh "
+               "initialisation", name, cfg.num_classes, classes, cfg.classifier)
+  return (re.escape(cfg.classifier) + "/.*",)
 
 
 def assign_params(model: nnx.Module, params: Mapping, dont_load: Iterable[str] = ()) -> None:
@@ -76,8 +190,8 @@ def assign_params(model: nnx.Module, params: Mapping, dont_load: Iterable[str] =
   (`WEIGHTS`); see load_pretrained."""
   excluded = [re.compile(p) for p in dont_load]
   state = nnx.state(model, WEIGHTS)
-  current = _flatten(nnx.to_pure_dict(state))
-  incoming = _flatten(params)
+  current = flatten(nnx.to_pure_dict(state))
+  incoming = flatten(params)
   unused = [p.pattern for p in excluded if not any(p.fullmatch(k) for k in current.keys() | incoming.keys())]
   if unused:
     raise ValueError(f"dont_load patterns {unused} match no param path (paths look like {next(iter(current))!r})")
@@ -118,10 +232,6 @@ def _shape(value) -> tuple[int, ...]:
   return tuple(value.shape) if hasattr(value, "shape") else np.shape(value)
 
 
-def _flatten(tree: Mapping) -> dict[str, Any]:
-  return {"/".join(map(str, k)): v for k, v in traverse_util.flatten_dict(tree).items()}
-
-
 def _unflatten_like(state: nnx.State, flat: Mapping[str, Any]) -> dict:
   """Rebuilds the pure dict with the state's own keys (list indices are ints there, strings in checkpoints)."""
   return traverse_util.unflatten_dict(
@@ -150,7 +260,7 @@ def _restore_targets(model: nnx.Module, dont_load: Iterable[str]) -> dict[str, j
   """What each weight the checkpoint may fill becomes: the model's shape, dtype and sharding, by
   '/'-joined path (the `dont_load` ones are not read)."""
   excluded = [re.compile(p) for p in dont_load]
-  current = _flatten(nnx.to_pure_dict(nnx.state(model, WEIGHTS)))
+  current = flatten(nnx.to_pure_dict(nnx.state(model, WEIGHTS)))
   return {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=_sharding_of(v)) for k, v in current.items()
           if not any(p.fullmatch(k) for p in excluded)}
 

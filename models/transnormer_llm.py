@@ -33,7 +33,7 @@ from flax import nnx
 
 from models.convert import check_state_dict
 from models.layers import Linear, TokenEmbed, shard_batch
-from models.registry import register_model
+from models.registry import PretrainedCfg, register_model, register_pretrained
 from ops import lightning_attention, lightning_decode_step, lightning_prefill
 from ops.sharding import axes as logical
 
@@ -385,3 +385,26 @@ for _name, (_vocab, _dim, _depth, _heads, _glu, _metric) in _VARIANTS.items():
   register_model(f"transnormer_llm_{_name}", TransNormerLLM, family="transnormer_llm",
                  paper_metric=_metric, vocab_size=_vocab, dim=_dim, depth=_depth,
                  num_heads=_heads, glu_dim=_glu)
+
+
+# --- pretrained weights: the official releases on the hub ----------------------------------------
+
+
+def _official(size: str, filename: str, metric: str) -> PretrainedCfg:
+  """OpenNLPLab/TransNormerLLM-<size> (HF `TransnormerForCausalLM` weights, bf16) and its
+  tokenizer (Baichuan's SentencePiece `tokenizer.model`)."""
+  return PretrainedCfg(
+      license="Apache-2.0 and the Community License for TransNormerLLM (commercial use needs the "
+              "authors' approval)",
+      metric=metric, hf_hub_id=f"OpenNLPLab/TransNormerLLM-{size}", filename=filename,
+      tokenizer=f"OpenNLPLab/TransNormerLLM-{size}/tokenizer.model")
+
+
+# Zero-shot (BoolQ, PIQA, HellaSwag) from the official README's Model Results (lm-eval-harness).
+# The weights of the base models; the corpus is not named ("up to 1.4 trillion tokens").
+register_pretrained("transnormer_llm_385m.base", _official(
+    "385M", "pytorch_model.bin", "BoolQ 62.14, PIQA 66.70, HellaSwag 46.27 (1.0T tokens)"))
+register_pretrained("transnormer_llm_1b.base", _official(
+    "1B", "pytorch_model.bin", "BoolQ 63.27, PIQA 72.09, HellaSwag 56.49 (1.2T tokens)"))
+register_pretrained("transnormer_llm_7b.base", _official(
+    "7B", "pytorch_model.bin.index.json", "BoolQ 75.87, PIQA 80.09, HellaSwag 75.21 (1.4T tokens)"))

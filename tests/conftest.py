@@ -80,3 +80,15 @@ def load_benchmark(name: str):
   module = sys.modules[spec.name] = importlib.util.module_from_spec(spec)  # for its dataclasses
   spec.loader.exec_module(module)
   return module
+
+
+def load_golden(family: str, name: str):
+  """(spec, official state_dict, arrays) of golden fixture `<family>/<name>` (shared/golden, beside
+  the data directory that ZOO_TEST_DATA names); skips without it."""
+  if "ZOO_TEST_DATA" not in os.environ:
+    pytest.skip("ZOO_TEST_DATA (the shared data directory, next to golden/) is not set")
+  root = os.path.join(os.environ["ZOO_TEST_DATA"], "..", "golden")
+  if root not in sys.path:
+    sys.path.insert(0, root)
+  import golden
+  return golden.load(os.path.join(root, family, name))

@@ -195,6 +195,29 @@ def test_eval_center_crop_geometry_by_hand():
   assert augment.eval_geometry(100, 61, 32, 1.0) == ((52, 32), (10, 0))
   assert augment.eval_geometry(33, 50, 32, 1.0) == ((32, 48), (0, 8))
   assert augment.eval_geometry(36, 33, 33, 1.0) == ((36, 33), (2, 0))   # (36 - 33) / 2 = 1.5 -> 2
+  # timm's "squash": both sides to floor(32 / crop_pct), whatever the aspect, then the center.
+  assert augment.eval_geometry(60, 100, 32, 1.0, squash=True) == ((32, 32), (0, 0))
+  assert augment.eval_geometry(60, 100, 32, 0.875, squash=True) == ((36, 36), (2, 2))
+
+
+def test_eval_transform_of_a_data_config_squashes():
+  """`eval_transform(models.resolve_data_config(...))`: a 384 squash config turns a 20x40 image
+  into the 384x384 resize of the whole image, normalised with the config's mean and std."""
+  image = np.random.default_rng(0).integers(0, 256, (20, 40, 3), dtype=np.uint8)
+  config = dict(input_size=(3, 384, 384), interpolation="bicubic", mean=(0.5, 0.5, 0.5),
+                std=(0.5, 0.5, 0.5), crop_pct=1.0, crop_mode="squash")
+  got = augment.eval_transform(config)(image)
+  want = np.asarray(Image.fromarray(image).resize((384, 384), Image.Resampling.BICUBIC),
+                    np.float32) / 255
+  np.testing.assert_allclose(got, (want - 0.5) / 0.5, atol=1e-6)
+
+
+def test_imagenet_class_names_follow_the_label_order():
+  lines = (pathlib.Path(image_files.__file__).parent / "imagenet_class_names.txt").read_text().splitlines()
+  assert tuple(line.split("\t")[0] for line in lines) == image_files.imagenet_wnids()
+  names = image_files.imagenet_class_names()
+  assert len(names) == 1000 and names[0] == "tench, Tinca tinca"
+  assert names[207] == "golden retriever"
 
 
 def test_eval_image_pixels_by_hand():
@@ -415,7 +438,7 @@ def imagenet_files() -> dict[str, dict[str, bytes]]:
                   mode)
 
   train = {wnid: {f"{wnid}_{i}.JPEG": image(mode) for i, mode in enumerate(("L", "CMYK"))}
-           for wnid in image_files.imagenet_class_names()[:2]}
+           for wnid in image_files.imagenet_wnids()[:2]}
   val = {f"ILSVRC2012_val_{i + 1:08d}.JPEG": image() for i in range(3)}
   return {"train": train, "val": val}
 
@@ -432,7 +455,7 @@ def check_imagenet(config_data, imagenet_files):
     assert image.ndim == 3 and image.shape[-1] == 3   # grey and CMYK decoded to RGB
     np.testing.assert_array_equal(image, decoded(payload))
   images, labels = validation.read(np.arange(3))
-  class_index = {w: i for i, w in enumerate(image_files.imagenet_class_names())}
+  class_index = {w: i for i, w in enumerate(image_files.imagenet_wnids())}
   assert labels.tolist() == [class_index[w] for w in VAL_WNIDS]
   for image, (_, payload) in zip(images, sorted(imagenet_files["val"].items())):
     np.testing.assert_array_equal(image, decoded(payload))

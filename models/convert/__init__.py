@@ -8,6 +8,7 @@ CLI: `python -m models.convert FAMILY SRC DST [--model NAME]`.
 from __future__ import annotations
 
 import importlib
+import json
 import os
 import re
 from typing import Callable, Mapping
@@ -16,6 +17,7 @@ import numpy as np
 
 _WRAPPER_KEYS = ("state_dict", "model")  # training scripts often save {"model": state_dict, "epoch": ...}
 _TORCH_SUFFIXES = (".pth", ".pt")
+_OFFICIAL_SUFFIXES = _TORCH_SUFFIXES + (".safetensors", ".index.json")  # .index.json: HF shards
 # flax.serialization msgpack: flax.training.checkpoints' (scenic's) `checkpoint_<step>` files
 _FLAX_CHECKPOINT = re.compile(r"checkpoint_\d+|.*\.msgpack")
 
@@ -43,7 +45,7 @@ def known_families() -> list[str]:
 
 
 def is_official_checkpoint(path) -> bool:
-  return os.path.isfile(path) and (str(path).endswith(_TORCH_SUFFIXES + (".safetensors",))
+  return os.path.isfile(path) and (str(path).endswith(_OFFICIAL_SUFFIXES)
                                    or _is_flax_checkpoint(path))
 
 
@@ -53,7 +55,8 @@ def _is_flax_checkpoint(path) -> bool:
 
 def read_state_dict(path) -> dict[str, np.ndarray]:
   """A `.pth`/`.pt` (read without torch, see torch_pickle), `.safetensors` or flax msgpack
-  (`checkpoint_<step>`, `.msgpack`) file -> {key: numpy array}.
+  (`checkpoint_<step>`, `.msgpack`) file, or a sharded checkpoint's `*.index.json` -> {key: numpy
+  array}.
 
   Unwraps {"state_dict": ...} / {"model": ...} and strips DataParallel's `module.` prefix. A flax
   file's params (a train state's 'params') are flattened into '/'-joined names.
@@ -61,6 +64,10 @@ def read_state_dict(path) -> dict[str, np.ndarray]:
   path = os.fspath(path)
   if not os.path.isfile(path):
     raise ValueError(f"no such checkpoint file: {path}")
+  if path.endswith(".index.json"):  # a sharded checkpoint (HF): its shards, beside it, merged
+    shards = sorted(set(json.loads(open(path).read())["weight_map"].values()))
+    return {k: v for shard in shards
+            for k, v in read_state_dict(os.path.join(os.path.dirname(path), shard)).items()}
   if path.endswith(".safetensors"):
     from safetensors import SafetensorError
     from safetensors.numpy import load_file

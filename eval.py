@@ -5,8 +5,17 @@ r"""Evaluates a checkpoint of a run on a split, prints a table and writes it as 
       --checkpoint=best --split=validation
   python eval.py --config configs/itransformer.py:etth1_96 --workdir /tmp/x --checkpoint=converted/etth1
 
---checkpoint is `latest`, `best` (by the config's early-stopping metric), a step number, or a path
-that models.load_pretrained reads (a zoo params dir, another workdir, an official .pth/.safetensors).
+--checkpoint is `latest`, `best` (by the config's early-stopping metric), a step number, a path
+that models.load_pretrained reads (a zoo params dir, another workdir, an official .pth/.safetensors)
+or registered weights `<model>.<tag>`, which are then evaluated with their own preprocessing
+(models.resolve_data_config) instead of the config's:
+
+  python eval.py --config configs/maxvit.py:imagenet --workdir runs/maxvit_t \
+      --checkpoint=maxvit_tiny_tf_224.in1k --split=validation
+
+--save_pretrained DIR also writes the evaluated weights as a weights directory (model.safetensors,
+and config.json with the metrics), which `models.create_model("local-dir:DIR")` reads and which can
+be pushed to the Hugging Face hub as it is.
 On several processes it takes train.py's --multihost / --coordinator_address, --num_processes,
 --process_id: they evaluate the split together and process 0 prints and writes the result.
 
@@ -44,6 +53,8 @@ _SPLIT = flags.DEFINE_string("split", "test", "Split to evaluate.")
 _OUTPUT = flags.DEFINE_string("output", "", "JSON path; default <workdir>/eval_<split>_<checkpoint>.json")
 _KEEP_FREED_MEMORY = flags.DEFINE_bool("keep_freed_memory", True, "Keep freed host memory mapped "
                                         "(train.keep_freed_memory_mapped).")
+_SAVE_PRETRAINED = flags.DEFINE_string(
+    "save_pretrained", "", "Also write the evaluated weights here (models.save_pretrained).")
 _ELASTIC = flags.DEFINE_bool("elastic", False, "MatFormer: evaluate every granularity and the "
                              "Mix'n'Match sweep (elastic_<split>_<checkpoint>.json/.md/.png)")
 train.define_multihost_flags()
@@ -70,7 +81,7 @@ def resolve_step(mngr, which: str) -> int:
 def load_model(config, workdir: str, which: str, split, task, mesh):
   """The run's model with the weights --checkpoint names; returns (model, where they came from)."""
   (model,) = train.create_model_and_optimizer(config, split.meta, task, mesh)
-  if os.path.exists(which) and not which.isdigit():
+  if is_registered_weights(which) or (os.path.exists(which) and not which.isdigit()):
     models.load_pretrained(model, which)
     return model, which
   train.check_resumed_config(config, workdir)  # a model or task the checkpoints do not hold
@@ -78,6 +89,24 @@ def load_model(config, workdir: str, which: str, split, task, mesh):
     step = resolve_step(mngr, which)
     train.restore_model_items(mngr, step, model)
   return model, f"step {step}"
+
+
+def is_registered_weights(which: str) -> bool:
+  return which in models.list_pretrained(which.partition(".")[0] + ".*")
+
+
+def with_weights_preprocessing(config, which: str):
+  """The config, its evaluation preprocessing replaced by that of registered weights: their
+  numbers hold for the preprocessing they were evaluated with."""
+  if not is_registered_weights(which):
+    return config
+  weights = models.resolve_data_config(which)
+  config = config.copy_and_resolve_references()
+  config.input.image_size = weights["input_size"][1]
+  config.input.mean, config.input.std = tuple(weights["mean"]), tuple(weights["std"])
+  for key in ("interpolation", "crop_pct", "crop_mode"):
+    config.input[key] = weights[key]
+  return config
 
 
 def load_split(config, split_name: str, mesh):
@@ -88,6 +117,7 @@ def load_split(config, split_name: str, mesh):
 
 
 def evaluate_checkpoint(config, workdir: str, which: str, split_name: str) -> dict:
+  config = with_weights_preprocessing(config, which)
   with train.on_mesh(config) as mesh:
     task = tasks.from_config(config)
     split = load_split(config, split_name, mesh)
@@ -98,6 +128,10 @@ def evaluate_checkpoint(config, workdir: str, which: str, split_name: str) -> di
       print(train.format_table({f"{split_name}/{k}": v for k, v in metrics.items()},
                                title=f"{config.model.name} on {config.data.name}/{split_name} "
                                      f"({source})"))
+      if _SAVE_PRETRAINED.value:
+        metric = ", ".join(f"{config.data.name}/{split_name} {k} {v:.4f}"
+                           for k, v in metrics.items())
+        print(f"wrote {models.save_pretrained(model, _SAVE_PRETRAINED.value, metric=metric)}")
     return {"checkpoint": source, "split": split_name, **metrics}
 
 

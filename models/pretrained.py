@@ -66,12 +66,13 @@ def save_params(model: nnx.Module, path, *, name: str | None = None,
 
 
 def save_pretrained(model: nnx.Module, path, *, name: str | None = None,
-                    kwargs: Mapping[str, Any] | None = None) -> Path:
+                    kwargs: Mapping[str, Any] | None = None, metric: str = "") -> Path:
   """Writes a weights directory: `path/model.safetensors` (every weight, in the zoo's layout) and
-  `path/config.json` (`architecture`, `model_kwargs`, `pretrained_cfg`). A model from
-  `create_model` knows its name and overrides; pass them for one built otherwise. Read it back
-  with `create_model(name, pretrained=path)`, `create_model("local-dir:" + path)` or
-  `load_pretrained(model, path)`."""
+  `path/config.json` (`architecture`, `model_kwargs`, `pretrained_cfg`, and `metric`: what these
+  weights reach, e.g. eval.py's result). A model from `create_model` knows its name and
+  overrides; pass them for one built otherwise. Read it back with `create_model(name,
+  pretrained=path)`, `create_model("local-dir:" + path)` or `load_pretrained(model, path)`. One
+  process: the weights are gathered to it."""
   spec = getattr(model, "build_spec", None)
   name = name or (spec.name if spec else None)
   if name is None:
@@ -85,7 +86,7 @@ def save_pretrained(model: nnx.Module, path, *, name: str | None = None,
   hub.write_weights(path / WEIGHTS_FILE, weights, {"family": family_of(model), "architecture": name})
   cfg = getattr(model, "pretrained_cfg", None)
   config = {"architecture": name, "model_kwargs": kwargs,
-            "pretrained_cfg": dataclasses.asdict(cfg) if cfg else None}
+            "pretrained_cfg": dataclasses.asdict(cfg) if cfg else None, "metric": metric}
   (path / CONFIG_JSON).write_text(json.dumps(config, indent=2, default=str) + "\n")
   return path
 
@@ -140,7 +141,7 @@ def load_pretrained(model: nnx.Module, path, dont_load: Iterable[str] = ()) -> n
   dont_load = tuple(dont_load)
   if _is_registered_weights(source):
     cfg = registry.pretrained_cfg(source)
-    params = hub.converted_weights(hub.fetch(source), family_of(model))
+    params = _read_weights_file(hub.fetch(source), family_of(model))
     dont_load += _new_classifier(model, params, cfg, source)
     model.pretrained_cfg = cfg
   elif source.startswith("hf-hub:"):

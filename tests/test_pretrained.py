@@ -234,3 +234,34 @@ def test_save_pretrained_round_trips_through_a_directory_and_the_hub(hf_cache, t
     assert got.keys() == want.keys() and all(np.array_equal(got[k], want[k]) for k in want)
   again = models.create_model("itransformer_etth1_96", pretrained=str(out), dtype="bfloat16")
   assert all(np.array_equal(v, want[k]) for k, v in _weights(again).items())
+
+
+def test_eval_takes_the_preprocessing_of_registered_weights():
+  """eval.py --checkpoint=<model>.<tag>: the weights' preprocessing replaces the config's."""
+  import eval as eval_lib
+  from configs import maxvit as maxvit_config
+  config = maxvit_config.get_config("in1k,variant=tiny,res=384")
+  assert (config.input.crop_mode, config.input.crop_pct) == ("center", 384 / 416)  # TF's eval
+  weights = eval_lib.with_weights_preprocessing(config, "maxvit_tiny_tf_384.in1k")
+  assert (weights.input.image_size, weights.input.crop_pct, weights.input.crop_mode) == (
+      384, 1.0, "squash")
+  assert tuple(weights.input.mean) == tuple(weights.input.std) == (0.5, 0.5, 0.5)
+  assert config.input.crop_mode == "center"                  # the run's config is left as it is
+  assert eval_lib.with_weights_preprocessing(config, "runs/maxvit") is config
+
+
+def test_init_from_a_registered_name_with_dont_load(hf_cache, tmp_path, monkeypatch):
+  """What train.py does with --config.init_from.path=<model>.<tag>: registered weights (here the
+  zoo's own layout on the hub) load like a path, dont_load included."""
+  source = models.create_model("itransformer_etth1_96", rngs=nnx.Rngs(5))
+  out = models.save_pretrained(source, tmp_path / "w")
+  put_on_hub(hf_cache, "me/it", "model.safetensors").write_bytes(
+      (out / "model.safetensors").read_bytes())
+  monkeypatch.setitem(registry._PRETRAINED, "itransformer_etth1_96.mine", registry.PretrainedCfg(
+      license="MIT", metric="test mse 0.386", hf_hub_id="me/it", tokenizer="none"))
+  target = models.create_model("itransformer_etth1_96", rngs=nnx.Rngs(6))
+  before = _weights(target)
+  models.load_pretrained(target, "itransformer_etth1_96.mine", dont_load=("projector/.*",))
+  got, want = _weights(target), _weights(source)
+  for key in got:
+    assert np.array_equal(got[key], before[key] if key.startswith("projector/") else want[key]), key

@@ -33,8 +33,9 @@ from flax import nnx
 
 import ops
 from models.convert import check_state_dict
-from models.layers import (CONV_AXES, NORM_AXES, DepthwiseConv, DropPath, Linear, get_activation,
-                           layer_norm, promote_keeping_statistics, shard_batch)
+from models.layers import (CONV_AXES, NORM_AXES, DepthwiseConv, DropPath, Linear,
+                           collect_intermediates, get_activation, layer_norm,
+                           promote_keeping_statistics, shard_batch)
 from models.registry import register_model
 
 _LN_EPS = 1e-6                      # every LayerNorm of the official model
@@ -238,6 +239,7 @@ class BiFormer(nnx.Module):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.in_chans, self.n_win, self.auto_pad = in_chans, n_win, auto_pad
     self.topks = tuple(topks)
+    self.embed_dims = tuple(embed_dims)
     self.num_features = embed_dims[-1]
     self.dtype, self.param_dtype = dtype, param_dtype
     self.downsample_layers = nnx.List(
@@ -298,7 +300,26 @@ class BiFormer(nnx.Module):
     *_, x = self._stage_outputs(x, train=train)
     return self.norm(x, use_running_average=not train)
 
-  def forward_intermediates(self, x: jax.Array) -> tuple[list[jax.Array], dict[str, jax.Array]]:
+  def forward_intermediates(self, x: jax.Array, indices: int | Sequence[int] | None = None, *,
+                            norm: bool = False, output_fmt: str = "NHWC",
+                            intermediates_only: bool = False, train: bool = False):
+    """timm's forward_intermediates: (forward_features(x), [the stage maps at `indices`]).
+
+    See `layers.collect_intermediates`: the maps are taken before the final BatchNorm; `norm`
+    gives the last stage's through it.
+    """
+    return collect_intermediates(
+        self._stage_outputs(x, train=train), len(self.stages), indices, output_fmt=output_fmt,
+        intermediates_only=intermediates_only, norm=norm,
+        final_norm=lambda last: self.norm(last, use_running_average=not train))
+
+  @property
+  def feature_info(self) -> list[dict]:
+    """timm's feature_info: each stage's width, stride and module name."""
+    return [dict(num_chs=dim, reduction=4 * 2 ** s, module=f"stages.{s}")
+            for s, dim in enumerate(self.embed_dims)]
+
+  def forward_with_routes(self, x: jax.Array) -> tuple[list[jax.Array], dict[str, jax.Array]]:
     """Inference pass that also returns what the routing chose.
 
     Returns every stage's output (NHWC, before the final norm) and, per routed block

@@ -20,7 +20,7 @@ from flax import nnx
 
 from models.convert import check_state_dict
 from models.layers import (ACTIVATIONS, CONV_AXES, DepthwiseConv, DropPath, LayerScale, Linear,
-                           layer_norm, shard_batch)
+                           collect_intermediates, layer_norm, shard_batch)
 from models.registry import register_model
 from ops.sharding import axes as logical
 
@@ -241,6 +241,7 @@ class HorNet(nnx.Module):
     self.param_dtype = param_dtype
     self.head_init_scale = head_init_scale
     dims = [base_dim * 2 ** i for i in range(4)]
+    self.embed_dims = tuple(dims)
     self.num_features = dims[-1]
     rates = np.linspace(0.0, drop_path_rate, sum(depths)).tolist()
     first = np.cumsum([0, *depths]).tolist()  # index of each stage's first block
@@ -279,18 +280,42 @@ class HorNet(nnx.Module):
     resolution (see GnConv): what each order of the recursive gating multiplies in, to inspect
     or plot.
     """
+    gates = []
+    *_, x = self._stage_outputs(x, train=train, gates=gates)
+    return (x, gates) if return_gates else x
+
+  def forward_intermediates(self, x: jax.Array, indices: int | Sequence[int] | None = None, *,
+                            norm: bool = False, output_fmt: str = "NHWC",
+                            intermediates_only: bool = False, train: bool = False):
+    """timm's forward_intermediates: (forward_features(x), [the stage maps at `indices`]).
+
+    See `layers.collect_intermediates`. `norm` changes nothing: HorNet's final LayerNorm acts on
+    the pooled features, in the head (as timm's ConvNeXt).
+    """
+    return collect_intermediates(self._stage_outputs(x, train=train), len(self.stages), indices,
+                                 output_fmt=output_fmt, intermediates_only=intermediates_only)
+
+  @property
+  def feature_info(self) -> list[dict]:
+    """timm's feature_info: each stage's width, stride and module name."""
+    return [dict(num_chs=dim, reduction=4 * 2 ** s, module=f"stages.{s}")
+            for s, dim in enumerate(self.embed_dims)]
+
+  def _stage_outputs(self, x: jax.Array, *, train: bool, gates: list | None = None):
+    """Yields every stage's output map; appends to `gates` (if given) each stage's block gates."""
     self._check_images(x)
     x = self.stem(x)
-    gates = []
     for s, blocks in enumerate(self.stages):
       if s:
         x = self.downsamples[s - 1](x)
-      gates.append([])
+      stage_gates = []
       for block in blocks:
         x, block_gates = block(x, train=train, return_gates=True)
         x = shard_batch(x)
-        gates[-1].append(block_gates)
-    return (x, gates) if return_gates else x
+        stage_gates.append(block_gates)
+      if gates is not None:
+        gates.append(stage_gates)
+      yield x
 
   def forward_head(self, x: jax.Array, *, pre_logits: bool = False) -> jax.Array:
     """Global average pooling, LayerNorm, then the head (skipped for `pre_logits` or no head)."""

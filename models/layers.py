@@ -1,4 +1,5 @@
-"""Shared blocks: torch-initialised Linear, Mlp, multi-head self-attention, DropPath, transformer encoder Block.
+"""Shared blocks: torch-initialised Linear, Mlp, multi-head self-attention, DropPath, transformer encoder Block,
+and the stage selection and layouts of timm's feature API (`forward_intermediates`).
 
 Every module takes `dtype` (compute) and `param_dtype` (storage) and is called with `train=` (dropout on/off).
 Softmax and norm statistics run in float32 whatever `dtype` is.
@@ -7,7 +8,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Callable
+from typing import Callable, Iterable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -522,3 +523,67 @@ class Block(nnx.Module):
       return self.norm2(x + branch(self.mlp, x))
     x = x[:, :num_queries] + branch(self.attn, self.norm1(x), num_queries=num_queries)
     return x + branch(self.mlp, self.norm2(x))
+
+
+# --- timm's feature API: forward_intermediates and feature_info ----------------------------------
+
+_FEATURE_LAYOUTS: dict[str, Callable[[jax.Array], jax.Array]] = {  # from an NHWC map
+    "NHWC": lambda x: x,
+    "NCHW": lambda x: jnp.transpose(x, (0, 3, 1, 2)),  # torch's layout, timm's default
+    "NLC": lambda x: x.reshape(x.shape[0], -1, x.shape[-1]),  # tokens, row-major
+}
+
+
+def feature_layout(output_fmt: str) -> Callable[[jax.Array], jax.Array]:
+  """The function laying an NHWC map out as `output_fmt` (looked up before the forward runs)."""
+  if output_fmt not in _FEATURE_LAYOUTS:
+    raise ValueError(f"output_fmt must be one of {list(_FEATURE_LAYOUTS)}, got {output_fmt!r}")
+  return _FEATURE_LAYOUTS[output_fmt]
+
+
+def feature_take_indices(num_stages: int, indices: int | Sequence[int] | None = None) -> list[int]:
+  """The stages `forward_intermediates` returns, in stage order (timm's `feature_take_indices`).
+
+  None: every stage; an int n: the last n; a sequence: those stages, negative ones from the end.
+  """
+  if indices is None:
+    indices = num_stages
+  if isinstance(indices, int):
+    if not 0 < indices <= num_stages:
+      raise ValueError(f"indices={indices}: there are {num_stages} stages to take the last of")
+    return list(range(num_stages - indices, num_stages))
+  if not indices or any(not -num_stages <= i < num_stages for i in indices):
+    raise ValueError(f"indices must name stages of {num_stages} (negative: from the end), got "
+                     f"{list(indices)}")
+  return sorted({i % num_stages for i in indices})
+
+
+def collect_intermediates(stage_outputs: Iterable[jax.Array], num_stages: int,
+                          indices: int | Sequence[int] | None, *, output_fmt: str,
+                          intermediates_only: bool, norm: bool = False,
+                          final_norm: Callable[[jax.Array], jax.Array] | None = None):
+  """timm's `forward_intermediates` over the NHWC maps a hierarchical model's stages yield.
+
+  Returns (features, [the maps of the stages at `indices`, as `output_fmt`]), the features being
+  `final_norm` (default none) of the last map: what the model's forward_features returns. `norm`
+  gives the last stage's map, if taken, through `final_norm` too. `intermediates_only` returns the
+  list alone and stops after the last stage taken (timm's stop_early): the stages after it would
+  only cost compute and, in training, update their BatchNorm statistics.
+  """
+  take = feature_take_indices(num_stages, indices)
+  layout = feature_layout(output_fmt)
+  intermediates = []
+  for stage, x in enumerate(stage_outputs):
+    if stage in take:
+      intermediates.append(x)
+    if intermediates_only and stage == take[-1]:
+      break
+  norm_last = norm and take[-1] == num_stages - 1
+  features = None
+  if not intermediates_only or norm_last:
+    # Once: a BatchNorm in training updates its running statistics on every call.
+    features = x if final_norm is None else final_norm(x)
+    if norm_last:
+      intermediates[-1] = features
+  intermediates = [layout(y) for y in intermediates]
+  return intermediates if intermediates_only else (features, intermediates)

@@ -42,7 +42,7 @@ from flax import nnx
 import ops
 from models import layers
 from models.convert import check_state_dict
-from models.registry import register_model
+from models.registry import PretrainedCfg, register_model, register_pretrained
 from ops.sharding import axes as logical
 
 _INIT_STD = 0.02  # OLMo's init_std: every kernel and the embedding ~ N(0, 0.02), biases 0
@@ -481,6 +481,7 @@ class MatViT(NestedFFNs, nnx.Module):
       from 0 to ``drop_path``.
     act: 'gelu_tanh' (flax's nn.gelu, scenic's) or any `layers.ACTIVATIONS` name.
   """
+  default_out_indices = 3  # what `features.features_only` takes: the last 3 blocks, as timm's ViT
 
   def __init__(self, img_size: int = 224, patch_size: int = 16, in_chans: int = 3,
                num_classes: int = 1000, dim: int = 768, depth: int = 12, num_heads: int = 12,
@@ -533,6 +534,40 @@ class MatViT(NestedFFNs, nnx.Module):
   def forward_features(self, x: jax.Array, *, train: bool = False,
                        granularity: Granularity = None) -> jax.Array:
     """Images -> the normalised tokens [B, (1 +) patches, dim] (class token first)."""
+    *_, x = self._block_outputs(x, train=train, granularity=granularity)
+    return self.norm(x)
+
+  def forward_intermediates(self, x: jax.Array, indices: int | Sequence[int] | None = None, *,
+                            norm: bool = False, output_fmt: str = "NHWC",
+                            intermediates_only: bool = False, train: bool = False,
+                            granularity: Granularity = None):
+    """timm's ViT forward_intermediates: (forward_features(x), [the block outputs at `indices`]).
+
+    A block's output is taken as its patch tokens (the class token dropped), laid out as a map
+    [B, H/p, W/p, dim] in `output_fmt` ('NLC': the tokens as they are); `norm` gives each one
+    through the final LayerNorm, as timm's ViT does. `intermediates_only` returns the list alone
+    and stops after the last block taken. `granularity` as in `forward_features`.
+    """
+    take = layers.feature_take_indices(len(self.blocks), indices)
+    layout = layers.feature_layout(output_fmt)
+    side = self.img_size // self.patch_size
+    intermediates = []
+    for i, tokens in enumerate(self._block_outputs(x, train=train, granularity=granularity)):
+      if i in take:
+        patches = (self.norm(tokens) if norm else tokens)[:, -side * side:]
+        intermediates.append(layout(patches.reshape(-1, side, side, patches.shape[-1])))
+      if intermediates_only and i == take[-1]:
+        break
+    return intermediates if intermediates_only else (self.norm(tokens), intermediates)
+
+  @property
+  def feature_info(self) -> list[dict]:
+    """timm's feature_info: every block's width, stride (the patch size) and module name."""
+    return [dict(num_chs=self.num_features, reduction=self.patch_size, module=f"blocks.{i}")
+            for i in range(len(self.blocks))]
+
+  def _block_outputs(self, x: jax.Array, *, train: bool, granularity: Granularity):
+    """Yields every block's output tokens [B, (1 +) patches, dim]."""
     self._check_images(x)
     widths = self.layer_widths(granularity)
     x = self.patch_embed(x.astype(self.dtype))
@@ -543,7 +578,7 @@ class MatViT(NestedFFNs, nnx.Module):
     x = self.drop(x + self.pos_embed[...].astype(x.dtype), train=train)
     for block, width in zip(self.blocks, widths):
       x = layers.shard_batch(block(x, width=width, train=train))
-    return self.norm(x)
+      yield x
 
   def forward_head(self, x: jax.Array, *, pre_logits: bool = False) -> jax.Array:
     """Tokens -> logits (f32), or the pooled features with ``pre_logits=True``."""
@@ -792,3 +827,18 @@ for _name, (_vocab, _dim, _depth, _heads, _mlp, _extra, _metric) in _VARIANTS.it
 for _name, (_patch, _dim, _depth, _heads, _mlp, _extra, _metric) in _VIT_VARIANTS.items():
   register_model(_name, MatViT, family="matformer", paper_metric=_metric, patch_size=_patch,
                  dim=_dim, depth=_depth, num_heads=_heads, mlp_dim=_mlp, **_extra)
+
+
+# --- pretrained weights: scenic's release (Apache-2.0) -------------------------------------------
+# MatViT-B/16 on ImageNet-1k as scenic publishes it (a flax checkpoint of the scenic model, read
+# as msgpack), evaluated as its config does: resize the short side to 256 (area), center 224,
+# pixels to [-1, 1]. scenic's MatViT-L/16 (ImageNet-21k + 1k) is not registered: its fine-tuning
+# resolution and preprocessing are not published.
+register_pretrained("matvit_base_patch16_224.in1k", PretrainedCfg(
+    license="Apache-2.0", metric="none published (the scenic MatViT README gives no accuracy)",
+    url="https://storage.googleapis.com/scenic-bucket/matvit/MatViT-B16-IN1K",
+    filename="matvit_base_patch16_224.in1k.msgpack", num_classes=1000, label_set="imagenet-1k",
+    input_size=(3, 224, 224), mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), crop_pct=0.875,
+    interpolation="box", classifier="head",
+    notes="The file's format (one flax checkpoint file) is as scenic writes checkpoints; it was "
+          "not downloaded here."))

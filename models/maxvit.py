@@ -51,8 +51,9 @@ import numpy as np
 from flax import nnx
 
 from models.convert import check_state_dict
-from models.layers import (CONV_AXES, NORM_AXES, DepthwiseConv, DropPath, Linear, Mlp, layer_norm,
-                           promote_keeping_statistics, shard_batch)
+from models.layers import (CONV_AXES, NORM_AXES, DepthwiseConv, DropPath, Linear, Mlp,
+                           collect_intermediates, layer_norm, promote_keeping_statistics,
+                           shard_batch)
 from models.registry import register_model
 from ops.sharding import axes as logical
 from ops.window_attention import relative_position_bias, window_attention
@@ -386,6 +387,7 @@ class MaxViT(nnx.Module):
     self.num_classes = num_classes
     self.dtype = dtype
     self.param_dtype = param_dtype
+    self.embed_dims = tuple(embed_dims)
     self.num_features = embed_dims[-1]
     self.head_hidden_size = head_hidden_size or embed_dims[-1]
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
@@ -422,13 +424,35 @@ class MaxViT(nnx.Module):
 
   def forward_features(self, x: jax.Array, *, train: bool = False) -> jax.Array:
     """Images -> the last stage's map [B, H/32, W/32, C] (for 4 stages)."""
+    *_, x = self._stage_outputs(x, train=train)
+    return x
+
+  def forward_intermediates(self, x: jax.Array, indices: int | Sequence[int] | None = None, *,
+                            norm: bool = False, output_fmt: str = "NHWC",
+                            intermediates_only: bool = False, train: bool = False):
+    """timm's forward_intermediates: (forward_features(x), [the stage maps at `indices`]).
+
+    See `layers.collect_intermediates`. `norm` changes nothing: the final LayerNorm acts on the
+    pooled features, in the head (timm's MaxViT-TF likewise has no norm before its head).
+    """
+    return collect_intermediates(self._stage_outputs(x, train=train), len(self.stages), indices,
+                                 output_fmt=output_fmt, intermediates_only=intermediates_only)
+
+  @property
+  def feature_info(self) -> list[dict]:
+    """timm's feature_info: each stage's width, stride and module name."""
+    return [dict(num_chs=dim, reduction=_STEM_STRIDE * 2 ** (s + 1), module=f"stages.{s}")
+            for s, dim in enumerate(self.embed_dims)]
+
+  def _stage_outputs(self, x: jax.Array, *, train: bool):
+    """Yields every stage's output map."""
     self._check_images(x)
     x = self.stem(x.astype(self.dtype), train=train)
     for stage in self.stages:
       x = stage(x, train=train)
-    return x
+      yield x
 
-  def forward_intermediates(self, x: jax.Array) -> tuple[list[jax.Array], dict[str, jax.Array]]:
+  def forward_with_attention(self, x: jax.Array) -> tuple[list[jax.Array], dict[str, jax.Array]]:
     """Inference pass that also returns what the attention looked at.
 
     Returns every stage's output map (NHWC) and, per block, the softmax weights of its block and

@@ -44,7 +44,7 @@ def _small(**overrides):
 
 @nnx.jit
 def _trace(model, x):
-  features, routes = model.forward_intermediates(x)
+  features, routes = model.forward_with_routes(x)
   return model.forward_head(model.norm(features[-1], use_running_average=True)), features, routes
 
 

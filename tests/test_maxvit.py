@@ -468,7 +468,7 @@ def test_reset_classifier_and_pre_logits():
     model.forward_head(jnp.ones((2, 128)))
 
 
-# --- attention weights (forward_intermediates) ----------------------------------------------------
+# --- attention weights (forward_with_attention) ---------------------------------------------------
 
 def test_attention_probs_are_the_weights_window_attention_applies():
   attn = _attention()  # 4 x 4 windows, a 5 x 5 table resized to 7 x 7 on the fly
@@ -509,11 +509,11 @@ def test_attention_probs_layout_names_the_pixels_of_each_group(partition):
                              atol=1e-5)
 
 
-def test_forward_intermediates_returns_stages_and_every_attention():
+def test_forward_with_attention_returns_stages_and_every_attention():
   _, _, arrays = _golden("maxvit_custom_tf_d32")
   model, _ = _golden_model("maxvit_custom_tf_d32")
   images = _images(arrays)
-  stages, probs = nnx.jit(lambda m, x: m.forward_intermediates(x))(model, images)
+  stages, probs = nnx.jit(lambda m, x: m.forward_with_attention(x))(model, images)
   reference = _features(model, images)
   for actual, expected in zip(stages, reference["stages"], strict=True):
     np.testing.assert_allclose(actual, expected, rtol=0, atol=1e-5)
@@ -526,7 +526,7 @@ def test_forward_intermediates_returns_stages_and_every_attention():
   for value in probs.values():
     np.testing.assert_allclose(value.sum(-1), 1.0, rtol=0, atol=1e-5)
   with pytest.raises(ValueError, match="multiples of 64"):
-    model.forward_intermediates(jnp.ones((1, 32, 32, 3)))
+    model.forward_with_attention(jnp.ones((1, 32, 32, 3)))
 
 
 # --- fine-tuning converted weights through the training loop --------------------------------------

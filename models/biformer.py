@@ -36,7 +36,7 @@ from models.convert import check_state_dict
 from models.layers import (CONV_AXES, NORM_AXES, DepthwiseConv, DropPath, Linear,
                            collect_intermediates, get_activation, layer_norm,
                            promote_keeping_statistics, shard_batch)
-from models.registry import register_model
+from models.registry import PretrainedCfg, register_model, register_pretrained
 
 _LN_EPS = 1e-6                      # every LayerNorm of the official model
 _BN_EPS, _BN_MOMENTUM = 1e-5, 0.9   # torch BatchNorm2d defaults (torch momentum 0.1)
@@ -483,3 +483,29 @@ def checkpoint_filter_fn(state_dict: Mapping[str, np.ndarray], **known_kwargs):
 for _name, (_depths, _dims, _top1) in _VARIANTS.items():
   register_model(_name, BiFormer, family="biformer", paper_metric=f"{_top1}", depths=_depths,
                  embed_dims=_dims, qk_dims=_dims, **_DEFAULTS)
+
+
+# --- pretrained weights: the official releases (MIT) ---------------------------------------------
+
+
+def _official(name: str, share: str, top1: str) -> PretrainedCfg:
+  """The official file of `name` (a `.pth`, the weights under "model"), from the OneDrive share
+  the official code downloads, evaluated as it does: resize to 256 (bicubic), center 224, ImageNet
+  mean/std."""
+  return PretrainedCfg(
+      license="MIT", metric=top1, url=f"https://api.onedrive.com/v1.0/shares/{share}/root/content",
+      filename=name.replace(".", "_") + ".pth", num_classes=1000, label_set="imagenet-1k",
+      input_size=(3, 224, 224), mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225),
+      crop_pct=0.875, classifier="head",
+      notes="OneDrive may refuse scripted downloads: then download the link in a browser and pass "
+            "the file as pretrained=.")
+
+
+# name: (OneDrive share, top-1 on ImageNet-1k val from the official README)
+_OFFICIAL_WEIGHTS = {
+    "biformer_tiny.in1k": ("s!AkBbczdRlZvChHEOoGkgwgQzEDlM", "top-1 81.4"),
+    "biformer_small.in1k": ("s!AkBbczdRlZvChHDyM-x9KWRBZ832", "top-1 83.8"),
+    "biformer_base.in1k": ("s!AkBbczdRlZvChHI_XPhoadjaNxtO", "top-1 84.3"),
+}
+for _name, (_share, _top1) in _OFFICIAL_WEIGHTS.items():
+  register_pretrained(_name, _official(_name, _share, _top1))

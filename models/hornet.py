@@ -21,7 +21,7 @@ from flax import nnx
 from models.convert import check_state_dict
 from models.layers import (ACTIVATIONS, CONV_AXES, DepthwiseConv, DropPath, LayerScale, Linear,
                            collect_intermediates, layer_norm, shard_batch)
-from models.registry import register_model
+from models.registry import PretrainedCfg, register_model, register_pretrained
 from ops.sharding import axes as logical
 
 _EPS = 1e-6  # every LayerNorm of HorNet, the final one included
@@ -507,3 +507,41 @@ for _name, _base_dim, _grids, _drop_path, _paper in _VARIANTS:
   register_model(_name, HorNet, family="hornet", paper_metric=_paper, num_classes=1000,
                  base_dim=_base_dim, depths=(2, 3, 18, 2), orders=(2, 3, 4, 5),
                  global_filter_sizes=_grids, scale=1.0 / 3.0, drop_path_rate=_drop_path)
+
+
+
+# --- pretrained weights: the official releases (MIT) ---------------------------------------------
+
+
+def _official(name: str, share: str, top1: str | None) -> PretrainedCfg:
+  """The official file of `name` (a `.pth`, the weights under "model") at Tsinghua Cloud share
+  `share`, evaluated as the official code does: bicubic, ImageNet mean/std, crop 224/256 (the
+  whole image at 384). ImageNet-22k heads: their class count and order are not published; a
+  `num_classes` of the head's size keeps the head (the warning names it)."""
+  res = 384 if "_384." in name else 224
+  in22k = name.endswith(".in22k")
+  return PretrainedCfg(
+      license="MIT", metric=top1 or "none published (ImageNet-22k pre-training)",
+      url=f"https://cloud.tsinghua.edu.cn/f/{share}/?dl=1", filename=f"{name}.pth",
+      num_classes=None if in22k else 1000,
+      label_set="imagenet-22k (the authors' class list)" if in22k else "imagenet-1k",
+      input_size=(3, res, res), mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225),
+      crop_pct=0.875 if res == 224 else 1.0, classifier="head",
+      notes="Tsinghua Cloud may refuse scripted downloads: then download the link in a browser "
+            "and pass the file as pretrained=.")
+
+
+# name: (Tsinghua Cloud share, top-1 on ImageNet-1k val from the official README's Model Zoo)
+_OFFICIAL_WEIGHTS = {
+    "hornet_tiny_7x7.in1k": ("bac9690c72944d19aca1", "top-1 82.8"),
+    "hornet_tiny_gf.in1k": ("460e759c82324ea6bfa3", "top-1 83.0"),
+    "hornet_small_7x7.in1k": ("8ef64277da0e469ea857", "top-1 83.8"),
+    "hornet_small_gf.in1k": ("959603ca287d4c09ad49", "top-1 84.0"),
+    "hornet_base_7x7.in1k": ("13a748487711492e9704", "top-1 84.2"),
+    "hornet_base_gf.in1k": ("c212d1d8a3914b47a5c1", "top-1 84.3"),
+    "hornet_large_7x7.in22k": ("c2fc23caae084a3aa73d", None),
+    "hornet_large_gf.in22k": ("8600206ebdfa485f98d0", None),
+    "hornet_large_gf_384.in22k": ("eec48d5eca5a48d98fd2", None),
+}
+for _name, (_share, _top1) in _OFFICIAL_WEIGHTS.items():
+  register_pretrained(_name, _official(_name, _share, _top1))

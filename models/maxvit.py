@@ -54,7 +54,7 @@ from models.convert import check_state_dict
 from models.layers import (CONV_AXES, NORM_AXES, DepthwiseConv, DropPath, Linear, Mlp,
                            collect_intermediates, layer_norm, promote_keeping_statistics,
                            shard_batch)
-from models.registry import register_model
+from models.registry import PretrainedCfg, register_model, register_pretrained
 from ops.sharding import axes as logical
 from ops.window_attention import relative_position_bias, window_attention
 
@@ -834,3 +834,52 @@ for _size, (_stem, _dims, _depths, _drop_path) in _VARIANTS.items():
                    paper_metric=f"top-1 {_top1[_index]:.2f}" if _top1 else "",
                    embed_dims=_dims, depths=_depths, stem_widths=(_stem, _stem), img_size=_res,
                    drop_path_rate=_drop_path, num_classes=1000)
+
+
+# --- pretrained weights -------------------------------------------------------------------------
+
+
+def _timm(name: str, metric: str) -> PretrainedCfg:
+  """timm's port of the official TF weights `name` (`maxvit_<size>_tf_<res>.<tag>`), as timm's
+  default_cfgs give it: ImageNet mean/std and a 0.95 crop for the in1k 224 weights, 0.5 / 0.5
+  for the others; 384 and 512 squash the whole image; in21k heads have 21843 classes."""
+  res, tag = int(name.split(".")[0].rsplit("_", 1)[1]), name.split(".")[1]
+  imagenet = res == 224 and tag == "in1k"
+  return PretrainedCfg(
+      license="apache-2.0", metric=metric, hf_hub_id=f"timm/{name}",
+      num_classes=21843 if tag == "in21k" else 1000,
+      label_set="imagenet-21k-goog" if tag == "in21k" else "imagenet-1k", input_size=(3, res, res),
+      mean=(0.485, 0.456, 0.406) if imagenet else (0.5, 0.5, 0.5),
+      std=(0.229, 0.224, 0.225) if imagenet else (0.5, 0.5, 0.5),
+      crop_pct=0.95 if res == 224 else 1.0, crop_mode="center" if res == 224 else "squash",
+      classifier="head/fc")
+
+
+# On the hub as timm/<name> (model.safetensors); top-1 / top-5 on ImageNet-1k val from timm's
+# results/results-imagenet.csv.
+_IN21K = "none published (an ImageNet-21k classifier)"
+_TIMM_WEIGHTS = {
+    "maxvit_tiny_tf_224.in1k": "top-1 83.426, top-5 96.584",
+    "maxvit_tiny_tf_384.in1k": "top-1 85.106, top-5 97.382",
+    "maxvit_tiny_tf_512.in1k": "top-1 85.658, top-5 97.592",
+    "maxvit_small_tf_224.in1k": "top-1 84.452, top-5 96.824",
+    "maxvit_small_tf_384.in1k": "top-1 85.534, top-5 97.466",
+    "maxvit_small_tf_512.in1k": "top-1 86.102, top-5 97.758",
+    "maxvit_base_tf_224.in1k": "top-1 84.884, top-5 97.002",
+    "maxvit_base_tf_384.in1k": "top-1 86.290, top-5 97.802",
+    "maxvit_base_tf_512.in1k": "top-1 86.598, top-5 97.924",
+    "maxvit_large_tf_224.in1k": "top-1 84.938, top-5 96.980",
+    "maxvit_large_tf_384.in1k": "top-1 86.242, top-5 97.684",
+    "maxvit_large_tf_512.in1k": "top-1 86.534, top-5 97.884",
+    "maxvit_base_tf_224.in21k": _IN21K,
+    "maxvit_base_tf_384.in21k_ft_in1k": "top-1 87.930, top-5 98.546",
+    "maxvit_base_tf_512.in21k_ft_in1k": "top-1 88.214, top-5 98.538",
+    "maxvit_large_tf_224.in21k": _IN21K,
+    "maxvit_large_tf_384.in21k_ft_in1k": "top-1 87.994, top-5 98.576",
+    "maxvit_large_tf_512.in21k_ft_in1k": "top-1 88.236, top-5 98.608",
+    "maxvit_xlarge_tf_224.in21k": _IN21K,
+    "maxvit_xlarge_tf_384.in21k_ft_in1k": "top-1 88.302, top-5 98.538",
+    "maxvit_xlarge_tf_512.in21k_ft_in1k": "top-1 88.540, top-5 98.650",
+}
+for _name, _metric in _TIMM_WEIGHTS.items():
+  register_pretrained(_name, _timm(_name, _metric))

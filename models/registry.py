@@ -184,8 +184,8 @@ def _config_type(name: str, hint: Any, default: Any) -> type:
   return object  # read as a Python literal
 
 
-def create_model(name: str, *, pretrained: bool | str = False, rngs: nnx.Rngs | None = None,
-                 **overrides) -> nnx.Module:
+def create_model(name: str, *, pretrained: bool | str = False, features_only: bool = False,
+                 out_indices=None, rngs: nnx.Rngs | None = None, **overrides) -> nnx.Module:
   """Builds a registered variant; keyword overrides replace its defaults (e.g. `dropout=0.0`).
 
   `name` may carry a weight tag, `"maxvit_tiny_tf_224.in1k"`. `pretrained`: False; True (the
@@ -193,6 +193,8 @@ def create_model(name: str, *, pretrained: bool | str = False, rngs: nnx.Rngs | 
   `models.load_pretrained` reads (a path, `"hf-hub:org/repo"`). The weights' preprocessing is
   then `model.pretrained_cfg` (see `resolve_data_config`). `num_classes` defaults to the
   weights'; another keeps a freshly initialised head, and a warning says so (timm's semantics).
+  `features_only=True` returns the vision backbone as a `models.features.FeatureExtractor` of the
+  stages at `out_indices` (timm's; `feature_info` gives their channels and reductions).
 
   `dtype` (compute) and `param_dtype` (storage) may be given by name, as configs do
   (`model.dtype = "bfloat16"`): the model gets the dtype itself, and a misspelt name fails here.
@@ -200,7 +202,8 @@ def create_model(name: str, *, pretrained: bool | str = False, rngs: nnx.Rngs | 
   if name.startswith(("hf-hub:", "local-dir:")):  # a weights directory save_pretrained wrote
     from models import pretrained as weights
     config = weights.read_config(name)
-    return create_model(config["architecture"], pretrained=pretrained or name, rngs=rngs,
+    return create_model(config["architecture"], pretrained=pretrained or name,
+                        features_only=features_only, out_indices=out_indices, rngs=rngs,
                         **{**config["model_kwargs"], **overrides})
   model_name, _, tag = name.partition(".")
   info = model_info(model_name)
@@ -221,6 +224,9 @@ def create_model(name: str, *, pretrained: bool | str = False, rngs: nnx.Rngs | 
   if source is not None:
     from models import pretrained as weights
     weights.load_pretrained(model, source)
+  if features_only:
+    from models import features
+    return features.features_only(model, out_indices)
   return model
 
 

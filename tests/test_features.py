@@ -12,7 +12,7 @@ from flax import nnx
 
 import models
 from models.biformer import BiFormer
-from models.features import features_only
+from models.features import FeatureExtractor, features_only
 from models.hornet import HorNet
 from models.layers import feature_take_indices
 from models.matformer import MatViT
@@ -180,3 +180,14 @@ def test_features_only_returns_the_selected_maps_in_train_and_eval(family):
   jax.tree.map(_close, trained, expected)
   assert np.abs(np.asarray(trained[-1]) - np.asarray(maps[last])).max() > 1e-3
   assert [m.shape[-1] for m in trained] == [i["num_chs"] for i in extractor.feature_info]
+
+
+def test_create_model_features_only():
+  """`create_model(name, features_only=True, out_indices=...)`: the registered backbone as a
+  FeatureExtractor of those stages, its maps of the widths and strides feature_info gives."""
+  extractor = models.create_model("hornet_tiny_7x7", features_only=True, out_indices=(1, -1),
+                                  depths=(1, 1, 1, 1))
+  assert isinstance(extractor, FeatureExtractor)
+  assert [(i["num_chs"], i["reduction"]) for i in extractor.feature_info] == [(128, 8), (512, 32)]
+  maps = jax.eval_shape(lambda x: extractor(x), jax.ShapeDtypeStruct((2, 64, 64, 3), jnp.float32))
+  assert [m.shape for m in maps] == [(2, 8, 8, 128), (2, 2, 2, 512)]

@@ -72,12 +72,12 @@ def _from_hub(name: str, repo_id: str, filename: str) -> Path:
   from huggingface_hub import errors, hf_hub_download
   try:
     return Path(hf_hub_download(repo_id, filename))
-  except errors.LocalEntryNotFoundError:  # offline, or the hub unreachable, and not cached
+  except errors.LocalEntryNotFoundError:  # offline or the hub unreachable, and not cached
     raise ValueError(
-        f"{name}: {repo_id}/{filename} is not in the Hugging Face cache ({cache_dir()}) and the hub "
-        f"cannot be reached{' (HF_HUB_OFFLINE=1)' if _offline() else ''}; download it where there "
-        f"is a network with `hf download {repo_id} {filename}` (the same HF_HOME), or pass the "
-        f"file's path as pretrained=") from None
+        f"{name}: {repo_id}/{filename} is not in the Hugging Face cache ({cache_dir()}) and the "
+        f"hub cannot be reached{' (HF_HUB_OFFLINE=1)' if _offline() else ''}; download it where "
+        f"there is a network with `hf download {repo_id} {filename}` (the same HF_HOME), or pass "
+        f"the file's path as pretrained=") from None
   except errors.RepositoryNotFoundError:
     raise ValueError(f"{name}: no hub repository {repo_id!r} (private repos need `hf auth "
                      f"login` or HF_TOKEN)") from None

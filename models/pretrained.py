@@ -123,14 +123,16 @@ def load_pretrained(model: nnx.Module, path, dont_load: Iterable[str] = ()) -> n
   """Loads weights into `model` in place and returns it.
 
   `path`, any of:
-    * registered weights `<model>.<tag>` (`models.list_pretrained()`): fetched through the Hugging Face cache
-      and converted once (models.hub); the model gets their `pretrained_cfg`, and a classifier of another
-      size than theirs keeps its initialisation, with a warning;
-    * `hf-hub:org/repo` (its model.safetensors) or `hf-hub:org/repo/file`: the zoo's layout or an official
-      file of the model's family;
-    * a weights directory (`save_pretrained`; also as `local-dir:DIR`), a params directory (`save_params`, `python -m models.convert`),
-      a training workdir (latest step of its `checkpoints/`) or one step directory;
-    * an official `.pth`/`.pt`/`.safetensors` file, converted on the fly by the model family's converter.
+    * registered weights `<model>.<tag>` (`models.list_pretrained()`): fetched through the Hugging Face
+      cache and converted once (models.hub); the model gets their `pretrained_cfg`, and a classifier of
+      another size than theirs keeps its initialisation, with a warning;
+    * `hf-hub:org/repo` (its model.safetensors) or `hf-hub:org/repo/file`: the zoo's layout or an
+      official file of the model's family;
+    * a weights directory (`save_pretrained`; also as `local-dir:DIR`), a params directory
+      (`save_params`, `python -m models.convert`), a training workdir (latest step of its
+      `checkpoints/`) or one step directory;
+    * an official `.pth`/`.pt`/`.safetensors` file (or a sharded `*.index.json`), converted on the fly by
+      the model family's converter.
   `dont_load`: regexes over '/'-joined param paths (e.g. `projector/.*`); matching params keep the model's
   values. Params missing from the checkpoint, mis-shaped or left over in it (and not excluded) raise one
   ValueError. Each param keeps its dtype and sharding.

@@ -88,8 +88,11 @@ def test_every_entry_is_complete(name):
     assert cfg.tokenizer
 
 
-@pytest.mark.parametrize("family", sorted({models.model_info(n.partition(".")[0]).family
-                                           for n in models.list_pretrained()} & set(VISION_FAMILIES)))
+_FAMILIES_WITH_WEIGHTS = {models.model_info(n.partition(".")[0]).family
+                          for n in models.list_pretrained()}
+
+
+@pytest.mark.parametrize("family", sorted(_FAMILIES_WITH_WEIGHTS & set(VISION_FAMILIES)))
 def test_classifier_paths_name_the_head(family):
   """A family's weights name its classifier: the kernel and bias of a head of num_classes (checked
   on the family's smallest variant with weights: the head is the same layer in every size)."""
@@ -196,23 +199,44 @@ def test_missing_offline_and_damaged_files_say_which_and_what_to_do(hf_cache, mo
     models.create_model("transnormer_llm_tiny.test")
 
 
-def test_sharded_hub_checkpoint_through_hf_hub(hf_cache):
-  """`hf-hub:org/repo/<index>.json`: the shards fetched and merged, converted by the family's
-  converter (TransNormerLLM, HF layout)."""
+def test_sharded_transnormer_llm_release_reproduces_the_official_logits(hf_cache):
+  """TransNormerLLM-7B's release layout: pytorch_model.bin.index.json naming .bin shards (torch
+  pickles, read without torch), fetched and merged; the small golden fixture's weights and
+  architecture stand in for the 7B's."""
+  torch = pytest.importorskip("torch")
   _, state_dict, arrays = load_golden("transnormer_llm", "tnl_custom_d64_l3")
-  keys = sorted(state_dict)
-  index = {"weight_map": {k: f"model-0000{i % 2 + 1}-of-00002.safetensors"
-                          for i, k in enumerate(keys)}}
-  put_on_hub(hf_cache, "org/tnl", "model.safetensors.index.json").write_text(json.dumps(index))
-  for shard in set(index["weight_map"].values()):
-    save_file({k: np.ascontiguousarray(state_dict[k]) for k in keys
-               if index["weight_map"][k] == shard}, str(put_on_hub(hf_cache, "org/tnl", shard)))
-  _, model_class, kwargs = models.convert.get_converter("transnormer_llm")(state_dict)
-  model = model_class(**kwargs, rngs=nnx.Rngs(3))
-  models.load_pretrained(model, "hf-hub:org/tnl/model.safetensors.index.json")
+  cfg = models.pretrained_cfg("transnormer_llm_7b.base")
+  shard = {k: f"pytorch_model-0000{i % 3 + 1}-of-00003.bin"
+           for i, k in enumerate(sorted(state_dict))}
+  put_on_hub(hf_cache, cfg.hf_hub_id, cfg.filename).write_text(json.dumps({"weight_map": shard}))
+  for name in set(shard.values()):
+    torch.save({k: torch.from_numpy(np.array(v)) for k, v in state_dict.items()
+                if shard[k] == name}, put_on_hub(hf_cache, cfg.hf_hub_id, name))
+  kwargs = models.convert.get_converter("transnormer_llm")(state_dict)[2]
+  model = models.create_model("transnormer_llm_7b.base", **kwargs)
   ref = arrays["logits"]
   assert np.abs(np.asarray(_logits(model, jnp.asarray(arrays["input_ids"]))) - ref).max() <= \
       1e-4 * max(1.0, np.abs(ref).max())
+
+
+def test_matvit_release_in_scenic_s_layout_matches_scenic_s_forward(hf_cache):
+  """scenic's MatViT release (a flax train state, msgpack) through the registry: the outputs of
+  scenic's masked forward (a numpy port, tests/test_matformer.py) at every granularity; a small
+  architecture stands in for B/16's."""
+  from flax import serialization, traverse_util
+  from test_matformer import VIT, _scenic_forward, _scenic_state_dict
+  sd = _scenic_state_dict(seed=5)
+  params = traverse_util.unflatten_dict({tuple(k.split("/")): v for k, v in sd.items()})
+  path = hub.url_download_path(models.pretrained_cfg("matvit_base_patch16_224.in1k"))
+  path.parent.mkdir(parents=True)
+  path.write_bytes(serialization.msgpack_serialize({"params": params,
+                                                     "global_step": np.asarray(1)}))
+  model = models.create_model("matvit_base_patch16_224.in1k", **VIT)
+  images = np.random.default_rng(2).normal(size=(2, 8, 8, 3))
+  for dims in ((32, 32), (8, 16)):
+    got = nnx.jit(lambda m, x: m(x, granularity=dims))(model, jnp.asarray(images, jnp.float32))
+    want = _scenic_forward(sd, images, dims, depth=2, heads=2)
+    assert np.abs(np.asarray(got) - want).max() <= 1e-5 * max(1.0, np.abs(want).max())
 
 
 # --- the zoo's own weights ------------------------------------------------------------------------

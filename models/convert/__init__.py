@@ -16,7 +16,7 @@ from typing import Callable, Mapping
 import numpy as np
 
 _WRAPPER_KEYS = ("state_dict", "model")  # training scripts often save {"model": state_dict, "epoch": ...}
-_TORCH_SUFFIXES = (".pth", ".pt")
+_TORCH_SUFFIXES = (".pth", ".pt", ".bin")  # .bin: transformers' pytorch_model*.bin
 _OFFICIAL_SUFFIXES = _TORCH_SUFFIXES + (".safetensors", ".index.json")  # .index.json: HF shards
 # flax.serialization msgpack: flax.training.checkpoints' (scenic's) `checkpoint_<step>` files
 _FLAX_CHECKPOINT = re.compile(r"checkpoint_\d+|.*\.msgpack")
@@ -54,7 +54,7 @@ def _is_flax_checkpoint(path) -> bool:
 
 
 def read_state_dict(path) -> dict[str, np.ndarray]:
-  """A `.pth`/`.pt` (read without torch, see torch_pickle), `.safetensors` or flax msgpack
+  """A `.pth`/`.pt`/`.bin` (read without torch, see torch_pickle), `.safetensors` or flax msgpack
   (`checkpoint_<step>`, `.msgpack`) file, or a sharded checkpoint's `*.index.json` -> {key: numpy
   array}.
 
@@ -82,8 +82,8 @@ def read_state_dict(path) -> dict[str, np.ndarray]:
   elif _is_flax_checkpoint(path):
     state = _read_flax_params(path)
   else:
-    raise ValueError(f"expected a .pth, .pt, .safetensors or flax msgpack (checkpoint_<step>, "
-                     f".msgpack) file, got {path}")
+    raise ValueError(f"expected a .pth, .pt, .bin, .safetensors or flax msgpack "
+                     f"(checkpoint_<step>, .msgpack) file, got {path}")
   while isinstance(state, Mapping) and not _is_state_dict(state):
     wrapped = [k for k in _WRAPPER_KEYS if isinstance(state.get(k), Mapping)]
     if not wrapped:

@@ -855,7 +855,10 @@ def _train_and_evaluate(config, workdir: str, mesh) -> dict[str, float]:
       for key, (saved, now) in changes.items():
         print(f"  changed since: {key} {saved!r} -> {now!r}", flush=True)
   elif config.init_from.path:
-    models.load_pretrained(model, config.init_from.path, dont_load=tuple(config.init_from.dont_load))
+    report = models.pretrained.load_weights(model, config.init_from.path,
+                                            dont_load=tuple(config.init_from.dont_load))
+    if is_main_process():
+      print(report, flush=True)
   state = nnx.state((model, optimizer))
   early_stopping = EarlyStopping(config.early_stopping, meta.get("early_stopping"))
 
@@ -871,6 +874,10 @@ def _train_and_evaluate(config, workdir: str, mesh) -> dict[str, float]:
         meta=ocp.args.JsonSave({"step": step, "stopped": stopped, "checksums": checksums,
                                 "early_stopping": early_stopping.state()}),
         **{name: ocp.args.StandardSave(tree) for name, tree in items.items()}))
+
+  if is_main_process():
+    print(startup_summary(config, model, train_split, steps_per_epoch, total_steps, eval_every,
+                          mesh, workdir), flush=True)
 
   # Train.
   writer = make_metric_writer(workdir, start_step)
@@ -892,6 +899,7 @@ def _train_and_evaluate(config, workdir: str, mesh) -> dict[str, float]:
         steps_since_log += 1
         progress.update()
         if t_log is None:  # the first step compiles; throughput is timed from after it
+          say("Compiling the train step (the first step's time, and ETA, include it)...")
           jax.block_until_ready(step_metrics["loss"])
           t_log, steps_since_log = time.perf_counter(), 0
 
@@ -970,7 +978,35 @@ def _train_and_evaluate(config, workdir: str, mesh) -> dict[str, float]:
     with open(os.path.join(workdir, "final_metrics.json"), "w") as f:
       json.dump(final, f, indent=2)
     print(format_table(final, title=f"Final metrics (checkpoint of step {final_step})"), flush=True)
+    print(f"Outputs in {workdir}: checkpoints/, config.json, final_metrics.json, "
+          f"metrics.jsonl and TensorBoard events (tensorboard --logdir {workdir})", flush=True)
   return final
+
+
+def startup_summary(config, model, train_split, steps_per_epoch: int, total_steps: int,
+                    eval_every: int, mesh, workdir: str) -> str:
+  """What a run is about to do, before the first step compiles: the model, the data, the steps,
+  the devices and where its files go."""
+  devices = mesh.devices.flatten()
+  axes = ", ".join(f"{name} {size}" for name, size in mesh.shape.items() if size > 1) or "one device"
+  splits = ", ".join(dict.fromkeys((*config.eval_splits, *config.final_eval_splits))) or "none"
+  changed = ", ".join(f"{k}={v!r}" for k, v in sorted(config_overrides().items())) or "none"
+  return "\n".join([
+      f"Model    {config.model.name}: {models.count_params(model):,} parameters",
+      f"Data     {config.data.name}: {len(train_split):,} training examples, {steps_per_epoch:,} "
+      f"steps an epoch at batch {config.input.batch_size}; evaluated on {splits}",
+      f"Steps    {total_steps:,} ({total_steps / steps_per_epoch:.3g} epochs), evaluation every "
+      f"{eval_every:,}",
+      f"Devices  {len(devices)} {devices[0].platform} ({axes}), {jax.process_count()} process(es)",
+      f"Config   changed on the command line: {changed}",
+      f"Workdir  {workdir}"])
+
+
+def config_overrides() -> dict:
+  """The --config.<key>=<value> overrides of this command line (none outside the CLI)."""
+  if "config" not in flags.FLAGS or not flags.FLAGS.is_parsed():
+    return {}
+  return config_flags.get_override_values(flags.FLAGS["config"])
 
 
 def parse_flags(argv: list[str]) -> list[str]:

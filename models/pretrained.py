@@ -119,8 +119,27 @@ def read_config(source: str) -> dict:
   return config
 
 
+@dataclasses.dataclass(frozen=True)
+class LoadReport:
+  """What a load did: the weights it loaded, those that kept the model's initialisation
+  (`dont_load`, a classifier of another size) and the checkpoint's entries it left out."""
+  source: str
+  loaded: tuple[str, ...]
+  fresh: tuple[str, ...]
+  unused: tuple[str, ...]
+
+  def __str__(self) -> str:
+    lines = [f"Initialised from {self.source}: {len(self.loaded):,} weights loaded"]
+    for what, names in (("kept their fresh initialisation", self.fresh),
+                        ("in the checkpoint, not loaded", self.unused)):
+      if names:
+        shown = ", ".join(names[:4]) + (", ..." if len(names) > 4 else "")
+        lines.append(f"  {len(names):,} {what}: {shown}")
+    return "\n".join(lines)
+
+
 def load_pretrained(model: nnx.Module, path, dont_load: Iterable[str] = ()) -> nnx.Module:
-  """Loads weights into `model` in place and returns it.
+  """Loads weights into `model` in place and returns it (`load_weights` also says what it did).
 
   `path`, any of:
     * registered weights `<model>.<tag>` (`models.list_pretrained()`): fetched through the Hugging Face
@@ -137,6 +156,12 @@ def load_pretrained(model: nnx.Module, path, dont_load: Iterable[str] = ()) -> n
   values. Params missing from the checkpoint, mis-shaped or left over in it (and not excluded) raise one
   ValueError. Each param keeps its dtype and sharding.
   """
+  load_weights(model, path, dont_load)
+  return model
+
+
+def load_weights(model: nnx.Module, path, dont_load: Iterable[str] = ()) -> LoadReport:
+  """`load_pretrained`, returning what it loaded and what it left (train.py prints it)."""
   from models import convert
 
   source = os.fspath(path).removeprefix("local-dir:")
@@ -157,8 +182,7 @@ def load_pretrained(model: nnx.Module, path, dont_load: Iterable[str] = ()) -> n
   else:  # orbax needs an absolute path
     item_dir = _params_item_dir(Path(source).expanduser().absolute())
     params = _restore_weights(item_dir, _restore_targets(model, dont_load))
-  assign_params(model, params, dont_load)
-  return model
+  return dataclasses.replace(assign_params(model, params, dont_load), source=os.fspath(path))
 
 
 def _is_registered_weights(source: str) -> bool:
@@ -188,7 +212,7 @@ def _new_classifier(model, params, cfg, name) -> tuple[str, ...]:
   return (re.escape(cfg.classifier) + "/.*",)
 
 
-def assign_params(model: nnx.Module, params: Mapping, dont_load: Iterable[str] = ()) -> None:
+def assign_params(model: nnx.Module, params: Mapping, dont_load: Iterable[str] = ()) -> LoadReport:
   """Copies a nested dict of arrays (keys as in `nnx.to_pure_dict`) into the model's params and batch statistics
   (`WEIGHTS`); see load_pretrained."""
   excluded = [re.compile(p) for p in dont_load]
@@ -214,6 +238,9 @@ def assign_params(model: nnx.Module, params: Mapping, dont_load: Iterable[str] =
   updated = {k: _like(incoming[k], v) if not skip(k) else v for k, v in current.items()}
   nnx.replace_by_pure_dict(state, _unflatten_like(state, updated))
   nnx.update(model, state)
+  return LoadReport(source="", loaded=tuple(k for k in current if not skip(k)),
+                    fresh=tuple(k for k in current if skip(k)),
+                    unused=tuple(k for k in incoming if k not in current or skip(k)))
 
 
 def _like(value, reference) -> jax.Array:

@@ -1,13 +1,17 @@
 """The shared loop: training, schedules, multi-device equality, NaN stop, eval.py."""
 import json
 import os
+import re
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from flax import nnx
 
+import models
 import train
 from configs import itransformer as itransformer_config
 from configs import transnormer as transnormer_config
@@ -291,3 +295,29 @@ def test_kept_memory_is_not_faulted_again():
   default = faults("default")
   assert faults("keep") * 10 < default
   assert faults("default", GLIBC_TUNABLES=train.kept_memory_tunables()) * 10 < default
+
+
+def test_a_run_says_what_it_will_do_and_what_fine_tuning_loaded(tmp_path, capsys):
+  """The start-up summary (model and parameter count, data and steps, devices, workdir), the
+  compile line, the fine-tuning report (loaded, kept fresh, left in the checkpoint) and where the
+  outputs went."""
+  source = tmp_path / "source"
+  train.train_and_evaluate(digits_config(total_steps=4), str(source))
+  capsys.readouterr()
+  tuned = tmp_path / "tuned"
+  train.train_and_evaluate(digits_config(total_steps=2, **{"init_from.path": str(source),
+                                                           "init_from.dont_load": ("head/.*",)}),
+                           str(tuned))
+  out = capsys.readouterr().out
+  model = models.create_model("itransformer_cls_digits")
+  params = models.count_params(model)
+  assert f"Model    itransformer_cls_digits: {params:,} parameters" in out
+  assert re.search(r"Data     \w+: [\d,]+ training examples, \d+ steps an epoch at batch \d+", out)
+  assert f"Workdir  {tuned}" in out and "Compiling the train step" in out
+  report = re.search(r"Initialised from .*source: ([\d,]+) weights loaded\n  2 kept their fresh "
+                     r"initialisation: head/bias, head/kernel\n  2 in the checkpoint, not loaded: "
+                     r"head/bias, head/kernel", out)
+  assert report, out
+  total = len(jax.tree.leaves(nnx.state(model, models.pretrained.WEIGHTS)))
+  assert int(report.group(1).replace(",", "")) == total - 2
+  assert f"Outputs in {tuned}: checkpoints/" in out

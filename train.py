@@ -20,6 +20,7 @@ import contextlib
 import ctypes
 import fcntl
 import functools
+import itertools
 import json
 import math
 import os
@@ -921,6 +922,9 @@ def _train_and_evaluate(config, workdir: str, mesh) -> dict[str, float]:
 
         metrics = None
         if is_eval:
+          if config.recompute_bn_stats:
+            state = recompute_batch_stats(task, graphdef, state, itertools.islice(
+                iter(train_data.to_iter_dataset(read_options)), config.recompute_bn_stats), mesh)
           model_state = nnx.state(nnx.merge(graphdef, state)[0])
           metrics = {f"{name}/{k}": v for name in config.eval_splits
                      for k, v in evaluate(task, eval_step, model_state, eval_splits[name],
@@ -983,6 +987,43 @@ def _train_and_evaluate(config, workdir: str, mesh) -> dict[str, float]:
   return final
 
 
+def recompute_batch_stats(task, graphdef, state, batches, mesh):
+  """The training state with every BatchNorm's running mean and variance re-estimated as their
+  average over `batches` (training batches, batch statistics, the weights as they are), as
+  precise BN does: a short run's running averages (momentum 0.99: about the last 100 steps)
+  trail weights that still move, and evaluation reads them (a 150-step MaxViT read chance).
+  Only the statistics change."""
+  model, optimizer = nnx.merge(graphdef, state)
+  norms = [m for _, m in nnx.iter_graph(model) if isinstance(m, nnx.BatchNorm)]
+  if not norms:
+    return state
+  momenta = [m.momentum for m in norms]
+  for norm in norms:
+    norm.momentum = 0.0  # a training forward leaves its batch's statistics
+  forward = nnx.jit(task.loss)
+  sums, count = None, 0
+  for batch in batches:
+    forward(model, put_batch(batch, mesh))
+    stats = [(norm.mean[...], norm.var[...]) for norm in norms]
+    sums = stats if sums is None else jax.tree.map(jnp.add, sums, stats)
+    count += 1
+  for norm, momentum, (mean, var) in zip(norms, momenta, sums):
+    norm.momentum = momentum
+    norm.mean[...], norm.var[...] = mean / count, var / count
+  return nnx.state((model, optimizer))
+
+
+def young_batch_stats_note(config, model, total_steps: int) -> str | None:
+  """A line for runs whose BatchNorm statistics evaluation would read before they settle."""
+  momenta = [m.momentum for _, m in nnx.iter_graph(model) if isinstance(m, nnx.BatchNorm)]
+  if not momenta or config.recompute_bn_stats or total_steps >= 10 / (1 - min(momenta)):
+    return None
+  return (f"Note     BatchNorm's running statistics average about the last "
+          f"{1 / (1 - min(momenta)):.0f} steps and this run has {total_steps}: evaluation may read "
+          f"them before they settle; --config.recompute_bn_stats=N re-estimates them from N "
+          f"training batches before each evaluation")
+
+
 def startup_summary(config, model, train_split, steps_per_epoch: int, total_steps: int,
                     eval_every: int, mesh, workdir: str) -> str:
   """What a run is about to do, before the first step compiles: the model, the data, the steps,
@@ -999,7 +1040,8 @@ def startup_summary(config, model, train_split, steps_per_epoch: int, total_step
       f"{eval_every:,}",
       f"Devices  {len(devices)} {devices[0].platform} ({axes}), {jax.process_count()} process(es)",
       f"Config   changed on the command line: {changed}",
-      f"Workdir  {workdir}"])
+      f"Workdir  {workdir}",
+      *filter(None, [young_batch_stats_note(config, model, total_steps)])])
 
 
 def config_overrides() -> dict:

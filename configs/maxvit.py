@@ -84,6 +84,7 @@ def get_config(arg: str = "in1k") -> ml_collections.ConfigDict:
     c.log_every_steps = 2
     c.eval_every_steps = 4
     c.schedule.warmup_steps = 2
+    c.recompute_bn_stats = 2       # 4 steps leave BatchNorm's running statistics at their init
   return common.with_model_keywords(c)
 
 

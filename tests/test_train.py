@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
@@ -321,3 +322,58 @@ def test_a_run_says_what_it_will_do_and_what_fine_tuning_loaded(tmp_path, capsys
   total = len(jax.tree.leaves(nnx.state(model, models.pretrained.WEIGHTS)))
   assert int(report.group(1).replace(",", "")) == total - 2
   assert f"Outputs in {tuned}: checkpoints/" in out
+
+
+class _NormNet(nnx.Module):
+  """A Linear, a BatchNorm (momentum 0.9) and dropout: the parts precise BN touches."""
+
+  def __init__(self, rngs):
+    self.linear = nnx.Linear(3, 4, rngs=rngs)
+    self.norm = nnx.BatchNorm(4, momentum=0.9, rngs=rngs)
+    self.dropout = nnx.Dropout(0.0, rngs=rngs)
+
+  def __call__(self, x, *, train=False):
+    return self.dropout(self.norm(self.linear(x), use_running_average=not train),
+                        deterministic=not train)
+
+
+class _Task:
+  def loss(self, model, batch):
+    return jnp.mean(model(batch["x"], train=True) ** 2), {}
+
+
+def test_recompute_batch_stats_averages_training_batches_and_keeps_the_rest(tmp_path):
+  """Running mean and variance become the average over the batches of each batch's statistics
+  of the layer's input; the weights, the optimizer state and the momentum stay."""
+  import optax
+  model = _NormNet(nnx.Rngs(0))
+  optimizer = nnx.Optimizer(model, optax.sgd(0.1), wrt=nnx.Param)
+  graphdef, state = nnx.split((model, optimizer))
+  rng = np.random.default_rng(0)
+  batches = [{"x": rng.normal(size=(16, 3)).astype(np.float32) * (i + 1) + i} for i in range(3)]
+  mesh = train.make_mesh(digits_config().mesh, devices=jax.devices()[:1])
+  new = train.recompute_batch_stats(_Task(), graphdef, state, iter(batches), mesh)
+  new_model, new_optimizer = nnx.merge(graphdef, new)
+  hidden = [np.asarray(model.linear(jnp.asarray(b["x"]))) for b in batches]
+  np.testing.assert_allclose(new_model.norm.mean[...], np.mean([h.mean(0) for h in hidden], 0),
+                             rtol=1e-5)
+  np.testing.assert_allclose(new_model.norm.var[...], np.mean([h.var(0) for h in hidden], 0),
+                             rtol=1e-4)
+  assert new_model.norm.momentum == 0.9
+  assert_trees_equal(nnx.to_pure_dict(nnx.state(new_model, nnx.Param)),
+                     nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+  assert_trees_equal(nnx.to_pure_dict(nnx.state(new_optimizer)),
+                     nnx.to_pure_dict(nnx.state(optimizer)))
+
+
+def test_a_short_batchnorm_run_says_its_statistics_are_young():
+  config = digits_config(total_steps=150)
+  model = _NormNet(nnx.Rngs(0))
+  note = train.young_batch_stats_note(config, model, 150)
+  assert "average about the last 10 steps and this run has 150" not in (note or "")
+  model.norm.momentum = 0.99
+  note = train.young_batch_stats_note(config, model, 150)
+  assert note and "about the last 100 steps and this run has 150" in note
+  assert "--config.recompute_bn_stats=N" in note
+  config.recompute_bn_stats = 4
+  assert train.young_batch_stats_note(config, model, 150) is None

@@ -29,6 +29,7 @@ metric-vs-parameters table as <workdir>/elastic_<split>_<checkpoint>.json and .m
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sys
@@ -116,7 +117,9 @@ def load_split(config, split_name: str, mesh):
   return train.load_splits(config.data, (split_name,))[split_name]
 
 
-def evaluate_checkpoint(config, workdir: str, which: str, split_name: str) -> dict:
+def evaluate_checkpoint(config, workdir: str, which: str, split_name: str,
+                        save_pretrained: str = "") -> dict:
+  """Evaluates the weights `which` names on a split; `save_pretrained`: also write them there."""
   config = with_weights_preprocessing(config, which)
   with train.on_mesh(config) as mesh:
     task = tasks.from_config(config)
@@ -128,10 +131,10 @@ def evaluate_checkpoint(config, workdir: str, which: str, split_name: str) -> di
       print(train.format_table({f"{split_name}/{k}": v for k, v in metrics.items()},
                                title=f"{config.model.name} on {config.data.name}/{split_name} "
                                      f"({source})"))
-      if _SAVE_PRETRAINED.value:
+      if save_pretrained:
         metric = ", ".join(f"{config.data.name}/{split_name} {k} {v:.4f}"
                            for k, v in metrics.items())
-        print(f"wrote {models.save_pretrained(model, _SAVE_PRETRAINED.value, metric=metric)}")
+        print(f"wrote {models.save_pretrained(model, save_pretrained, metric=metric)}")
     return {"checkpoint": source, "split": split_name, **metrics}
 
 
@@ -211,7 +214,8 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if _KEEP_FREED_MEMORY.value:
     train.keep_freed_memory_mapped()  # XLA:CPU's per-call buffers stay mapped (train.py)
-  evaluate = evaluate_elastic if _ELASTIC.value else evaluate_checkpoint
+  evaluate = (evaluate_elastic if _ELASTIC.value else
+              functools.partial(evaluate_checkpoint, save_pretrained=_SAVE_PRETRAINED.value))
   try:
     train.initialize_multihost()
     if train.is_main_process():

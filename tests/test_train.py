@@ -193,11 +193,18 @@ def test_eval_cli_writes_table_and_json(tmp_path):
   workdir = tmp_path / "run"
   train.train_and_evaluate(digits_config(total_steps=30, eval_every_steps=10), str(workdir))
   final = json.loads((workdir / "final_metrics.json").read_text())
-  for which in ("best", "latest"):
+  export = tmp_path / "export"
+  for which, more in (("best", []), ("latest", [f"--save_pretrained={export}"])):
     out = run_cli("eval.py", "--config", "configs/itransformer.py:digits", f"--workdir={workdir}",
-                  f"--checkpoint={which}", "--split=test")
+                  f"--checkpoint={which}", "--split=test", *more)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "test/accuracy" in out.stdout
+  # --save_pretrained: the evaluated weights as a weights directory, the metrics in its config
+  saved = json.loads((export / "config.json").read_text())
+  assert saved["architecture"] == "itransformer_cls_digits" and "digits/test accuracy" in saved["metric"]
+  exported = models.create_model(f"local-dir:{export}")
+  _, latest_params = final_params(workdir)
+  assert_trees_equal(nnx.to_pure_dict(nnx.state(exported, nnx.Param)), latest_params)
   best = json.loads((workdir / "eval_test_best.json").read_text())
   assert best["checkpoint"] == f"step {final['best_step']}"
   np.testing.assert_allclose(best["loss"], final["test/loss"], rtol=1e-6)  # the final test used the best step

@@ -35,7 +35,7 @@ import os
 import sys
 import tempfile
 
-from absl import app, flags
+from absl import app, flags, logging
 from flax import nnx
 from ml_collections import config_flags
 import orbax.checkpoint as ocp
@@ -212,6 +212,9 @@ def elastic_plot(result: dict, path: str) -> bool:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  # orbax and tfds log every file they touch at INFO, and a read-only checkpoint manager warns
+  # that it is read-only: the table and the file written are what an evaluation says.
+  logging.set_verbosity(logging.ERROR)
   if _KEEP_FREED_MEMORY.value:
     train.keep_freed_memory_mapped()  # XLA:CPU's per-call buffers stay mapped (train.py)
   evaluate = (evaluate_elastic if _ELASTIC.value else

@@ -199,6 +199,8 @@ def test_eval_cli_writes_table_and_json(tmp_path):
                   f"--checkpoint={which}", "--split=test", *more)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "test/accuracy" in out.stdout
+    logged = re.findall(r"(?m)^[IW]\d{4} .*", out.stderr)   # absl INFO / WARNING lines
+    assert not logged, logged[:3]                             # orbax's 36 of them, before
   # --save_pretrained: the evaluated weights as a weights directory, the metrics in its config
   saved = json.loads((export / "config.json").read_text())
   assert saved["architecture"] == "itransformer_cls_digits" and "digits/test accuracy" in saved["metric"]

@@ -82,7 +82,7 @@ def resolve_step(mngr, which: str) -> int:
 def load_model(config, workdir: str, which: str, split, task, mesh):
   """The run's model with the weights --checkpoint names; returns (model, where they came from)."""
   (model,) = train.create_model_and_optimizer(config, split.meta, task, mesh)
-  if is_registered_weights(which) or (os.path.exists(which) and not which.isdigit()):
+  if models.pretrained.is_registered_weights(which) or (os.path.exists(which) and not which.isdigit()):
     models.load_pretrained(model, which)
     return model, which
   train.check_resumed_config(config, workdir)  # a model or task the checkpoints do not hold
@@ -92,14 +92,10 @@ def load_model(config, workdir: str, which: str, split, task, mesh):
   return model, f"step {step}"
 
 
-def is_registered_weights(which: str) -> bool:
-  return which in models.list_pretrained(which.partition(".")[0] + ".*")
-
-
 def with_weights_preprocessing(config, which: str):
   """The config, its evaluation preprocessing replaced by that of registered weights: their
   numbers hold for the preprocessing they were evaluated with."""
-  if not is_registered_weights(which):
+  if not models.pretrained.is_registered_weights(which):
     return config
   weights = models.resolve_data_config(which)
   config = config.copy_and_resolve_references()

@@ -840,6 +840,7 @@ def _train_and_evaluate(config, workdir: str, mesh) -> dict[str, float]:
   graphdef, state = nnx.split((model, optimizer))
   train_step = make_train_step(task, graphdef, rng_streams(model), config.seed)
   eval_step = make_eval_step(task, nnx.graphdef(model))
+  train_forward = nnx.jit(task.loss)  # precise BN's forward (config.recompute_bn_stats)
 
   # Restore: resume this workdir if it has a checkpoint, else optionally start from pretrained weights.
   # One reader thread by default: a batch is a cheap vectorised gather, and more threads only
@@ -923,7 +924,7 @@ def _train_and_evaluate(config, workdir: str, mesh) -> dict[str, float]:
         metrics = None
         if is_eval:
           if config.recompute_bn_stats:
-            state = recompute_batch_stats(task, graphdef, state, itertools.islice(
+            state = recompute_batch_stats(train_forward, graphdef, state, itertools.islice(
                 iter(train_data.to_iter_dataset(read_options)), config.recompute_bn_stats), mesh)
           model_state = nnx.state(nnx.merge(graphdef, state)[0])
           metrics = {f"{name}/{k}": v for name in config.eval_splits
@@ -987,10 +988,11 @@ def _train_and_evaluate(config, workdir: str, mesh) -> dict[str, float]:
   return final
 
 
-def recompute_batch_stats(task, graphdef, state, batches, mesh):
+def recompute_batch_stats(train_forward, graphdef, state, batches, mesh):
   """The training state with every BatchNorm's running mean and variance re-estimated as their
-  average over `batches` (training batches, batch statistics, the weights as they are), as
-  precise BN does: a short run's running averages (momentum 0.99: about the last 100 steps)
+  average over `batches` (training batches, batch statistics, the weights as they are; a training
+  forward `train_forward(model, batch)`, e.g. the task's loss jitted once a run), as precise BN
+  does: a short run's running averages (momentum 0.99: about the last 100 steps)
   trail weights that still move, and evaluation reads them (a 150-step MaxViT read chance).
   Only the statistics change."""
   model, optimizer = nnx.merge(graphdef, state)
@@ -1000,10 +1002,9 @@ def recompute_batch_stats(task, graphdef, state, batches, mesh):
   momenta = [m.momentum for m in norms]
   for norm in norms:
     norm.momentum = 0.0  # a training forward leaves its batch's statistics
-  forward = nnx.jit(task.loss)
   sums, count = None, 0
   for batch in batches:
-    forward(model, put_batch(batch, mesh))
+    train_forward(model, put_batch(batch, mesh))
     stats = [(norm.mean[...], norm.var[...]) for norm in norms]
     sums = stats if sums is None else jax.tree.map(jnp.add, sums, stats)
     count += 1

@@ -233,13 +233,18 @@ def kernel_vmem(closed_jaxpr) -> dict[str, int]:
   return vmem
 
 
-def _tpu_row(case: Case, dtype, implementation, devices) -> dict:
-  import aot
+def _data_mesh(devices):
+  """The devices as a mesh of one data axis (train.py's axis names)."""
   import ml_collections
   import train
-
-  mesh = train.make_mesh(ml_collections.ConfigDict(dict(data=len(devices), fsdp=1, tensor=1)),
+  return train.make_mesh(ml_collections.ConfigDict(dict(data=len(devices), fsdp=1, tensor=1)),
                          devices=devices)
+
+
+def _tpu_row(case: Case, dtype, implementation, devices) -> dict:
+  import aot
+
+  mesh = _data_mesh(devices)
   split = jax.sharding.NamedSharding(mesh, jax.P(("data", "fsdp")))
   arrays = []
   for array in case.arrays(dtype):  # the batch split over the chips; a shared bias stays whole
@@ -330,12 +335,9 @@ def tpu_window_rows(topology: str, images: int = 128) -> list[dict]:
   window partition, the qkv projection, attention, the reverse partition and the residual, so that
   XLA lays the arrays out as it would in the model."""
   import aot
-  import ml_collections
-  import train
 
   devices = aot.tpu_devices(topology)
-  mesh = train.make_mesh(ml_collections.ConfigDict(dict(data=len(devices), fsdp=1, tensor=1)),
-                         devices=devices)
+  mesh = _data_mesh(devices)
   x = jax.ShapeDtypeStruct((images, 56, 56, 64), jnp.bfloat16,
                            sharding=jax.sharding.NamedSharding(mesh, jax.P("data")))
   w = jax.ShapeDtypeStruct((64, 3 * 64), jnp.bfloat16)
@@ -397,13 +399,10 @@ def lightning_cost_rows(topology: str, length: int = 2048) -> list[dict]:
   import functools
 
   import aot
-  import ml_collections
-  import train
   from ops import linear_attention
 
   devices = aot.tpu_devices(topology)
-  mesh = train.make_mesh(ml_collections.ConfigDict(dict(data=len(devices), fsdp=1, tensor=1)),
-                         devices=devices)
+  mesh = _data_mesh(devices)
   qkv = jax.ShapeDtypeStruct((len(devices), length, 8, 128), jnp.bfloat16,
                              sharding=jax.sharding.NamedSharding(mesh, jax.P("data")))
   decay = jnp.linspace(0.01, 0.5, 8)

@@ -14,7 +14,7 @@ import models
 from ops import sharding
 
 # Per-channel pixel statistics (pixel / 255) for `config.input.mean` / `std`.
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+IMAGENET_MEAN, IMAGENET_STD = models.IMAGENET_MEAN, models.IMAGENET_STD
 FASHION_MNIST_MEAN, FASHION_MNIST_STD = (0.286,), (0.353,)   # its 60,000 training images
 
 

@@ -36,7 +36,8 @@ from models.convert import check_state_dict
 from models.layers import (CONV_AXES, NORM_AXES, DepthwiseConv, DropPath, Linear,
                            collect_intermediates, get_activation, layer_norm,
                            promote_keeping_statistics, shard_batch)
-from models.registry import PretrainedCfg, register_model, register_pretrained
+from models.registry import (IMAGENET_MEAN, IMAGENET_STD, PretrainedCfg, register_model,
+                             register_pretrained)
 
 _LN_EPS = 1e-6                      # every LayerNorm of the official model
 _BN_EPS, _BN_MOMENTUM = 1e-5, 0.9   # torch BatchNorm2d defaults (torch momentum 0.1)
@@ -495,7 +496,7 @@ def _official(name: str, share: str, top1: str) -> PretrainedCfg:
   return PretrainedCfg(
       license="MIT", metric=top1, url=f"https://api.onedrive.com/v1.0/shares/{share}/root/content",
       filename=name.replace(".", "_") + ".pth", num_classes=1000, label_set="imagenet-1k",
-      input_size=(3, 224, 224), mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225),
+      input_size=(3, 224, 224), mean=IMAGENET_MEAN, std=IMAGENET_STD,
       crop_pct=0.875, classifier="head",
       notes="OneDrive may refuse scripted downloads: then download the link in a browser and pass "
             "the file as pretrained=.")

@@ -21,7 +21,8 @@ from flax import nnx
 from models.convert import check_state_dict
 from models.layers import (ACTIVATIONS, CONV_AXES, DepthwiseConv, DropPath, LayerScale, Linear,
                            collect_intermediates, layer_norm, shard_batch)
-from models.registry import PretrainedCfg, register_model, register_pretrained
+from models.registry import (IMAGENET_MEAN, IMAGENET_STD, PretrainedCfg, register_model,
+                             register_pretrained)
 from ops.sharding import axes as logical
 
 _EPS = 1e-6  # every LayerNorm of HorNet, the final one included
@@ -525,7 +526,7 @@ def _official(name: str, share: str, top1: str | None) -> PretrainedCfg:
       url=f"https://cloud.tsinghua.edu.cn/f/{share}/?dl=1", filename=f"{name}.pth",
       num_classes=None if in22k else 1000,
       label_set="imagenet-22k (the authors' class list)" if in22k else "imagenet-1k",
-      input_size=(3, res, res), mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225),
+      input_size=(3, res, res), mean=IMAGENET_MEAN, std=IMAGENET_STD,
       crop_pct=0.875 if res == 224 else 1.0, classifier="head",
       notes="Tsinghua Cloud may refuse scripted downloads: then download the link in a browser "
             "and pass the file as pretrained=.")

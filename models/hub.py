@@ -13,6 +13,7 @@ next call reads (memory-maps) them instead of converting again.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import importlib
@@ -132,7 +133,10 @@ def converted_weights(path: Path, family: str) -> dict[str, np.ndarray]:
   copy when there is one, else converted now and stored."""
   stored = _converted_path(path, family)
   if stored.is_file():
-    return read_weights(stored)
+    try:
+      return read_weights(stored)
+    except ValueError as e:  # a damaged copy is only a cache: convert again
+      _log.warning("%s; converting %s again", e, path)
   from models import convert
   params, _, _ = convert.get_converter(family)(convert.read_state_dict(path))
   flat = {k: np.asarray(v) for k, v in flatten(params).items()}
@@ -170,13 +174,23 @@ def write_weights(path: Path, flat: Mapping[str, np.ndarray], metadata: Mapping[
 
 def read_weights(path: Path) -> dict[str, np.ndarray]:
   """Weights `write_weights` wrote, memory-mapped."""
-  from safetensors import safe_open
-  with safe_open(str(path), framework="numpy") as f:
+  with _open_safetensors(path) as f:
     return {k: f.get_tensor(k) for k in f.keys()}
 
 
 def is_zoo_weights(path) -> bool:
   """Whether a .safetensors file holds weights in the zoo's layout (not an official file)."""
-  from safetensors import safe_open
-  with safe_open(str(path), framework="numpy") as f:
+  with _open_safetensors(path) as f:
     return (f.metadata() or {}).get("format") == ZOO_FORMAT
+
+
+@contextlib.contextmanager
+def _open_safetensors(path):
+  """safetensors' reader, a damaged file refused with its name."""
+  from safetensors import SafetensorError, safe_open
+  try:
+    with safe_open(str(path), framework="numpy") as f:
+      yield f
+  except SafetensorError as e:
+    raise ValueError(f"{path} is not a readable .safetensors file ({e}); a download or write cut "
+                     f"short: delete it and fetch it again") from None

@@ -54,7 +54,8 @@ from models.convert import check_state_dict
 from models.layers import (CONV_AXES, NORM_AXES, DepthwiseConv, DropPath, Linear, Mlp,
                            collect_intermediates, layer_norm, promote_keeping_statistics,
                            shard_batch)
-from models.registry import PretrainedCfg, register_model, register_pretrained
+from models.registry import (IMAGENET_MEAN, IMAGENET_STD, PretrainedCfg, register_model,
+                             register_pretrained)
 from ops.sharding import axes as logical
 from ops.window_attention import relative_position_bias, window_attention
 
@@ -849,8 +850,8 @@ def _timm(name: str, metric: str) -> PretrainedCfg:
       license="apache-2.0", metric=metric, hf_hub_id=f"timm/{name}",
       num_classes=21843 if tag == "in21k" else 1000,
       label_set="imagenet-21k-goog" if tag == "in21k" else "imagenet-1k", input_size=(3, res, res),
-      mean=(0.485, 0.456, 0.406) if imagenet else (0.5, 0.5, 0.5),
-      std=(0.229, 0.224, 0.225) if imagenet else (0.5, 0.5, 0.5),
+      mean=IMAGENET_MEAN if imagenet else (0.5, 0.5, 0.5),
+      std=IMAGENET_STD if imagenet else (0.5, 0.5, 0.5),
       crop_pct=0.95 if res == 224 else 1.0, crop_mode="center" if res == 224 else "squash",
       classifier="head/fc")
 

@@ -166,7 +166,7 @@ def load_weights(model: nnx.Module, path, dont_load: Iterable[str] = ()) -> Load
 
   source = os.fspath(path).removeprefix("local-dir:")
   dont_load = tuple(dont_load)
-  if _is_registered_weights(source):
+  if is_registered_weights(source):
     cfg = registry.pretrained_cfg(source)
     params = _read_weights_file(hub.fetch(source), family_of(model))
     dont_load += _new_classifier(model, params, cfg, source)
@@ -185,7 +185,8 @@ def load_weights(model: nnx.Module, path, dont_load: Iterable[str] = ()) -> Load
   return dataclasses.replace(assign_params(model, params, dont_load), source=os.fspath(path))
 
 
-def _is_registered_weights(source: str) -> bool:
+def is_registered_weights(source: str) -> bool:
+  """Whether `source` names registered weights `<model>.<tag>` (not a path)."""
   return "." in source and not os.path.exists(source) and source in registry.list_pretrained(
       source.partition(".")[0] + ".*")
 

@@ -47,6 +47,10 @@ class ModelInfo:
   paper_metric: str = ""  # what the paper reports for this variant, for the README table
 
 
+# The ImageNet normalisation most weights expect (timm's IMAGENET_DEFAULT_MEAN / _STD).
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
 @dataclasses.dataclass(frozen=True)
 class PretrainedCfg:
   """One published weight file and what a user needs to use it (timm's `pretrained_cfg`).
@@ -210,11 +214,8 @@ def create_model(name: str, *, pretrained: bool | str = False, features_only: bo
   if tag and not pretrained:
     pretrained = True
   source = _pretrained_source(model_name, tag, pretrained) if pretrained is not False else None
-  if source in _PRETRAINED:
-    from models import hub
-    hub.fetch(source)  # a missing file fails before the model is built
-    if _PRETRAINED[source].num_classes and "num_classes" in info.defaults:
-      overrides.setdefault("num_classes", _PRETRAINED[source].num_classes)  # the weights' head
+  if source in _PRETRAINED and _PRETRAINED[source].num_classes and "num_classes" in info.defaults:
+    overrides.setdefault("num_classes", _PRETRAINED[source].num_classes)  # the weights' head
   kwargs = {**info.defaults, **overrides}
   for key in _DTYPE_KEYS & kwargs.keys():
     if isinstance(kwargs[key], str):

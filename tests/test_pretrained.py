@@ -155,6 +155,18 @@ def test_second_load_reads_the_converted_copy_and_never_converts(hf_cache, monke
       1e-4 * max(1.0, np.abs(ref).max())
   assert len(list((hf_cache / "zoo-converted").glob("biformer-*.safetensors"))) == 1
 
+  # A damaged converted copy is converted again; a damaged zoo weights file is refused by name.
+  (copy,) = (hf_cache / "zoo-converted").glob("biformer-*.safetensors")
+  good = copy.read_bytes()
+  copy.write_bytes(good[:1000])
+  again = models.create_model("biformer_tiny", pretrained=True, **kwargs)
+  assert hub.read_weights(copy).keys() == flatten(converter(state_dict)[0]).keys()  # rewritten
+  assert all(np.array_equal(v, _weights(first)[k]) for k, v in _weights(again).items())
+  cut = hf_cache / "cut.safetensors"
+  cut.write_bytes(good[:1000])
+  with pytest.raises(ValueError, match=r"cut\.safetensors is not a readable \.safetensors file"):
+    hub.read_weights(cut)
+
   def refuse(*args, **kw):
     raise AssertionError("converted again")
   monkeypatch.setattr(models.biformer, "checkpoint_filter_fn", refuse)

@@ -361,7 +361,7 @@ def test_recompute_batch_stats_averages_training_batches_and_keeps_the_rest(tmp_
   rng = np.random.default_rng(0)
   batches = [{"x": rng.normal(size=(16, 3)).astype(np.float32) * (i + 1) + i} for i in range(3)]
   mesh = train.make_mesh(digits_config().mesh, devices=jax.devices()[:1])
-  new = train.recompute_batch_stats(_Task(), graphdef, state, iter(batches), mesh)
+  new = train.recompute_batch_stats(nnx.jit(_Task().loss), graphdef, state, iter(batches), mesh)
   new_model, new_optimizer = nnx.merge(graphdef, new)
   hidden = [np.asarray(model.linear(jnp.asarray(b["x"]))) for b in batches]
   np.testing.assert_allclose(new_model.norm.mean[...], np.mean([h.mean(0) for h in hidden], 0),

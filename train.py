@@ -584,12 +584,17 @@ def _base_config() -> dict:
 
 
 def record_config(config, workdir: str, start_step: int) -> None:
-  """config.json on a fresh run; a resume adds config.resume_<step>.json (nothing overwritten)."""
+  """config.json on a fresh run; a resume adds config.resume_<step>.json (nothing overwritten).
+  Written once every process has read the history (check_resumed_config), whole or not at all."""
+  if jax.process_count() > 1:
+    _tell_all_processes(True)  # a barrier: process 1 must not read a file process 0 is writing
   if not is_main_process():
     return
   name = f"config.resume_{start_step}.json" if start_step and config_history(workdir) else "config.json"
-  with open(os.path.join(workdir, name), "w") as f:
+  path = os.path.join(workdir, name)
+  with open(path + ".tmp", "w") as f:
     f.write(config.to_json_best_effort(indent=2))
+  os.replace(path + ".tmp", path)
 
 
 # ----------------------------------------------------------------------------- logging

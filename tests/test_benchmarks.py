@@ -90,3 +90,69 @@ def test_gpu_check_report_gathers_what_finished(tmp_path):
   assert "| hornet_tiny_7x7 | 22409512 | bfloat16 | 128 | 80 | 1.6e+03 | 20 |" in markdown
   report.main([str(tmp_path)])
   assert json.loads((tmp_path / "gpu_check.json").read_text())["gpu"].startswith("NVIDIA H100")
+
+
+# --- benchmarks/RESULTS.md, generated from benchmarks/results/ -----------------------------------
+
+
+@pytest.fixture(scope="module")
+def results_table():
+  return load_benchmark("results_table")
+
+
+def test_results_md_is_rendered_from_the_results_files(results_table):
+  """Every table of RESULTS.md equals what results_table.py renders from results/: a number
+  edited in one and not the other fails here (fix: `python benchmarks/results_table.py`)."""
+  text = results_table.RESULTS_MD.read_text()
+  rendered = results_table.render(text)
+  assert rendered == text, "RESULTS.md is stale: run python benchmarks/results_table.py"
+  names = [m.group("name") for m in results_table.BLOCK.finditer(text)]
+  assert sorted(names) == sorted(results_table.TABLES), "a table of TABLES is missing in RESULTS.md"
+
+
+def test_an_edited_result_changes_the_rendered_table(results_table, tmp_path):
+  import shutil
+  results = tmp_path / "results"
+  shutil.copytree(results_table.RESULTS_DIR, results)
+  path = results / "ops_routing_cpu.json"
+  run = json.loads(path.read_text())
+  run["rows"][0]["median_ms"] *= 2
+  path.write_text(json.dumps(run))
+  text = results_table.RESULTS_MD.read_text()
+  assert results_table.render(text, results) != text
+  with pytest.raises(ValueError, match="no_such_table"):
+    results_table.render("<!-- table: no_such_table -->\n<!-- /table -->\n", results)
+
+
+def test_every_result_file_is_shown_or_linked(results_table):
+  """A file in results/ feeds a table of RESULTS.md or is linked from it or from a note."""
+  used = {source for fn in results_table.TABLES.values() for source in fn.sources}
+  notes = results_table.HERE / "notes"
+  text = results_table.RESULTS_MD.read_text() + "".join(
+      p.read_text() for p in sorted(notes.glob("*.md")))
+  orphans = [p.name for p in sorted(results_table.RESULTS_DIR.iterdir())
+             if p.name not in used and f"results/{p.name}" not in text]
+  assert not orphans, f"results/ files that RESULTS.md neither shows nor links: {orphans}"
+
+
+def test_results_md_and_notes_link_what_exists(results_table):
+  import re
+  here = results_table.HERE
+  documents = [results_table.RESULTS_MD, *sorted((here / "notes").glob("*.md"))]
+  assert len(documents) > 1, "no dated notes in benchmarks/notes/"
+  slug = lambda heading: re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+  anchors = {slug(line.lstrip("#")) for line in results_table.RESULTS_MD.read_text().splitlines()
+             if line.startswith("#")}
+  broken = []
+  for doc in documents:
+    for target in re.findall(r"\]\(([^)\s]+)\)", doc.read_text()):
+      if target.startswith("http"):
+        continue
+      path, _, anchor = target.partition("#")
+      if path and not (doc.parent / path).exists():
+        broken.append(f"{doc.name}: {target}")
+      elif anchor and not path and anchor not in anchors:
+        broken.append(f"{doc.name}: {target}")
+  assert not broken, f"links to nothing: {broken}"
+  for note in documents[1:]:
+    assert re.fullmatch(r"\d{4}-\d\d-[a-z0-9-]+\.md", note.name), f"undated note {note.name}"

@@ -90,11 +90,17 @@ def fmt_row(name, horizon, seeds, ours, paper):
           f"| {d_mse:+.3f} | {d_mae:+.3f} | {mark} |")
 
 
+def _shown(path):
+  """A path as the table shows it: relative to the repository when inside it (no machine paths)."""
+  inside = os.path.abspath(path).startswith(REPO + os.sep)
+  return os.path.relpath(path, REPO) if inside else os.path.basename(os.path.normpath(path))
+
+
 def build_table(root, datasets, horizons):
   lines = [
       "# iTransformer reproduction (lookback 96)",
       "",
-      f"Ours: `benchmarks/itransformer_reproduce.py`, runs in `{root}`, written {time.strftime('%Y-%m-%d %H:%M')}. "
+      f"Ours: `benchmarks/itransformer_reproduce.py`, runs in `{_shown(root)}`, written {time.strftime('%Y-%m-%d %H:%M')}. "
       "Paper: ICLR 2024 Tables 9/10. Test MSE / MAE on the standardised scale. "
       f"Δ = ours − paper; pass when Δ ≤ +{TOLERANCE} for both. ETTh1 is the mean over seeds 2021-2023, "
       "the others seed 2023; `seeds` counts finished runs. Avg rows appear when all four horizons are in.",

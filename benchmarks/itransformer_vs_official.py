@@ -1,7 +1,7 @@
 r"""iTransformer ETTh1 96->96: the official PyTorch code vs the zoo, one after the other on this machine.
 
-  python benchmarks/itransformer_vs_official.py --official_dir /tmp/official/iTransformer \
-      --python_official /tmp/torchvenv/bin/python --data_dir ../shared/data/ett
+  python benchmarks/itransformer_vs_official.py --official_dir ../official/iTransformer \
+      --python_official ../torchvenv/bin/python --data_dir ../shared/data/ett
 
 (a) runs the official recipe (scripts/multivariate_forecasting/ETT/iTransformer_ETTh1.sh, pred_len 96)
 with `run.py` in a subprocess, (b) runs `train.py --config configs/itransformer.py:etth1_96` in a
@@ -18,6 +18,7 @@ import json
 import os
 import platform
 import re
+import shlex
 import statistics
 import subprocess
 import sys
@@ -167,7 +168,7 @@ def main():
   os.makedirs(args.workdir, exist_ok=True)
 
   results = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "processor": platform.processor()},
-             "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+             "date": time.strftime("%Y-%m-%d %H:%M:%S"), "command": shlex.join(["python", *sys.argv])}
   if not args.skip_official:
     results["official"] = run_official(args, args.workdir)
   if not args.skip_zoo:

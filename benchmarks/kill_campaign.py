@@ -1,7 +1,7 @@
 r"""Interrupts training runs in every way a machine stops a process and checks the result is exact.
 
-  python benchmarks/kill_campaign.py --root /tmp/kill_campaign --data ../shared/data
-  python benchmarks/kill_campaign.py --root /tmp/kill_campaign --recipes digits --interruptions 12
+  python benchmarks/kill_campaign.py --root runs/kill_campaign --data ../shared/data
+  python benchmarks/kill_campaign.py --root runs/kill_campaign --recipes digits --interruptions 12
 
 For each recipe, one uninterrupted `train.py` run, then one run of the same command interrupted
 again and again (SIGKILL after a random delay, SIGKILL while a checkpoint is being written,

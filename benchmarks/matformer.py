@@ -33,6 +33,7 @@ import argparse
 import json
 import os
 import platform
+import shlex
 import statistics
 import subprocess
 import sys
@@ -83,8 +84,8 @@ def final_metrics(root: str, name: str) -> dict:
 
 
 def training_cost(root: str, name: str) -> dict:
-  """What train.py recorded: steps, wall time of its last session (a resumed run's earlier
-  sessions are not in it) and the median logged training throughput."""
+  """What train.py recorded: steps, wall time of its last process (a resumed run's earlier
+  processes are not in it) and the median logged training throughput."""
   final = final_metrics(root, name)
   with open(os.path.join(root, name, "metrics.jsonl")) as f:
     rates = [r["perf/steps_per_sec"] for r in map(json.loads, f) if "perf/steps_per_sec" in r]
@@ -279,6 +280,7 @@ def environment() -> dict:
   import flax
   import jax
   return {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+          "command": shlex.join(["python", *sys.argv]),
           "device": f"{jax.devices()[0].device_kind}, {os.cpu_count()} cores "
                     f"({platform.processor() or platform.machine()})",
           "jax": jax.__version__, "flax": flax.__version__, "python": platform.python_version()}

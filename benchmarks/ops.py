@@ -31,6 +31,7 @@ import argparse
 import json
 import os
 import platform
+import shlex
 import statistics
 import sys
 import time
@@ -336,9 +337,30 @@ def _measure(case, impl, f, fargs, cost, with_memory=False):
   return rows
 
 
+def _cpu_name() -> str:
+  try:
+    with open("/proc/cpuinfo") as f:
+      return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+  except (OSError, StopIteration):
+    return platform.processor() or platform.machine()
+
+
+def run_facts() -> dict:
+  """When, on what and how this run was made, for benchmarks/RESULTS.md's headers: the UTC date,
+  the device in words and the command line (paths inside the repository relative to it)."""
+  device = jax.devices()[0]
+  name = (f"{_cpu_name()}, {len(os.sched_getaffinity(0))} cores, CPU only"
+          if device.platform == "cpu" else f"{jax.device_count()} x {device.device_kind}")
+  repo = Path(__file__).resolve().parents[1]
+  argv = [os.path.relpath(a, repo) if os.path.isabs(a) and a.startswith(f"{repo}{os.sep}") else a
+          for a in sys.argv]
+  return dict(date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), device=name,
+              command=shlex.join(["python", *argv]))
+
+
 def environment() -> dict:
   device = jax.devices()[0]
-  env = dict(device_kind=device.device_kind, platform=device.platform,
+  env = dict(**run_facts(), device_kind=device.device_kind, platform=device.platform,
              device_count=jax.device_count(), jax=jax.__version__,
              jaxlib=jax.lib.__version__ if hasattr(jax.lib, "__version__") else None,
              python=platform.python_version(), machine=platform.processor() or platform.machine(),

@@ -14,6 +14,7 @@ import argparse
 import hashlib
 import json
 import os
+import shlex
 import statistics
 import sys
 import tempfile
@@ -74,7 +75,9 @@ def main(argv=None):
   for row in rows:
     print(f"{row['load']:>32}: {row['seconds']:.3f} s, {row['conversions']} conversions")
   if args.json:
-    environment = dict(jax=jax.__version__, device=str(jax.devices()[0]), cores=os.cpu_count())
+    environment = dict(date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                       command=shlex.join(["python", *sys.argv]), jax=jax.__version__,
+                       device=str(jax.devices()[0]), cores=os.cpu_count())
     args.json.write_text(json.dumps(dict(environment=environment, model=NAME, rows=rows),
                                     indent=1))
 

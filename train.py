@@ -27,6 +27,7 @@ import os
 import signal
 import socket
 import sys
+import textwrap
 import threading
 import time
 from typing import Sequence
@@ -604,13 +605,30 @@ def is_main_process() -> bool:
   return jax.process_index() == 0
 
 
-def make_metric_writer(workdir: str, start_step: int):
+def make_metric_writer(workdir: str, start_step: int, config):
   """A MetricWriter on process 0, one that writes nothing on the others (one copy of each record)."""
-  return MetricWriter(workdir, start_step) if is_main_process() else NoMetricWriter()
+  if config.wandb.project:
+    import_wandb()  # on every process: a missing package stops them all, with one line
+  return MetricWriter(workdir, start_step, config) if is_main_process() else NoMetricWriter()
+
+
+def import_wandb():
+  try:
+    import wandb
+  except ImportError:
+    raise ValueError("config.wandb.project is set but wandb is not installed: "
+                     "pip install 'jax-paper-zoo[wandb]'") from None
+  return wandb
 
 
 class NoMetricWriter:
   def write(self, step: int, metrics: dict[str, float]) -> None:
+    pass
+
+  def write_texts(self, step: int, texts: dict[str, str]) -> None:
+    pass
+
+  def write_hparams(self, config, metrics: dict[str, float]) -> None:
     pass
 
   def close(self) -> None:
@@ -618,25 +636,69 @@ class NoMetricWriter:
 
 
 class MetricWriter:
-  """metrics.jsonl (one JSON object per line, big_vision style) + TensorBoard events."""
+  """metrics.jsonl (one JSON object per line, big_vision style), TensorBoard events (scalars, the
+  config as text, hparams, text samples) and, when config.wandb.project is set, a Weights & Biases
+  run (resumed with the workdir)."""
 
-  def __init__(self, workdir: str, start_step: int):
+  def __init__(self, workdir: str, start_step: int, config):
     import tensorboardX  # here, not at the top: only process 0 needs it, and it imports torch
 
     path = os.path.join(workdir, "metrics.jsonl")
     _drop_records_after(path, start_step)  # a resumed run writes those steps again
     self._file = open(path, "a")
     self._tb = tensorboardX.SummaryWriter(os.path.join(workdir, "tensorboard"))
+    self._tb.add_text("config", f"```\n{config.to_json_best_effort(indent=2)}\n```", start_step)
+    self._wandb = wandb_run(config, workdir) if config.wandb.project else None
 
   def write(self, step: int, metrics: dict[str, float]) -> None:
     self._file.write(json.dumps({"step": step, **metrics}) + "\n")
     self._file.flush()
     for name, value in metrics.items():
       self._tb.add_scalar(name, value, step)
+    if self._wandb:
+      self._wandb.log(metrics, step=step)
+
+  def write_texts(self, step: int, texts: dict[str, str]) -> None:
+    for name, text in texts.items():
+      self._tb.add_text(name, f"```\n{text}\n```", step)  # verbatim: samples are not markdown
+    if self._wandb:
+      self._wandb.log(texts, step=step)
+
+  def write_hparams(self, config, metrics: dict[str, float]) -> None:
+    """The flattened config as TensorBoard hparams, against the run's final metrics (the scalars
+    of the same names), so the HParams dashboard compares runs."""
+    from tensorboardX.summary import hparams
+
+    for summary in hparams(hparam_values(config), dict.fromkeys(metrics, 0.0)):
+      self._tb.file_writer.add_summary(summary)
 
   def close(self) -> None:
     self._file.close()
     self._tb.close()
+    if self._wandb:
+      self._wandb.finish()
+
+
+def hparam_values(config) -> dict:
+  """The config's leaves as the scalars and strings hparams takes (a tuple as its text)."""
+  flat = _flat(json.loads(config.to_json_best_effort()))
+  return {k: v if isinstance(v, (bool, int, float, str)) else str(v) for k, v in flat.items()}
+
+
+def wandb_run(config, workdir: str):
+  """A Weights & Biases run for this workdir: the id is kept in the workdir, so a resumed run
+  continues the same W&B run."""
+  wandb = import_wandb()
+  id_file = os.path.join(workdir, "wandb_run_id")
+  if not os.path.exists(id_file):
+    with open(id_file, "w") as f:
+      f.write(wandb.util.generate_id())
+  with open(id_file) as f:
+    run_id = f.read().strip()
+  return wandb.init(project=config.wandb.project, entity=config.wandb.entity or None,
+                    name=config.wandb.name or os.path.basename(os.path.abspath(workdir)),
+                    config=config.to_dict(), dir=workdir, id=run_id, resume="allow",
+                    mode=config.wandb.mode or None)
 
 
 def _drop_records_after(path: str, step: int) -> None:
@@ -887,7 +949,7 @@ def _train_and_evaluate(config, workdir: str, mesh) -> dict[str, float]:
                           mesh, workdir), flush=True)
 
   # Train.
-  writer = make_metric_writer(workdir, start_step)
+  writer = make_metric_writer(workdir, start_step, config)
   pending, pending_from = [], start_step  # per-step losses not yet checked (checking syncs the device)
   progress = tqdm.tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True,
                        disable=not is_main_process(), file=sys.stdout, mininterval=1.0)
@@ -942,6 +1004,11 @@ def _train_and_evaluate(config, workdir: str, mesh) -> dict[str, float]:
           writer.write(step, metrics)
           say(f"step {step} (epoch {metrics['epoch']:.2f}): " +
               ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if k != "epoch"))
+          if config.samples.num_tokens and config.task == "language_modeling":
+            samples = generate_samples(config, nnx.merge(graphdef, state)[0], train_split.meta, step)
+            writer.write_texts(step, samples)
+            for name, text in samples.items():
+              say(f"{name}: {text!r}")
           if t_log is not None:
             t_log, steps_since_log = time.perf_counter(), 0  # evaluation time is not training throughput
         interrupted = stop.requested(step)
@@ -982,6 +1049,7 @@ def _train_and_evaluate(config, workdir: str, mesh) -> dict[str, float]:
                                                         mesh).items()}
   final["wall_time_sec"] = time.time() - t_start
   writer.write(step, {k: v for k, v in final.items() if "/" in k})
+  writer.write_hparams(config, {k: v for k, v in final.items() if "/" in k})
   writer.close()
   mngr.close()
   if is_main_process():
@@ -991,6 +1059,28 @@ def _train_and_evaluate(config, workdir: str, mesh) -> dict[str, float]:
     print(f"Outputs in {workdir}: checkpoints/, config.json, final_metrics.json, "
           f"metrics.jsonl and TensorBoard events (tensorboard --logdir {workdir})", flush=True)
   return final
+
+
+def generate_samples(config, model, meta: dict, step: int) -> dict[str, str]:
+  """config.samples.num_tokens tokens continuing each of config.samples.prompts (a language model's
+  writing, to read beside its loss), sampled with a key of the seed and the step."""
+  tokenizer = data.get_tokenizer(config.data.get("tokenizer") or meta["tokenizer"])
+  texts = {}
+  for index, prompt in enumerate(config.samples.prompts):
+    tokens = generation_prompt(tokenizer, prompt)
+    out = models.generate(model, tokens, config.samples.num_tokens,
+                          temperature=config.samples.temperature,
+                          top_k=config.samples.top_k or None,
+                          rng=jax.random.fold_in(jax.random.key(config.seed), step))
+    texts[f"samples/{index}"] = tokenizer.decode(np.asarray(out[0]))
+  return texts
+
+
+def generation_prompt(tokenizer, prompt: str) -> np.ndarray:
+  tokens = np.asarray(tokenizer.encode(prompt), np.int32)
+  if not tokens.size:
+    raise ValueError(f"config.samples.prompts: {prompt!r} encodes to no tokens")
+  return tokens[None]
 
 
 def recompute_batch_stats(train_forward, graphdef, state, batches, mesh):
@@ -1037,7 +1127,8 @@ def startup_summary(config, model, train_split, steps_per_epoch: int, total_step
   devices = mesh.devices.flatten()
   axes = ", ".join(f"{name} {size}" for name, size in mesh.shape.items() if size > 1) or "one device"
   splits = ", ".join(dict.fromkeys((*config.eval_splits, *config.final_eval_splits))) or "none"
-  changed = ", ".join(f"{k}={v!r}" for k, v in sorted(config_overrides().items())) or "none"
+  overrides = config_overrides()
+  recipe = {k: v for k, v in recipe_settings(config).items() if k not in overrides}
   return "\n".join([
       f"Model    {config.model.name}: {models.count_params(model):,} parameters",
       f"Data     {config.data.name}: {len(train_split):,} training examples, {steps_per_epoch:,} "
@@ -1045,9 +1136,27 @@ def startup_summary(config, model, train_split, steps_per_epoch: int, total_step
       f"Steps    {total_steps:,} ({total_steps / steps_per_epoch:.3g} epochs), evaluation every "
       f"{eval_every:,}",
       f"Devices  {len(devices)} {devices[0].platform} ({axes}), {jax.process_count()} process(es)",
-      f"Config   changed on the command line: {changed}",
+      *wrapped("Config   the recipe sets: ", _settings_text(recipe)),
+      *wrapped("         the command line sets: ", _settings_text(overrides)),
       f"Workdir  {workdir}",
       *filter(None, [young_batch_stats_note(config, model, total_steps)])])
+
+
+def recipe_settings(config) -> dict:
+  """The run's config as a diff against the loop's defaults (configs/common.py): what the family
+  recipe and the command line set. The model's keywords the recipe leaves at None are not listed."""
+  base = _base_config()
+  return {k: v for k, v in _flat(json.loads(config.to_json_best_effort())).items()
+          if (k in base and v != base[k]) or (k not in base and v is not None)}
+
+
+def _settings_text(settings: dict) -> str:
+  return ", ".join(f"{k}={v!r}" for k, v in sorted(settings.items())) or "nothing"
+
+
+def wrapped(head: str, text: str, width: int = 100) -> list[str]:
+  return textwrap.wrap(text, width, initial_indent=head, subsequent_indent=" " * len(head),
+                       break_long_words=False, break_on_hyphens=False)
 
 
 def config_overrides() -> dict:

@@ -135,6 +135,21 @@ def base_config() -> ml_collections.ConfigDict:
   c.init_from.path = ""            # zoo checkpoint / workdir / converted or official weights
   c.init_from.dont_load = ()       # regexes of param paths kept fresh, e.g. ('head/.*',)
 
+  # Language models: at each evaluation, continue each prompt by num_tokens sampled tokens and log
+  # the text (TensorBoard, W&B, the console); 0 = no samples.
+  c.samples = ml_collections.ConfigDict()
+  c.samples.num_tokens = 0
+  c.samples.prompts = ("\n",)
+  c.samples.temperature = 0.8     # 0 = greedy
+  c.samples.top_k = 40            # 0 = the whole vocabulary
+
+  # Weights & Biases (pip install 'jax-paper-zoo[wandb]'): off unless a project is named.
+  c.wandb = ml_collections.ConfigDict()
+  c.wandb.project = ""
+  c.wandb.entity = ""              # '' = your default entity
+  c.wandb.name = ""                # '' = the workdir's name
+  c.wandb.mode = ""                # online | offline | disabled; '' = wandb's default ($WANDB_MODE)
+
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1                 # data parallelism; -1 = all devices not used by the other axes
   c.mesh.fsdp = 1                  # data parallelism with parameters and optimizer state split (FSDP)

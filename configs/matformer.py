@@ -90,6 +90,7 @@ def get_config(arg: str = "lm_tiny_shakespeare") -> ml_collections.ConfigDict:
     c.eval_every_steps = 100
   if arg.runlocal:
     c.total_steps = 20
+    c.samples.num_tokens = min(c.samples.num_tokens, 16)
     c.log_every_steps = 5
     c.eval_every_steps = 10
     c.schedule.warmup_steps = 5
@@ -106,6 +107,8 @@ def _tiny_shakespeare() -> ml_collections.ConfigDict:
   c.data.name = "tiny_shakespeare"
   c.data.tokenizer = "byte"          # or a SentencePiece .model / HF tokenizers .json file
   c.data.seq_len = 256
+  c.samples.num_tokens = 200         # logged at each evaluation
+  c.samples.prompts = ("ROMEO:",)
 
   c.input.batch_size = 16
   c.input.eval_batch_size = 64
@@ -138,6 +141,7 @@ def _olmo_pretraining(size: str) -> ml_collections.ConfigDict:
   c.data.name = ""                   # the Pile is not in the catalog: name your prepared corpus
   c.data.tokenizer = ""              # the GPT-NeoX-20B tokenizer's .json (50,277 entries)
   c.data.seq_len = 2048
+  c.samples.num_tokens = 64
   c.input.batch_size = batch_size
   c.input.eval_batch_size = 64
   c.optimizer.name = "adamw"

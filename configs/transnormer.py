@@ -90,6 +90,7 @@ def get_config(arg: str = "tiny_shakespeare") -> ml_collections.ConfigDict:
   c.data.tokenizer = arg.tokenizer
   if arg.runlocal:
     c.data.seq_len = 128
+    c.samples.num_tokens = 16
     c.input.batch_size = 2
     c.input.eval_batch_size = 2
     c.optimizer.accum_steps = 1
@@ -108,6 +109,7 @@ def _language_modeling(model: str) -> ml_collections.ConfigDict:
   c.early_stopping.mode = "min"
   c.eval_splits = ("validation",)
   c.final_eval_splits = ("validation", "test")
+  c.samples.num_tokens = 64
   return c
 
 

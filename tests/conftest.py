@@ -92,3 +92,14 @@ def load_golden(family: str, name: str):
     sys.path.insert(0, root)
   import golden
   return golden.load(os.path.join(root, family, name))
+
+
+def tensorboard_events(logdir) -> dict:
+  """{'texts': {tag: text}, 'hparams': [plugin tags]} of the TensorBoard events in `logdir`."""
+  from tensorboard.backend.event_processing import event_accumulator
+
+  events = event_accumulator.EventAccumulator(str(logdir), size_guidance={"tensors": 0})
+  events.Reload()
+  texts = {tag.removesuffix("/text_summary"): events.Tensors(tag)[-1].tensor_proto.string_val[0].decode()
+           for tag in events.Tags()["tensors"] if tag.endswith("/text_summary")}
+  return {"texts": texts, "hparams": sorted(events.PluginTagToContent("hparams"))}

@@ -21,6 +21,7 @@ import eval as eval_lib
 import tasks
 import train
 from configs import matformer as matformer_config
+from conftest import tensorboard_events
 from data import builders, prepare, text, tokenizers
 from models.matformer import MatLM
 
@@ -261,6 +262,8 @@ def _tiny_lm_config(raw_dir, tfds_dir):
   config.optimizer.lr = 1e-2
   config.checkpoint.async_save = False
   config.final_eval_splits = ("validation",)
+  config.samples.num_tokens = 24
+  config.samples.prompts = ("ROMEO:",)
   config.lock()
   return config
 
@@ -274,6 +277,9 @@ def test_tiny_lm_trains_and_evaluates_end_to_end(raw_dir, tfds_dir, tmp_path):
   np.testing.assert_allclose(final["validation/perplexity"], math.exp(loss), rtol=1e-9)
   np.testing.assert_allclose(final["validation/bits_per_byte"], loss / math.log(2), rtol=1e-6)
   assert final["validation/accuracy"] > 0.25
+  # A sample at each evaluation, logged as text: the prompt and 24 new bytes.
+  sample = tensorboard_events(tmp_path / "tensorboard")["texts"]["samples/0"].strip("`\n")
+  assert sample.startswith("ROMEO:") and len(sample.encode()) >= len("ROMEO:") + 12, sample
   result = eval_lib.evaluate_checkpoint(config, str(tmp_path), "best", "validation")
   for key in ("loss", "perplexity", "bits_per_byte", "accuracy"):
     np.testing.assert_allclose(result[key], final[f"validation/{key}"], rtol=1e-6)

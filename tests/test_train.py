@@ -16,7 +16,7 @@ import models
 import train
 from configs import itransformer as itransformer_config
 from configs import transnormer as transnormer_config
-from conftest import xla_flags
+from conftest import tensorboard_events, xla_flags
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -69,7 +69,11 @@ def test_digits_training_learns(tmp_path):
   assert losses[-1] < 0.5 * losses[0]
   assert final["test/accuracy"] > 0.8  # 10 classes: chance is 0.1
   assert os.path.exists(tmp_path / "config.json")
-  assert any(name.startswith("events") for name in os.listdir(tmp_path / "tensorboard"))
+  # TensorBoard: the scalars, the config as text and hparams against the final metrics.
+  events = tensorboard_events(tmp_path / "tensorboard")
+  assert json.loads(events["texts"]["config"].strip("`\n"))["model"]["name"] == "itransformer_cls_digits"
+  assert events["hparams"] == ["_hparams_/experiment", "_hparams_/session_end_info",
+                               "_hparams_/session_start_info"]
   perf = [m["perf/examples_per_sec"] for m in read_metrics(tmp_path) if "perf/examples_per_sec" in m]
   assert perf and min(perf) > 0
   # best = first evaluation with the highest validation accuracy; kept with the latest `keep` checkpoints
@@ -324,6 +328,10 @@ def test_a_run_says_what_it_will_do_and_what_fine_tuning_loaded(tmp_path, capsys
   assert f"Model    itransformer_cls_digits: {params:,} parameters" in out
   assert re.search(r"Data     \w+: [\d,]+ training examples, \d+ steps an epoch at batch \d+", out)
   assert f"Workdir  {tuned}" in out and "Compiling the train step" in out
+  # The config as a diff against the loop's defaults: the recipe's settings, the test's own.
+  assert "Config   the recipe sets: " in out and "model.name='itransformer_cls_digits'" in out
+  assert "total_steps=2" in out and "init_from.dont_load=['head/.*']" in out
+  assert "the command line sets: nothing" in out
   report = re.search(r"Initialised from .*source: ([\d,]+) weights loaded\n  2 kept their fresh "
                      r"initialisation: head/bias, head/kernel\n  2 in the checkpoint, not loaded: "
                      r"head/bias, head/kernel", out)
@@ -386,3 +394,47 @@ def test_a_short_batchnorm_run_says_its_statistics_are_young():
   assert "--config.recompute_bn_stats=N" in note
   config.recompute_bn_stats = 4
   assert train.young_batch_stats_note(config, model, 150) is None
+
+
+class _FakeWandb:
+  """What train.MetricWriter calls of wandb, recorded."""
+
+  def __init__(self):
+    self.inits, self.logs, self.finished = [], [], 0
+    self.util = type("util", (), {"generate_id": staticmethod(lambda: "run-id-1")})
+
+  def init(self, **kwargs):
+    self.inits.append(kwargs)
+    return self
+
+  def log(self, values, step):
+    self.logs.append((step, values))
+
+  def finish(self):
+    self.finished += 1
+
+
+def test_wandb_writer_logs_the_config_metrics_and_samples_and_resumes_its_run(tmp_path, monkeypatch):
+  config = digits_config(**{"wandb.project": "zoo-tests", "wandb.mode": "offline"})
+  monkeypatch.setitem(sys.modules, "wandb", None)  # not installed
+  with pytest.raises(ValueError, match=r"wandb is not installed: pip install 'jax-paper-zoo\[wandb\]'"):
+    train.make_metric_writer(str(tmp_path), 0, config)
+  fake = _FakeWandb()
+  monkeypatch.setitem(sys.modules, "wandb", fake)
+  for start_step in (0, 20):  # a run, then its resume
+    writer = train.make_metric_writer(str(tmp_path), start_step, config)
+    writer.write(start_step + 10, {"train/loss": 0.5})
+    writer.write_texts(start_step + 10, {"samples/0": "ROMEO: hi"})
+    writer.close()
+  first, resumed = fake.inits
+  assert first == resumed
+  assert first["project"] == "zoo-tests" and first["id"] == "run-id-1" and first["resume"] == "allow"
+  assert first["mode"] == "offline" and first["name"] == tmp_path.name
+  assert first["config"]["model"]["name"] == "itransformer_cls_digits"
+  assert fake.logs == [(10, {"train/loss": 0.5}), (10, {"samples/0": "ROMEO: hi"}),
+                       (30, {"train/loss": 0.5}), (30, {"samples/0": "ROMEO: hi"})]
+  assert fake.finished == 2
+  # Off by default: nothing imported, no W&B run.
+  monkeypatch.setitem(sys.modules, "wandb", None)
+  (tmp_path / "plain").mkdir()
+  train.make_metric_writer(str(tmp_path / "plain"), 0, digits_config()).close()

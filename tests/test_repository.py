@@ -9,7 +9,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Built from parts, so that this file does not match itself.
 MACHINE_PATHS = ("/tmp/" + "lead", "/" + "work" + "/")
-WHO_RAN_IT = re.compile(r"\b" + "ag" + r"ents?\b", re.IGNORECASE)   # "another agent's train.py"
+WHO_RAN_IT = re.compile(r"\b" + "ag" + r"ents?\b", re.IGNORECASE)   # who ran what, not the project
 
 
 def tracked_text_files():

@@ -3,7 +3,7 @@ r"""Evaluates a checkpoint of a run on a split, prints a table and writes it as 
   python eval.py --config configs/itransformer.py:etth1_96 --workdir runs/etth1_96
   python eval.py --config configs/itransformer.py:etth1_96 --workdir runs/etth1_96 \
       --checkpoint=best --split=validation
-  python eval.py --config configs/itransformer.py:etth1_96 --workdir /tmp/x --checkpoint=converted/etth1
+  python eval.py --config configs/itransformer.py:etth1_96 --workdir runs/etth1 --checkpoint=converted/etth1
 
 --checkpoint is `latest`, `best` (by the config's early-stopping metric), a step number, a path
 that models.load_pretrained reads (a zoo params dir, another workdir, an official .pth/.safetensors)

@@ -85,7 +85,7 @@ def keep_freed_memory_mapped() -> bool:
   XLA:CPU allocates an executable's temporary buffer at every call and frees it after: for
   MaxViT-T's train step at batch 8, 3.8 GB. glibc serves a block that size with a fresh mmap,
   so every step page-faults all of it again: 1M faults and 2 s of kernel time per step on the
-  2-core box (benchmarks/RESULTS.md). With these settings the pages stay mapped and the step
+  2-core box (benchmarks/notes/2026-11-cpu-train-step.md). With these settings the pages stay mapped and the step
   takes none. Run it before jax (or anything else) starts threads that allocate: threads that
   already have an arena of their own keep it. The process then keeps its peak memory.
   Returns whether it applied (False off glibc).

@@ -2,7 +2,7 @@ r"""MatFormer (MatLM, MatViT) and the softmax-attention LM baseline on the share
 
   python -m data.prepare tiny_shakespeare --manual_dir ~/data/tinyshakespeare    # once (bytes, 256)
   python train.py --config configs/matformer.py:lm_tiny_shakespeare --workdir runs/lm_ts
-  python train.py --config configs/matformer.py:lm_tiny_shakespeare,runlocal --workdir /tmp/smoke
+  python train.py --config configs/matformer.py:lm_tiny_shakespeare,runlocal --workdir runs/smoke
   python eval.py  --config configs/matformer.py:lm_tiny_shakespeare --workdir runs/lm_ts \
       --checkpoint=best --split=validation
 

@@ -93,7 +93,7 @@ def _compare(q, k, v, bias=None, kernel=attention_pallas, **kw):
     _close(a, b, 1e-4)
 
 
-# Every length of the sweep, causal on and off, each head dim at four lengths.
+# Every length of the kernel sweep, causal on and off, each head dim at four lengths.
 SWEEP = [(49, 32, False), (49, 128, True), (64, 64, False), (64, 32, True), (144, 128, False),
          (144, 64, True), (197, 32, False), (197, 128, True), (256, 64, False), (256, 32, True),
          (1000, 128, False), (1000, 64, True)]

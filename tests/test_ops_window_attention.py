@@ -1,4 +1,4 @@
-"""ops.window_attention: the MaxViT bias convention, the invariants of the issue, the window kernel
+"""ops.window_attention: the MaxViT bias convention, its window invariants, the window kernel
 vs the reference (interpret mode), and what it lowers to on a GPU."""
 import importlib
 import itertools

@@ -22,7 +22,6 @@ map to be a multiple of `n_win` (224 = 7 * 32).
 """
 from __future__ import annotations
 
-import math
 import re
 from typing import Mapping, Sequence
 
@@ -33,9 +32,9 @@ from flax import nnx
 
 import ops
 from models.convert import check_state_dict
-from models.layers import (CONV_AXES, NORM_AXES, DepthwiseConv, DropPath, Linear,
-                           collect_intermediates, get_activation, layer_norm,
-                           promote_keeping_statistics, shard_batch)
+from models.layers import (CONV_AXES, NORM_AXES, DepthwiseConv, DropPath, check_images,
+                           collect_intermediates, get_activation, layer_norm, linear,
+                           promote_keeping_statistics, shard_batch, torch_uniform)
 from models.registry import (IMAGENET_MEAN, IMAGENET_STD, PretrainedCfg, register_model,
                              register_pretrained)
 
@@ -43,23 +42,15 @@ _LN_EPS = 1e-6                      # every LayerNorm of the official model
 _BN_EPS, _BN_MOMENTUM = 1e-5, 0.9   # torch BatchNorm2d defaults (torch momentum 0.1)
 _FULL_ATTENTION_HEADS = 8           # AttentionLePE's default: the official code never passes nheads
 _GELU = get_activation("gelu")      # exact erf form, as torch.nn.GELU
-
-
-def _torch_uniform(fan_in: int):
-  """torch.nn.Conv2d's default init: weight and bias ~ U(+-1/sqrt(fan_in))."""
-  bound = 1.0 / math.sqrt(fan_in)
-
-  def uniform(key, shape, dtype):
-    return jax.random.uniform(key, shape, dtype, -bound, bound)
-
-  return uniform
+# Linears: the official `_init_weights`, trunc-normal(0.02) weights and zero biases
+# (layers.linear's init="trunc_normal"); convs keep torch's default init.
 
 
 def _torch_conv(in_ch: int, out_ch: int, kernel: int, *, stride: int = 1, dtype, param_dtype,
                 rngs: nnx.Rngs) -> nnx.Conv:
   """Conv with torch's default init and symmetric padding `kernel // 2` (with stride 2 on even
   sizes Flax 'SAME' pads 0 top, 1 bottom)."""
-  init = _torch_uniform(in_ch * kernel * kernel)
+  init = torch_uniform(in_ch * kernel * kernel)
   pad = kernel // 2
   return nnx.Conv(in_ch, out_ch, (kernel, kernel), strides=stride, padding=((pad, pad), (pad, pad)),
                   kernel_init=init, bias_init=init, dtype=dtype, param_dtype=param_dtype,
@@ -68,7 +59,7 @@ def _torch_conv(in_ch: int, out_ch: int, kernel: int, *, stride: int = 1, dtype,
 
 def _torch_dwconv(dim: int, kernel: int, *, dtype, param_dtype, rngs: nnx.Rngs) -> DepthwiseConv:
   """Depthwise conv (stride 1, padding `kernel // 2`) with torch's default init."""
-  init = _torch_uniform(kernel * kernel)
+  init = torch_uniform(kernel * kernel)
   return DepthwiseConv(dim, kernel, kernel_init=init, bias_init=init, dtype=dtype,
                        param_dtype=param_dtype, rngs=rngs)
 
@@ -78,14 +69,6 @@ def _batch_norm(dim: int, *, dtype, param_dtype, rngs: nnx.Rngs) -> nnx.BatchNor
   return nnx.BatchNorm(dim, momentum=_BN_MOMENTUM, epsilon=_BN_EPS, use_fast_variance=False,
                        promote_dtype=promote_keeping_statistics, dtype=dtype,
                        param_dtype=param_dtype, rngs=rngs, **NORM_AXES)
-
-
-def _linear(in_features: int, out_features: int, *, use_bias: bool = True,
-            axes=("embed", "mlp"), dtype, param_dtype, rngs: nnx.Rngs) -> Linear:
-  """Linear initialised as the official `_init_weights`: trunc-normal(0.02) weight, zero bias."""
-  return Linear(in_features, out_features, use_bias=use_bias, axes=axes,
-                kernel_init=nnx.initializers.truncated_normal(0.02), dtype=dtype,
-                param_dtype=param_dtype, rngs=rngs)
 
 
 class ConvBN(nnx.Module):
@@ -126,9 +109,10 @@ class BiLevelRoutingAttention(nnx.Module):
     self.scale = qk_dim ** -0.5     # the full qk width, as the official code (not the head width)
     self.auto_pad = auto_pad
     self.attn_implementation = attn_implementation
-    self.qkv = _linear(dim, 2 * qk_dim + dim, axes=("embed", "heads"), **kw)  # [q | k | v]
+    self.qkv = linear(dim, 2 * qk_dim + dim, init="trunc_normal", axes=("embed", "heads"),
+                      **kw)  # [q | k | v]
     self.lepe = _torch_dwconv(dim, side_dwconv, **kw)
-    self.wo = _linear(dim, dim, axes=("heads", "embed"), **kw)
+    self.wo = linear(dim, dim, init="trunc_normal", axes=("heads", "embed"), **kw)
 
   def _project(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     if self.auto_pad:
@@ -161,9 +145,10 @@ class AttentionLePE(nnx.Module):
     self.num_heads = num_heads
     self.attn_implementation = attn_implementation
     # output laid out (3, heads, d)
-    self.qkv = _linear(dim, 3 * dim, use_bias=False, axes=("embed", "heads"), **kw)
+    self.qkv = linear(dim, 3 * dim, init="trunc_normal", use_bias=False,
+                      axes=("embed", "heads"), **kw)
     self.lepe = _torch_dwconv(dim, side_dwconv, **kw)
-    self.proj = _linear(dim, dim, axes=("heads", "embed"), **kw)
+    self.proj = linear(dim, dim, init="trunc_normal", axes=("heads", "embed"), **kw)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     b, h, w, c = x.shape
@@ -196,8 +181,9 @@ class Block(nnx.Module):
     self.norm2 = layer_norm(dim, eps=_LN_EPS, **kw)
     hidden = int(mlp_ratio * dim)
     # Linear -> GELU -> Linear, no dropout: the official nn.Sequential (its index 1 is an Identity).
-    self.mlp = nnx.Sequential(_linear(dim, hidden, axes=("embed", "mlp"), **kw), _GELU,
-                              _linear(hidden, dim, axes=("mlp", "embed"), **kw))
+    self.mlp = nnx.Sequential(
+        linear(dim, hidden, init="trunc_normal", axes=("embed", "mlp"), **kw), _GELU,
+        linear(hidden, dim, init="trunc_normal", axes=("mlp", "embed"), **kw))
     self.drop_path = DropPath(drop_path, rngs=rngs)
 
   def attention_input(self, x: jax.Array) -> jax.Array:
@@ -256,21 +242,18 @@ class BiFormer(nnx.Module):
                   for _ in range(depths[i])])
         for i in range(len(depths))])
     self.norm = _batch_norm(embed_dims[-1], **kw)
-    self.head = _linear(embed_dims[-1], num_classes, axes=("embed", None), **kw)
+    self.head = linear(embed_dims[-1], num_classes, init="trunc_normal", axes=("embed", None),
+                       **kw)
 
   def reset_classifier(self, num_classes: int, *, rngs: nnx.Rngs | None = None) -> None:
     """A fresh head for `num_classes` (the official `reset_classifier` has a bug: it reads the
     list of widths as the feature size)."""
     rngs = rngs if rngs is not None else nnx.Rngs(0)
-    self.head = _linear(self.num_features, num_classes, axes=("embed", None), dtype=self.dtype,
-                        param_dtype=self.param_dtype, rngs=rngs)
+    self.head = linear(self.num_features, num_classes, init="trunc_normal", axes=("embed", None),
+                       dtype=self.dtype, param_dtype=self.param_dtype, rngs=rngs)
 
   def _check_images(self, x: jax.Array) -> None:
-    if x.ndim != 4 or x.shape[-1] != self.in_chans:
-      raise ValueError(f"images must have shape [batch, height, width, {self.in_chans}] (NHWC), "
-                       f"got shape {tuple(x.shape)}")
-    if not jnp.issubdtype(x.dtype, jnp.floating):
-      raise ValueError(f"images must be a floating-point array, got dtype {x.dtype}")
+    check_images("BiFormer", x, self.in_chans)
     if self.auto_pad:
       return
     sizes = [x.shape[1:3]]

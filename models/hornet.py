@@ -19,25 +19,18 @@ import numpy as np
 from flax import nnx
 
 from models.convert import check_state_dict
-from models.layers import (ACTIVATIONS, CONV_AXES, DepthwiseConv, DropPath, LayerScale, Linear,
-                           collect_intermediates, layer_norm, shard_batch)
+from models.layers import (ACTIVATIONS, CONV_AXES, DepthwiseConv, DropPath, LayerScale,
+                           check_images, collect_intermediates, layer_norm, linear, shard_batch)
 from models.registry import (IMAGENET_MEAN, IMAGENET_STD, PretrainedCfg, register_model,
                              register_pretrained)
 from ops.sharding import axes as logical
 
 _EPS = 1e-6  # every LayerNorm of HorNet, the final one included
 # The official init, timm's trunc_normal_(std=.02), truncates at +-2 in absolute terms, i.e. at 100
-# standard deviations: a plain normal (and cheaper to trace than jax's truncated_normal).
+# standard deviations: a plain normal (and cheaper to trace than jax's truncated_normal). Its
+# Linears and 1x1 convs: layers.linear's init="normal" (this weight init, zero biases).
 _INIT = jax.nn.initializers.normal(0.02)
 _GELU = ACTIVATIONS["gelu"]  # the exact erf form, as torch.nn.GELU()
-
-
-def _linear(in_features: int, out_features: int, *, axes=("embed", "mlp"), dtype, param_dtype,
-            rngs: nnx.Rngs) -> Linear:
-  """A Linear or 1x1 conv of the official code (the same map on channels-last features)."""
-  return Linear(in_features, out_features, axes=axes, kernel_init=_INIT,
-                bias_init=nnx.initializers.zeros,
-                dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
 
 def _patchify(in_features: int, out_features: int, stride: int, *, dtype, param_dtype,
@@ -139,14 +132,15 @@ class GnConv(nnx.Module):
     self.dims = tuple(dim // 2 ** i for i in reversed(range(order)))
     self.scale = scale
     mixed = sum(self.dims)
-    self.proj_in = _linear(dim, 2 * dim, axes=("embed", None), **kw)
+    self.proj_in = linear(dim, 2 * dim, init="normal", axes=("embed", None), **kw)
     if global_filter is None:
       self.dwconv = _depthwise(mixed, 7, **kw)
     else:
       self.dwconv = GlobalLocalFilter(mixed, *global_filter, **kw)
-    self.pws = nnx.List([_linear(self.dims[i], self.dims[i + 1], axes=("embed", None), **kw)
+    self.pws = nnx.List([linear(self.dims[i], self.dims[i + 1], init="normal",
+                                axes=("embed", None), **kw)
                           for i in range(order - 1)])
-    self.proj_out = _linear(dim, dim, axes=("embed", None), **kw)
+    self.proj_out = linear(dim, dim, init="normal", axes=("embed", None), **kw)
 
   def __call__(self, x: jax.Array, *, return_gates: bool = False
                ) -> jax.Array | tuple[jax.Array, tuple[jax.Array, ...]]:
@@ -176,8 +170,8 @@ class HorNetBlock(nnx.Module):
     self.gnconv = GnConv(dim, order, global_filter=global_filter, scale=scale, **kw)
     self.gamma1 = LayerScale(dim, layer_scale_init_value, dtype=dtype, param_dtype=param_dtype)
     self.norm2 = layer_norm(dim, eps=_EPS, **kw)
-    self.pwconv1 = _linear(dim, 4 * dim, axes=("embed", "mlp"), **kw)
-    self.pwconv2 = _linear(4 * dim, dim, axes=("mlp", "embed"), **kw)
+    self.pwconv1 = linear(dim, 4 * dim, init="normal", axes=("embed", "mlp"), **kw)
+    self.pwconv2 = linear(4 * dim, dim, init="normal", axes=("mlp", "embed"), **kw)
     self.gamma2 = LayerScale(dim, layer_scale_init_value, dtype=dtype, param_dtype=param_dtype)
     self.drop_path = DropPath(drop_path, rngs=rngs)
 
@@ -264,9 +258,9 @@ class HorNet(nnx.Module):
     self.num_classes = num_classes
     head = None
     if num_classes:
-      head = _linear(self.num_features, num_classes, axes=("embed", None), dtype=self.dtype,
-                     param_dtype=self.param_dtype,
-                     rngs=rngs if rngs is not None else nnx.Rngs(0))
+      head = linear(self.num_features, num_classes, init="normal", axes=("embed", None),
+                    dtype=self.dtype, param_dtype=self.param_dtype,
+                    rngs=rngs if rngs is not None else nnx.Rngs(0))
       head.kernel[...] = head.kernel[...] * self.head_init_scale
     self.head = nnx.data(head)  # a module or None: either way part of the model's state
 
@@ -304,7 +298,7 @@ class HorNet(nnx.Module):
 
   def _stage_outputs(self, x: jax.Array, *, train: bool, gates: list | None = None):
     """Yields every stage's output map; appends to `gates` (if given) each stage's block gates."""
-    self._check_images(x)
+    check_images("HorNet", x, self.in_chans, multiple=32, why="the total stride")
     x = self.stem(x)
     for s, blocks in enumerate(self.stages):
       if s:
@@ -325,16 +319,6 @@ class HorNet(nnx.Module):
                        f"shape {tuple(x.shape)}")
     x = self.norm(jnp.mean(x, axis=(1, 2)))
     return x if pre_logits or self.head is None else self.head(x)
-
-  def _check_images(self, x: jax.Array) -> None:
-    if x.ndim != 4 or x.shape[-1] != self.in_chans:
-      raise ValueError(f"x must be images [batch, height, width, {self.in_chans}] (NHWC), got "
-                       f"shape {tuple(x.shape)}")
-    if not jnp.issubdtype(x.dtype, jnp.floating):
-      raise ValueError(f"x must be a floating-point array, got dtype {x.dtype}")
-    if x.shape[1] % 32 or x.shape[2] % 32:
-      raise ValueError(f"height and width must be divisible by 32 (the total stride), got "
-                       f"{x.shape[1]}x{x.shape[2]}")
 
 
 # --- variants: the official constructors (hornet.py), the README's ImageNet-1K top-1 -------------

@@ -18,7 +18,7 @@ import numpy as np
 from flax import nnx
 
 from models.convert import check_state_dict
-from models.layers import Block, Dropout, get_activation, layer_norm, shard_batch, torch_linear
+from models.layers import Block, Dropout, get_activation, layer_norm, linear, shard_batch
 from models.registry import register_model
 
 _NORM_EPS = 1e-5  # the official instance normalisation and PyTorch's LayerNorm default
@@ -52,7 +52,7 @@ class _InvertedEncoder(nnx.Module):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.seq_len = seq_len
     self.dtype = dtype
-    self.embed = torch_linear(seq_len, d_model, axes=(None, "embed"), **kw)
+    self.embed = linear(seq_len, d_model, init="torch", axes=(None, "embed"), **kw)
     self.embed_drop = Dropout(dropout, rngs=rngs)
     self.blocks = nnx.List([
         Block(d_model, n_heads, d_ff, post_norm=True, drop=dropout, attn_drop=dropout,
@@ -93,8 +93,8 @@ class iTransformer(_InvertedEncoder):
                      param_dtype=param_dtype, rngs=rngs)
     self.pred_len = pred_len
     self.use_norm = use_norm
-    self.projector = torch_linear(d_model, pred_len, axes=("embed", None), dtype=dtype, param_dtype=param_dtype,
-                                  rngs=rngs)
+    self.projector = linear(d_model, pred_len, init="torch", axes=("embed", None), dtype=dtype,
+                            param_dtype=param_dtype, rngs=rngs)
 
   def __call__(self, x: jax.Array, x_mark: jax.Array | None = None, *, train: bool = False) -> jax.Array:
     self._check_inputs(x, x_mark)
@@ -130,9 +130,8 @@ class iTransformerClassifier(_InvertedEncoder):
                      param_dtype=param_dtype, rngs=rngs)
     self.num_variates = num_variates
     self.head_drop = Dropout(dropout, rngs=rngs)
-    self.head = torch_linear(num_variates * d_model, num_classes, axes=("embed", None), dtype=dtype,
-                             param_dtype=param_dtype,
-                             rngs=rngs)
+    self.head = linear(num_variates * d_model, num_classes, init="torch", axes=("embed", None),
+                       dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
   def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
     if x.ndim == 4:  # an image [B, H, W, C] is read row by row: H steps of W * C variates

@@ -1,5 +1,7 @@
-"""Shared blocks: torch-initialised Linear, Mlp, multi-head self-attention, DropPath, transformer encoder Block,
-and the stage selection and layouts of timm's feature API (`forward_intermediates`).
+"""Shared blocks: Linear and its one factory `linear` (each official code's init by name), Mlp,
+multi-head self-attention, DropPath, transformer encoder Block; the input checks of every family
+(`check_images`, `check_tokens`), ALiBi's slopes, and the stage selection and layouts of timm's
+feature API (`forward_intermediates`).
 
 Every module takes `dtype` (compute) and `param_dtype` (storage) and is called with `train=` (dropout on/off).
 Softmax and norm statistics run in float32 whatever `dtype` is.
@@ -126,6 +128,52 @@ def check_token_ids(tokens, vocab_size: int) -> None:
                      f"be in [0, {vocab_size})")
 
 
+def check_tokens(tokens: jax.Array) -> None:
+  """Raises ValueError unless `tokens` is an integer array [batch, length] (an LM's input)."""
+  if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
+    raise ValueError(f"tokens must be an integer array [batch, length], got shape "
+                     f"{tuple(tokens.shape)} and dtype {tokens.dtype}")
+
+
+def check_images(model: str, x: jax.Array, in_chans: int, *, size: int | None = None,
+                 multiple: int | None = None, why: str = "") -> None:
+  """Raises a ValueError that names `model`, what it expects and what it got, unless `x` is
+  floating-point images [batch, height, width, in_chans] (NHWC): square of side `size` where
+  given (a model built for one resolution), with sides that are multiples of `multiple` where
+  given (`why` says why, e.g. "the total stride")."""
+  sides = "height, width" if size is None else f"{size}, {size}"
+  if x.ndim != 4 or x.shape[-1] != in_chans or (size is not None and
+                                                tuple(x.shape[1:3]) != (size, size)):
+    raise ValueError(f"{model} expects images [batch, {sides}, {in_chans}] (NHWC), got shape "
+                     f"{tuple(x.shape)}")
+  if not jnp.issubdtype(x.dtype, jnp.floating):
+    raise ValueError(f"{model} expects floating-point images, got dtype {x.dtype}")
+  if multiple and (x.shape[1] % multiple or x.shape[2] % multiple):
+    reason = f" ({why})" if why else ""
+    raise ValueError(f"{model} expects height and width that are multiples of {multiple}{reason}, "
+                     f"got {x.shape[1]}x{x.shape[2]}")
+
+
+def alibi_slopes(num_heads: int, max_bias: float = 8.0, *, interleave: bool = True) -> np.ndarray:
+  """ALiBi's per-head slopes (Press et al.), float64. For a power-of-two head count the geometric
+  ladder ``2^(-max_bias * (h + 1) / num_heads)``, h = 0 .. num_heads - 1; for another head count,
+  with `interleave` (ALiBi's reference code, TransNormerLLM's `_build_slope_tensor`) the ladder of
+  the power of two below, then every other slope of the next power's ladder, and without (OLMo)
+  the same formula as for a power of two."""
+  if not interleave:
+    return 2.0 ** (-(np.arange(1, num_heads + 1, dtype=np.float64) * max_bias / num_heads))
+
+  def ladder(n):
+    start = 2.0 ** (-max_bias / n)
+    return [start * start ** i for i in range(n)]
+
+  if math.log2(num_heads).is_integer():
+    return np.asarray(ladder(num_heads))
+  below = 2 ** math.floor(math.log2(num_heads))
+  every_other = alibi_slopes(2 * below, max_bias)[0::2][:num_heads - below]
+  return np.asarray(ladder(below) + list(every_other))
+
+
 def output_axes(ndim: int, name: str | None) -> tuple[str | None, ...]:
   """Logical axes of a dense layer's output [batch, ..., features] whose kernel names its output
   `name`. The batch takes the data axes first, so a feature axis named like the weights' model
@@ -144,20 +192,51 @@ def on_rows(fn: Callable[[jax.Array], jax.Array], x: jax.Array) -> jax.Array:
   return y.reshape(*x.shape[:-1], y.shape[-1])
 
 
-def torch_linear(in_features: int, out_features: int, *, use_bias: bool = True,
-                 axes: tuple[str | None, str | None] = ("embed", "mlp"), dtype=jnp.float32,
-                 param_dtype=jnp.float32, rngs: nnx.Rngs) -> Linear:
-  """A `Linear` initialised like torch.nn.Linear (and Conv1d with kernel 1): weight and bias ~ U(+-1/sqrt(fan_in)).
-
-  The official PyTorch codes train from this init, so reproducing their runs starts here.
-  """
-  bound = 1.0 / math.sqrt(in_features)
+def torch_uniform(fan_in: int):
+  """torch's default init of nn.Linear and nn.Conv weights and biases: U(+-1/sqrt(fan_in))."""
+  bound = 1.0 / math.sqrt(fan_in)
 
   def uniform(key, shape, dtype):
     return jax.random.uniform(key, shape, dtype, -bound, bound)
 
-  return Linear(in_features, out_features, use_bias=use_bias, axes=axes, kernel_init=uniform,
-                bias_init=uniform, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+  return uniform
+
+
+# The inits of `linear`, named after the codes that train from them: fan_in -> (kernel init, bias
+# init). The official codes' runs are reproduced from their own init.
+LINEAR_INITS: dict[str, Callable[[int], tuple[Callable, Callable]]] = {
+    # torch.nn.Linear (and Conv1d/Conv2d with a 1x1 kernel): weight and bias ~ U(+-1/sqrt(fan_in)).
+    "torch": lambda fan_in: (torch_uniform(fan_in), torch_uniform(fan_in)),
+    # N(0, 0.02) weight, zero bias: TF MaxViT, OLMo, TransNormerLLM, and timm's
+    # trunc_normal_(std=.02) (HorNet), which truncates at +-2 in absolute terms, i.e. at 100
+    # standard deviations.
+    "normal": lambda fan_in: (nnx.initializers.normal(0.02), nnx.initializers.zeros_init()),
+    # N(0, 0.02) truncated at 2 standard deviations, zero bias: BiFormer's _init_weights.
+    "trunc_normal": lambda fan_in: (nnx.initializers.truncated_normal(0.02),
+                                    nnx.initializers.zeros_init()),
+    # scenic's attention projections: xavier-uniform over each [dim, dim] projection, i.e.
+    # U(+-sqrt(3 / fan_in)) also for a fused qkv kernel; zero bias.
+    "scenic_attention": lambda fan_in: (nnx.initializers.variance_scaling(1.0, "fan_in", "uniform"),
+                                        nnx.initializers.zeros_init()),
+    # scenic's MlpBlock Dense: xavier-uniform weight, N(0, 1e-6) bias.
+    "scenic_mlp": lambda fan_in: (nnx.initializers.xavier_uniform(),
+                                  nnx.initializers.normal(1e-6)),
+}
+
+
+def linear(in_features: int, out_features: int, *, init: str = "torch", use_bias: bool = True,
+           axes: tuple[str | None, str | None] = ("embed", "mlp"), dtype=jnp.float32,
+           param_dtype=jnp.float32, rngs: nnx.Rngs) -> Linear:
+  """A `Linear` (or a 1x1 convolution on channels-last features) initialised as `init` names
+  (`LINEAR_INITS`: "torch", "normal", "trunc_normal", "scenic_attention", "scenic_mlp").
+
+  `axes` names the kernel's (input, output) dimensions for sharding (see `Linear`).
+  """
+  if init not in LINEAR_INITS:
+    raise ValueError(f"init must be one of {sorted(LINEAR_INITS)}, got {init!r}")
+  kernel_init, bias_init = LINEAR_INITS[init](in_features)
+  return Linear(in_features, out_features, use_bias=use_bias, axes=axes, kernel_init=kernel_init,
+                bias_init=bias_init, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
 
 def layer_norm(dim: int, *, eps: float = 1e-5, dtype=jnp.float32, param_dtype=jnp.float32,
@@ -297,15 +376,15 @@ class Mlp(nnx.Module):
   """fc1 -> act -> dropout -> fc2 -> dropout (timm's Mlp; the Conv1d(k=1) pair of the official
   iTransformer).
 
-  `linear(in_features, out_features, *, axes, dtype, param_dtype, rngs)` builds the two layers:
-  torch's init by default; a family trained from another init (e.g. TF's normal(0.02)) passes its
-  own. The hidden units are split over the mesh's `tensor` axis (`ops.sharding`).
+  `init` names the init of the two layers (`linear`): torch's by default; a family trained from
+  another (e.g. TF's normal(0.02)) names its own. The hidden units are split over the mesh's
+  `tensor` axis (`ops.sharding`).
   """
 
   def __init__(self, dim: int, hidden_dim: int, *, act: Callable = ACTIVATIONS["gelu"],
-               drop: float = 0.0, linear: Callable[..., nnx.Module] = torch_linear,
-               dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
-    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+               drop: float = 0.0, init: str = "torch", dtype=jnp.float32,
+               param_dtype=jnp.float32, rngs: nnx.Rngs):
+    kw = dict(init=init, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.fc1 = linear(dim, hidden_dim, axes=("embed", "mlp"), **kw)
     self.fc2 = linear(hidden_dim, dim, axes=("mlp", "embed"), **kw)
     self.act = act
@@ -351,14 +430,15 @@ class NestedMlp(nnx.Module):
   with `width=m` uses hidden units `[:m]` only: the first m columns of the input layers' kernels
   (and biases), the first m rows of fc2's kernel; fc2's bias is shared by every width, never
   sliced. `width` is static: each width is its own compilation, and the compute is proportional
-  to it. Dropout as in `Mlp`. Any transformer of the zoo can take it in place of `Mlp`.
+  to it. Dropout and `init` as in `Mlp`; `use_bias` gives every layer a bias or none. Any
+  transformer of the zoo can take it in place of `Mlp`.
   """
 
   def __init__(self, dim: int, hidden_dim: int, *, gated: bool = False,
-               act: Callable = ACTIVATIONS["gelu"], drop: float = 0.0,
-               linear: Callable[..., nnx.Module] = torch_linear, dtype=jnp.float32,
-               param_dtype=jnp.float32, rngs: nnx.Rngs):
-    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+               act: Callable = ACTIVATIONS["gelu"], drop: float = 0.0, init: str = "torch",
+               use_bias: bool = True, dtype=jnp.float32, param_dtype=jnp.float32,
+               rngs: nnx.Rngs):
+    kw = dict(init=init, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.hidden_dim = hidden_dim
     self.gated = gated
     if gated:
@@ -416,18 +496,18 @@ class Attention(nnx.Module):
   `attn_drop` drops attention probabilities, `proj_drop` the output projection; `attn_implementation` picks
   the `ops.attention` implementation (None: the platform's best). With `num_queries` only the
   first tokens attend (all still serve as keys and values), for callers that read only those outputs.
-  `linear` builds qkv and proj as in `Mlp` (torch's init by default).
+  `init` names the init of qkv and proj (`linear`; torch's by default).
   """
 
   def __init__(self, dim: int, num_heads: int, *, qkv_bias: bool = True, attn_drop: float = 0.0,
                proj_drop: float = 0.0, attn_implementation: str | None = None,
-               linear: Callable[..., nnx.Module] = torch_linear, dtype=jnp.float32,
-               param_dtype=jnp.float32, rngs: nnx.Rngs):
+               init: str = "torch", dtype=jnp.float32, param_dtype=jnp.float32,
+               rngs: nnx.Rngs):
     if dim % num_heads:
       raise ValueError(f"dim must be divisible by num_heads, got dim={dim}, num_heads={num_heads}")
     self.num_heads = num_heads
     self.attn_implementation = attn_implementation
-    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    kw = dict(init=init, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.qkv = linear(dim, 3 * dim, use_bias=qkv_bias, axes=("embed", "heads"), **kw)
     self.proj = linear(dim, dim, axes=("heads", "embed"), **kw)
     self.attn_drop = Dropout(attn_drop, rngs=rngs)

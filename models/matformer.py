@@ -45,16 +45,11 @@ from models.convert import check_state_dict
 from models.registry import PretrainedCfg, register_model, register_pretrained
 from ops.sharding import axes as logical
 
-_INIT_STD = 0.02  # OLMo's init_std: every kernel and the embedding ~ N(0, 0.02), biases 0
+# OLMo's init_std: every kernel (layers.linear's init="normal") and the embedding ~ N(0, 0.02),
+# biases 0
+_INIT_STD = 0.02
 _MASK_VALUE = -1e30  # additive bias of a masked key (finite: a row is never all -inf)
 POSITIONS = ("rope", "alibi")
-
-
-def _linear(din: int, dout: int, *, use_bias: bool = True, axes=("embed", "mlp"),
-            dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs) -> layers.Linear:
-  return layers.Linear(din, dout, use_bias=use_bias, axes=axes,
-                       kernel_init=nnx.initializers.normal(_INIT_STD),
-                       dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
 
 def apply_rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
@@ -70,11 +65,6 @@ def apply_rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
   return (xf * cos + rotated * sin).astype(x.dtype)
 
 
-def alibi_slopes(num_heads: int, alibi_max: float = 8.0) -> np.ndarray:
-  """OLMo's ALiBi slopes: head h gets ``2^(-(h+1) * alibi_max / num_heads)``."""
-  return 2.0 ** (-(np.arange(1, num_heads + 1, dtype=np.float64) * alibi_max / num_heads))
-
-
 class CausalSelfAttention(nnx.Module):
   """Causal softmax attention: fused qkv (q: H heads, k and v: `num_kv_heads` heads each),
   RoPE or ALiBi, `ops.attention`, output projection."""
@@ -85,11 +75,13 @@ class CausalSelfAttention(nnx.Module):
     self.num_heads, self.num_kv_heads = num_heads, num_kv_heads
     self.head_dim = dim // num_heads
     self.positions, self.rope_theta = positions, rope_theta
-    self.slopes = tuple(alibi_slopes(num_heads, alibi_max)) if positions == "alibi" else None
+    self.slopes = (tuple(layers.alibi_slopes(num_heads, alibi_max, interleave=False))
+                   if positions == "alibi" else None)
     self.attn_implementation = attn_implementation
-    kw = dict(use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    self.qkv = _linear(dim, dim + 2 * num_kv_heads * self.head_dim, axes=("embed", "heads"), **kw)
-    self.out = _linear(dim, dim, axes=("heads", "embed"), **kw)
+    kw = dict(init="normal", use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.qkv = layers.linear(dim, dim + 2 * num_kv_heads * self.head_dim, axes=("embed", "heads"),
+                             **kw)
+    self.out = layers.linear(dim, dim, axes=("heads", "embed"), **kw)
 
   def _qkv(self, x: jax.Array, positions: jax.Array):
     batch, length, dim = x.shape
@@ -202,8 +194,8 @@ class MatLMBlock(nnx.Module):
                                     alibi_max=alibi_max,
                                     attn_implementation=attn_implementation, **kw)
     self.ff_norm = layers.layer_norm(dim, eps=norm_eps, **kw)
-    self.mlp = layers.NestedMlp(dim, mlp_dim, gated=gated, act=act, drop=dropout,
-                                linear=functools.partial(_linear, use_bias=use_bias), **kw)
+    self.mlp = layers.NestedMlp(dim, mlp_dim, gated=gated, act=act, drop=dropout, init="normal",
+                                use_bias=use_bias, **kw)
     self.drop = layers.Dropout(dropout, rngs=rngs)
 
   def __call__(self, x: jax.Array, *, width: int, train: bool = False) -> jax.Array:
@@ -340,7 +332,7 @@ class MatLM(NestedFFNs, nnx.Module):
   def __call__(self, tokens: jax.Array, *, train: bool = False,
                granularity: Granularity = None) -> jax.Array:
     """[B, T] int tokens -> [B, T, vocab] f32 logits."""
-    _check_tokens(tokens)
+    layers.check_tokens(tokens)
     widths = self.layer_widths(granularity)
     h = self.drop(self.embed(tokens), train=train)
     for block, width in zip(self.blocks, widths):
@@ -379,7 +371,7 @@ class MatLM(NestedFFNs, nnx.Module):
     The cache must have room for T more positions (``offset + T <= max_len``): this is checked
     when the offset is a concrete value; under jit it is the caller's contract (``generate``
     allocates ``prompt + new tokens``)."""
-    _check_tokens(tokens)
+    layers.check_tokens(tokens)
     widths = self.layer_widths(granularity)
     self._check_cache(tokens, cache)
     offset = cache["offset"]
@@ -410,32 +402,7 @@ class MatLM(NestedFFNs, nnx.Module):
                        f"{'?' if isinstance(offset, jax.core.Tracer) else int(offset)} need {end}")
 
 
-def _check_tokens(tokens: jax.Array) -> None:
-  if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
-    raise ValueError(f"tokens must be an integer array [batch, length], got shape "
-                     f"{tuple(tokens.shape)} and dtype {tokens.dtype}")
-
-
 # --- MatViT ---------------------------------------------------------------------------------------
-
-
-def _xavier_projection(din: int, dout: int, *, use_bias: bool = True, axes=("embed", "heads"),
-                       dtype=jnp.float32, param_dtype=jnp.float32,
-                       rngs: nnx.Rngs) -> layers.Linear:
-  """Scenic's attention projections: xavier-uniform over each [dim, dim] projection, i.e.
-  U(+-sqrt(3 / fan_in)) also for the fused qkv kernel; zero biases."""
-  init = nnx.initializers.variance_scaling(1.0, "fan_in", "uniform")
-  return layers.Linear(din, dout, use_bias=use_bias, axes=axes, kernel_init=init, dtype=dtype,
-                       param_dtype=param_dtype, rngs=rngs)
-
-
-def _xavier_mlp(din: int, dout: int, *, use_bias: bool = True, axes=("embed", "mlp"),
-                dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs) -> layers.Linear:
-  """Scenic's MlpBlock Dense: xavier-uniform kernel, N(0, 1e-6) bias."""
-  return layers.Linear(din, dout, use_bias=use_bias, axes=axes,
-                       kernel_init=nnx.initializers.xavier_uniform(),
-                       bias_init=nnx.initializers.normal(1e-6), dtype=dtype,
-                       param_dtype=param_dtype, rngs=rngs)
 
 
 class MatViTBlock(nnx.Module):
@@ -449,9 +416,9 @@ class MatViTBlock(nnx.Module):
     self.norm1 = layers.layer_norm(dim, eps=norm_eps, **kw)
     self.attn = layers.Attention(dim, num_heads, attn_drop=attn_dropout, proj_drop=dropout,
                                  attn_implementation=attn_implementation,
-                                 linear=_xavier_projection, **kw)
+                                 init="scenic_attention", **kw)
     self.norm2 = layers.layer_norm(dim, eps=norm_eps, **kw)
-    self.mlp = layers.NestedMlp(dim, mlp_dim, act=act, drop=dropout, linear=_xavier_mlp, **kw)
+    self.mlp = layers.NestedMlp(dim, mlp_dim, act=act, drop=dropout, init="scenic_mlp", **kw)
     self.drop_path = layers.DropPath(drop_path, rngs=rngs)
 
   def __call__(self, x: jax.Array, *, width: int, train: bool = False) -> jax.Array:
@@ -524,13 +491,6 @@ class MatViT(NestedFFNs, nnx.Module):
     self.norm = layers.layer_norm(dim, eps=norm_eps, **kw)
     self.reset_classifier(num_classes, rngs=rngs)
 
-  def _check_images(self, x: jax.Array) -> None:
-    expected = (self.img_size, self.img_size, self.in_chans)
-    if x.ndim != 4 or tuple(x.shape[1:]) != expected or not jnp.issubdtype(x.dtype,
-                                                                          jnp.floating):
-      raise ValueError(f"MatViT expects float images [batch, {', '.join(map(str, expected))}], "
-                       f"got shape {tuple(x.shape)} and dtype {x.dtype}")
-
   def forward_features(self, x: jax.Array, *, train: bool = False,
                        granularity: Granularity = None) -> jax.Array:
     """Images -> the normalised tokens [B, (1 +) patches, dim] (class token first)."""
@@ -568,7 +528,7 @@ class MatViT(NestedFFNs, nnx.Module):
 
   def _block_outputs(self, x: jax.Array, *, train: bool, granularity: Granularity):
     """Yields every block's output tokens [B, (1 +) patches, dim]."""
-    self._check_images(x)
+    layers.check_images("MatViT", x, self.in_chans, size=self.img_size)
     widths = self.layer_widths(granularity)
     x = self.patch_embed(x.astype(self.dtype))
     x = x.reshape(x.shape[0], -1, x.shape[-1])

@@ -40,7 +40,6 @@ branches with probability drop_path_rate * b / num_blocks (timm: linspace(0, rat
 """
 from __future__ import annotations
 
-import functools
 import math
 import re
 from typing import Mapping, Sequence
@@ -51,9 +50,9 @@ import numpy as np
 from flax import nnx
 
 from models.convert import check_state_dict
-from models.layers import (CONV_AXES, NORM_AXES, DepthwiseConv, DropPath, Linear, Mlp,
-                           collect_intermediates, layer_norm, promote_keeping_statistics,
-                           shard_batch)
+from models.layers import (ACTIVATIONS, CONV_AXES, NORM_AXES, DepthwiseConv, DropPath, Mlp,
+                           check_images, collect_intermediates, layer_norm, linear,
+                           promote_keeping_statistics, shard_batch)
 from models.registry import (IMAGENET_MEAN, IMAGENET_STD, PretrainedCfg, register_model,
                              register_pretrained)
 from ops.sharding import axes as logical
@@ -67,15 +66,9 @@ _EXPANSION = 4  # MBConv and FFN hidden width = 4 x the block's output width
 _SE_RATIO = 0.25  # of the block's output width
 _STEM_STRIDE = 2
 
-gelu = functools.partial(jax.nn.gelu, approximate=True)  # TF's activation_fn('gelu'): tanh form
-_init = nnx.initializers.normal(0.02)  # TF: every kernel, conv and relative bias; biases 0
-
-
-def dense(in_features: int, out_features: int, *, use_bias: bool = True, axes=("embed", "mlp"),
-          dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs) -> Linear:
-  """A Linear (or a 1x1 convolution, in NHWC) with TF's init."""
-  return Linear(in_features, out_features, use_bias=use_bias, axes=axes, kernel_init=_init,
-                dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+gelu = ACTIVATIONS["gelu_tanh"]  # TF's activation_fn('gelu'): tanh form
+# TF: every kernel, conv and relative bias ~ N(0, 0.02) (layers.linear's init="normal"); biases 0
+_init = nnx.initializers.normal(0.02)
 
 
 def conv3x3(in_features: int, out_features: int, *, stride: int = 1, dtype=jnp.float32,
@@ -163,8 +156,8 @@ class SqueezeExcite(nnx.Module):
   def __init__(self, dim: int, hidden: int, *, dtype=jnp.float32, param_dtype=jnp.float32,
                rngs: nnx.Rngs):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    self.reduce = dense(dim, hidden, axes=("embed", None), **kw)
-    self.expand = dense(hidden, dim, axes=(None, "embed"), **kw)
+    self.reduce = linear(dim, hidden, init="normal", axes=("embed", None), **kw)
+    self.expand = linear(hidden, dim, init="normal", axes=(None, "embed"), **kw)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     gate = self.expand(jax.nn.silu(self.reduce(x.mean(axis=(1, 2), keepdims=True))))
@@ -184,17 +177,18 @@ class MBConv(nnx.Module):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     hidden = _EXPANSION * out_dim
     self.stride = stride
-    self.shortcut = (dense(in_dim, out_dim, axes=("embed", None), **kw) if in_dim != out_dim
-                     else None)
+    self.shortcut = (linear(in_dim, out_dim, init="normal", axes=("embed", None), **kw)
+                     if in_dim != out_dim else None)
     self.pre_norm = batch_norm(in_dim, **kw)
-    self.expand = dense(in_dim, hidden, use_bias=False, axes=("embed", "mlp"), **kw)
+    self.expand = linear(in_dim, hidden, init="normal", use_bias=False, axes=("embed", "mlp"),
+                         **kw)
     self.expand_norm = batch_norm(hidden, **kw)
     # nnx.Conv's layout ([3, 3, 1, C]); layers.DepthwiseConv avoids XLA:CPU's slow grouped conv.
     self.depthwise = DepthwiseConv(hidden, 3, stride=stride, use_bias=False, kernel_init=_init,
                                    **kw)
     self.depthwise_norm = batch_norm(hidden, **kw)
     self.se = SqueezeExcite(hidden, max(1, int(out_dim * _SE_RATIO)), **kw)
-    self.shrink = dense(hidden, out_dim, axes=("mlp", "embed"), **kw)
+    self.shrink = linear(hidden, out_dim, init="normal", axes=("mlp", "embed"), **kw)
     self.drop_path = DropPath(drop_path, rngs=rngs)
 
   def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
@@ -228,8 +222,8 @@ class RelPosAttention(nnx.Module):
     self.num_heads = dim // head_dim
     self.window = window
     self.implementation = implementation
-    self.qkv = dense(dim, 3 * dim, axes=("embed", "heads"), **kw)
-    self.proj = dense(dim, dim, axes=("heads", "embed"), **kw)
+    self.qkv = linear(dim, 3 * dim, init="normal", axes=("embed", "heads"), **kw)
+    self.proj = linear(dim, dim, init="normal", axes=("heads", "embed"), **kw)
     self.rel_pos_table = nnx.Param(
         _init(rngs.params(), (self.num_heads, rel_pos_size, rel_pos_size), param_dtype),
         **logical("heads", None, None))
@@ -271,7 +265,7 @@ class PartitionTransformer(nnx.Module):
     self.attn = RelPosAttention(dim, window=window, rel_pos_size=rel_pos_size,
                                 implementation=implementation, **kw)
     self.norm2 = layer_norm(dim, eps=_LN_EPS, **kw)
-    self.mlp = Mlp(dim, _EXPANSION * dim, act=gelu, linear=dense, **kw)
+    self.mlp = Mlp(dim, _EXPANSION * dim, act=gelu, init="normal", **kw)
     self.drop_path = DropPath(drop_path, rngs=rngs)
 
   def _partitions(self):
@@ -345,8 +339,9 @@ class Head(nnx.Module):
                param_dtype=jnp.float32, rngs: nnx.Rngs):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.norm = layer_norm(dim, eps=_LN_EPS, **kw)
-    self.pre_logits = dense(dim, hidden, axes=("embed", "mlp"), **kw)
-    self.fc = dense(hidden, num_classes, axes=("mlp", None), **kw) if num_classes > 0 else None
+    self.pre_logits = linear(dim, hidden, init="normal", axes=("embed", "mlp"), **kw)
+    self.fc = (linear(hidden, num_classes, init="normal", axes=("mlp", None), **kw)
+               if num_classes > 0 else None)
 
   def __call__(self, x: jax.Array, *, pre_logits: bool = False) -> jax.Array:
     x = jnp.tanh(self.pre_logits(self.norm(x.mean(axis=(1, 2)))))
@@ -411,17 +406,9 @@ class MaxViT(nnx.Module):
     return _STEM_STRIDE * 2 ** len(self.stages) * self.window_size
 
   def _check_images(self, x: jax.Array) -> None:
-    if x.ndim != 4 or x.shape[-1] != self.in_chans:
-      raise ValueError(f"MaxViT expects images [batch, height, width, {self.in_chans}] (NHWC), "
-                       f"got shape {tuple(x.shape)}")
-    if not jnp.issubdtype(x.dtype, jnp.floating):
-      raise ValueError(f"MaxViT expects floating-point images, got dtype {x.dtype}")
-    m = self.input_multiple
-    if x.shape[1] % m or x.shape[2] % m:
-      raise ValueError(
-          f"MaxViT with window {self.window_size} expects height and width that are multiples of "
-          f"{m} (2^{len(self.stages) + 1} x window; the official code does not pad), got "
-          f"{x.shape[1]}x{x.shape[2]}")
+    check_images("MaxViT", x, self.in_chans, multiple=self.input_multiple,
+                 why=f"2^{len(self.stages) + 1} x window {self.window_size}; the official code "
+                     f"does not pad")
 
   def forward_features(self, x: jax.Array, *, train: bool = False) -> jax.Array:
     """Images -> the last stage's map [B, H/32, W/32, C] (for 4 stages)."""
@@ -487,9 +474,9 @@ class MaxViT(nnx.Module):
     self.num_classes = num_classes
     self.head.fc = None
     if num_classes > 0:
-      self.head.fc = dense(self.head_hidden_size, num_classes, axes=("mlp", None), dtype=self.dtype,
-                           param_dtype=self.param_dtype,
-                           rngs=rngs if rngs is not None else nnx.Rngs(0))
+      self.head.fc = linear(self.head_hidden_size, num_classes, init="normal", axes=("mlp", None),
+                            dtype=self.dtype, param_dtype=self.param_dtype,
+                            rngs=rngs if rngs is not None else nnx.Rngs(0))
 
 
 # --- variants: every published MaxViT (hp/vision.py) at the three released resolutions ----------

@@ -33,8 +33,8 @@ import numpy as np
 from flax import nnx
 
 from models.convert import check_state_dict
-from models.layers import (ACTIVATIONS, Buffer, Dropout, TokenEmbed, layer_norm, shard_batch,
-                           torch_linear)
+from models.layers import (ACTIVATIONS, Buffer, Dropout, Linear, TokenEmbed, check_tokens,
+                           layer_norm, linear, shard_batch)
 from models.registry import register_model
 from ops import diag_attention, lightning_decode_step, norm_attention, simple_rms_norm
 from ops.sharding import axes as logical
@@ -51,18 +51,20 @@ def _xavier(gain: float = 1.0):
   return nnx.initializers.variance_scaling(gain ** 2, "fan_avg", "uniform")
 
 
-def _linear(din: int, dout: int, init: str, *, gain: float = 1.0, zero_bias: bool = False,
-            axes=("embed", "mlp"), dtype, param_dtype, rngs: nnx.Rngs) -> nnx.Module:
-  """A Linear with the official init: "fairseq" (the LM): xavier_uniform(gain) weights, torch's
-  default or zero biases; "bert" (RoBERTa's init_bert_params): N(0, 0.02) weights, zero biases."""
-  layer = torch_linear(din, dout, axes=axes, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+def _reinit(layer: Linear, init: str, *, rngs: nnx.Rngs, gain: float = 1.0,
+            zero_bias: bool = False) -> Linear:
+  """`layer`, built with torch's init, re-initialised as the official code does once its modules
+  are built: "fairseq" (the LM's `reset_parameters`): xavier_uniform(gain) weight, torch's or a
+  zero bias; "bert" (RoBERTa's `init_bert_params`): N(0, 0.02) weight, zero bias; "torch": as it
+  is."""
+  shape = (layer.in_features, layer.out_features)
   if init == "bert":
-    layer.kernel[...] = nnx.initializers.normal(0.02)(rngs.params(), (din, dout), param_dtype)
-    layer.bias[...] = jnp.zeros((dout,), param_dtype)
-  else:
-    layer.kernel[...] = _xavier(gain)(rngs.params(), (din, dout), param_dtype)
+    layer.kernel[...] = nnx.initializers.normal(0.02)(rngs.params(), shape, layer.param_dtype)
+    layer.bias[...] = jnp.zeros((layer.out_features,), layer.param_dtype)
+  elif init == "fairseq":
+    layer.kernel[...] = _xavier(gain)(rngs.params(), shape, layer.param_dtype)
     if zero_bias:
-      layer.bias[...] = jnp.zeros((dout,), param_dtype)
+      layer.bias[...] = jnp.zeros((layer.out_features,), layer.param_dtype)
   return layer
 
 
@@ -99,12 +101,16 @@ class _Attention(nnx.Module):
                rngs: nnx.Rngs):
     if dim % num_heads:
       raise ValueError(f"dim must be divisible by num_heads, got dim={dim}, num_heads={num_heads}")
-    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    kw = dict(init="torch", dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.num_heads, self.head_dim = num_heads, dim // num_heads
-    self.q_proj = _linear(dim, dim, init, gain=qkv_gain, axes=("embed", "heads"), **kw)
-    self.k_proj = _linear(dim, dim, init, gain=qkv_gain, axes=("embed", "heads"), **kw)
-    self.v_proj = _linear(dim, dim, init, gain=qkv_gain, axes=("embed", "heads"), **kw)
-    self.out_proj = _linear(dim, dim, init, zero_bias=True, axes=("heads", "embed"), **kw)
+    self.q_proj = _reinit(linear(dim, dim, axes=("embed", "heads"), **kw), init, gain=qkv_gain,
+                          rngs=rngs)
+    self.k_proj = _reinit(linear(dim, dim, axes=("embed", "heads"), **kw), init, gain=qkv_gain,
+                          rngs=rngs)
+    self.v_proj = _reinit(linear(dim, dim, axes=("embed", "heads"), **kw), init, gain=qkv_gain,
+                          rngs=rngs)
+    self.out_proj = _reinit(linear(dim, dim, axes=("heads", "embed"), **kw), init, zero_bias=True,
+                            rngs=rngs)
     self.urpe = Urpe(self.head_dim, param_dtype=param_dtype, rngs=rngs)
 
   def _heads(self, x: jax.Array) -> jax.Array:
@@ -212,12 +218,11 @@ class GLU(nnx.Module):
 
   def __init__(self, dim: int, hidden_dim: int, init: str = "fairseq", *, dtype=jnp.float32,
                param_dtype=jnp.float32, rngs: nnx.Rngs):
-    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    make = (lambda i, o, axes: _linear(i, o, "bert", axes=axes, **kw)) if init == "bert" else (
-        lambda i, o, axes: torch_linear(i, o, axes=axes, **kw))
-    self.l1 = make(dim, hidden_dim, ("embed", "mlp"))
-    self.l2 = make(dim, hidden_dim, ("embed", "mlp"))
-    self.l3 = make(hidden_dim, dim, ("mlp", "embed"))
+    kw = dict(init="torch", dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    reinit = "bert" if init == "bert" else "torch"  # fairseq's GLU keeps torch's init
+    self.l1 = _reinit(linear(dim, hidden_dim, axes=("embed", "mlp"), **kw), reinit, rngs=rngs)
+    self.l2 = _reinit(linear(dim, hidden_dim, axes=("embed", "mlp"), **kw), reinit, rngs=rngs)
+    self.l3 = _reinit(linear(hidden_dim, dim, axes=("mlp", "embed"), **kw), reinit, rngs=rngs)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     return self.l3(self.l1(x) * self.l2(x))
@@ -283,12 +288,6 @@ def sinusoidal_embedding(positions: jax.Array, dim: int, pad_token_id: int) -> j
   return jnp.where((positions == pad_token_id)[..., None], 0.0, emb)
 
 
-def _check_tokens(tokens: jax.Array) -> None:
-  if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
-    raise ValueError(f"tokens must be an integer array [batch, length], got shape "
-                     f"{tuple(tokens.shape)} and dtype {tokens.dtype}")
-
-
 def _embedding(vocab_size: int, dim: int, std: float, pad_token_id: int, **kw) -> nnx.Embed:
   """nn.Embedding(padding_idx) of tokens initialised N(0, std) with a zero pad row."""
   def init(key, shape, dtype):
@@ -330,7 +329,7 @@ class TransNormerLM(nnx.Module):
     return self.embed_tokens.attend(simple_rms_norm(h)).astype(jnp.float32)
 
   def __call__(self, tokens: jax.Array, *, train: bool = False) -> jax.Array:
-    _check_tokens(tokens)
+    check_tokens(tokens)
     h = self.embed_drop(self.embed(tokens), train=train)
     for layer in self.layers:
       h = shard_batch(layer(h, train=train))
@@ -345,7 +344,7 @@ class TransNormerLM(nnx.Module):
 
   def decode_step(self, tokens: jax.Array, cache: dict) -> tuple[jax.Array, dict]:
     """Next tokens [B, T] continuing ``cache`` -> (logits [B, T, vocab] f32, updated cache)."""
-    _check_tokens(tokens)
+    check_tokens(tokens)
     if cache["seen"].shape != (tokens.shape[0],):
       raise ValueError(f"cache is for batch {cache['seen'].shape[0]}, got tokens for batch "
                        f"{tokens.shape[0]}")
@@ -388,12 +387,12 @@ class TransNormerMLM(nnx.Module):
     self.layers = _layers(depth, dim, num_heads, kernel=kernel, diag_softmax=diag_softmax,
                           causal=False, post_norm=True, dropout=dropout, attn_drop=attn_drop,
                           init="bert", attn_implementation=attn_implementation, **kw)
-    self.lm_head_dense = torch_linear(dim, dim, axes=("embed", None), **kw)
+    self.lm_head_dense = linear(dim, dim, init="torch", axes=("embed", None), **kw)
     self.lm_head_norm = layer_norm(dim, **kw)
     self.lm_head_bias = nnx.Param(jnp.zeros((vocab_size,), param_dtype), **logical("vocab"))
 
   def __call__(self, tokens: jax.Array, *, train: bool = False) -> jax.Array:
-    _check_tokens(tokens)
+    check_tokens(tokens)
     if tokens.shape[1] > self.max_positions:
       raise ValueError(f"at most max_positions={self.max_positions} tokens, got {tokens.shape[1]}")
     positions = fairseq_positions(tokens, self.pad_token_id)

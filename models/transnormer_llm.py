@@ -32,26 +32,16 @@ import numpy as np
 from flax import nnx
 
 from models.convert import check_state_dict
-from models.layers import Linear, TokenEmbed, shard_batch
+# alibi_slopes: the released code's `_build_slope_tensor` (also imported from here)
+from models.layers import TokenEmbed, alibi_slopes, check_tokens, linear, shard_batch
 from models.registry import PretrainedCfg, register_model, register_pretrained
 from ops import lightning_attention, lightning_decode_step, lightning_prefill
 from ops.sharding import axes as logical
 
 _NORM_EPS = 1e-6
-_INIT_STD = 0.02  # TransnormerConfig.init_std: every Linear and the embedding ~ N(0, 0.02)
-
-
-def alibi_slopes(num_heads: int) -> list[float]:
-  """ALiBi's geometric head slopes, as `_build_slope_tensor` computes them (for a head count that is
-  not a power of two: the ladder of the power of two below, then every other slope of the next)."""
-  def power_of_2(n):
-    start = 2 ** (-(2 ** -(math.log2(n) - 3)))
-    return [start * start ** i for i in range(n)]
-
-  if math.log2(num_heads).is_integer():
-    return power_of_2(num_heads)
-  below = 2 ** math.floor(math.log2(num_heads))
-  return power_of_2(below) + alibi_slopes(2 * below)[0::2][:num_heads - below]
+# TransnormerConfig.init_std: every Linear (no biases: layers.linear's init="normal") and the
+# embedding ~ N(0, 0.02)
+_INIT_STD = 0.02
 
 
 def decay_rates(num_heads: int, depth: int) -> np.ndarray:
@@ -68,12 +58,6 @@ def srms_norm(x: jax.Array) -> jax.Array:
   """TransNormerLLM's SimpleRMSNorm: ``x * rsqrt(mean(x^2) + 1e-6)`` in f32, no parameters."""
   xf = x.astype(jnp.float32)
   return (xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + _NORM_EPS)).astype(x.dtype)
-
-
-def _linear(din: int, dout: int, *, axes, dtype, param_dtype, rngs: nnx.Rngs) -> Linear:
-  return Linear(din, dout, use_bias=False, axes=axes,
-                kernel_init=nnx.initializers.normal(_INIT_STD), dtype=dtype,
-                param_dtype=param_dtype, rngs=rngs)
 
 
 class Lrpe(nnx.Module):
@@ -102,14 +86,14 @@ class GatedLinearAttention(nnx.Module):
   def __init__(self, dim: int, hidden_dim: int, num_heads: int, decay: Sequence[float], *,
                use_lrpe: bool, attn_implementation: str | None = None, dtype=jnp.float32,
                param_dtype=jnp.float32, rngs: nnx.Rngs):
-    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    kw = dict(init="normal", use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.num_heads = num_heads
     self.head_dim = hidden_dim // num_heads
     self.decay = tuple(float(r) for r in decay)  # static: fixed per layer, no gradient
     self.attn_implementation = attn_implementation
-    self.qkvu_proj = _linear(dim, 4 * hidden_dim, axes=("embed", "heads"), **kw)
+    self.qkvu_proj = linear(dim, 4 * hidden_dim, axes=("embed", "heads"), **kw)
     self.lrpe = Lrpe(num_heads, self.head_dim, param_dtype=param_dtype) if use_lrpe else None
-    self.out_proj = _linear(hidden_dim, dim, axes=("heads", "embed"), **kw)
+    self.out_proj = linear(hidden_dim, dim, axes=("heads", "embed"), **kw)
 
   @property
   def key_dim(self) -> int:
@@ -154,10 +138,10 @@ class SimpleGLU(nnx.Module):
 
   def __init__(self, dim: int, glu_dim: int, *, dtype=jnp.float32, param_dtype=jnp.float32,
                rngs: nnx.Rngs):
-    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    self.l1 = _linear(dim, glu_dim, axes=("embed", "mlp"), **kw)
-    self.l2 = _linear(dim, glu_dim, axes=("embed", "mlp"), **kw)
-    self.l3 = _linear(glu_dim, dim, axes=("mlp", "embed"), **kw)
+    kw = dict(init="normal", use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.l1 = linear(dim, glu_dim, axes=("embed", "mlp"), **kw)
+    self.l2 = linear(dim, glu_dim, axes=("embed", "mlp"), **kw)
+    self.l3 = linear(glu_dim, dim, axes=("mlp", "embed"), **kw)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     return self.l3(self.l1(x) * self.l2(x))
@@ -225,8 +209,9 @@ class TransNormerLLM(nnx.Module):
                             use_lrpe=i in lrpe_layers, attn_implementation=attn_implementation,
                             **kw)
         for i in range(depth)])
-    self.lm_head = None if tie_embeddings else _linear(dim, vocab_size, axes=("embed", "vocab"),
-                                                                 **kw)
+    self.lm_head = None if tie_embeddings else linear(dim, vocab_size, init="normal",
+                                                      use_bias=False, axes=("embed", "vocab"),
+                                                      **kw)
 
   def embed(self, tokens: jax.Array) -> jax.Array:
     """``sqrt(dim) * embedding`` (HF embed_scale)."""
@@ -242,7 +227,7 @@ class TransNormerLLM(nnx.Module):
     """[B, T] int tokens -> [B, T, vocab] f32 logits. ``train`` is accepted for the shared loop
     (TransNormerLLM has no dropout)."""
     del train
-    _check_tokens(tokens)
+    check_tokens(tokens)
     h = self.embed(tokens)
     for layer in self.layers:
       h = shard_batch(layer(h))
@@ -260,7 +245,7 @@ class TransNormerLLM(nnx.Module):
 
   def decode_step(self, tokens: jax.Array, cache: dict) -> tuple[jax.Array, dict]:
     """Next tokens [B, T] continuing ``cache`` -> (logits [B, T, vocab] f32, updated cache)."""
-    _check_tokens(tokens)
+    check_tokens(tokens)
     expected = self.init_cache(tokens.shape[0])["states"]
     got = cache["states"]
     if len(got) != len(expected) or any(a.shape != b.shape for a, b in zip(got, expected)):
@@ -274,12 +259,6 @@ class TransNormerLLM(nnx.Module):
       h, state = layer.step(h, state, offset)
       states.append(state)
     return self.head(h), {"offset": offset + tokens.shape[1], "states": tuple(states)}
-
-
-def _check_tokens(tokens: jax.Array) -> None:
-  if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
-    raise ValueError(f"tokens must be an integer array [batch, length], got shape "
-                     f"{tuple(tokens.shape)} and dtype {tokens.dtype}")
 
 
 # --- variants -------------------------------------------------------------------------------------

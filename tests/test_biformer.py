@@ -154,10 +154,10 @@ def test_model_input_checks_and_auto_pad_sizes():
   with pytest.raises(ValueError, match=r"images of 96x96 give stage 1 a 24x24 map, not divisible "
                                        r"by n_win=7 \(use sides that are multiples of 224"):
     model(jnp.zeros((1, 96, 96, 3)))
-  with pytest.raises(ValueError, match=r"shape \[batch, height, width, 3\] \(NHWC\), got shape "
-                                       r"\(1, 3, 112, 112\)"):
+  with pytest.raises(ValueError, match=r"BiFormer expects images \[batch, height, width, 3\] "
+                                       r"\(NHWC\), got shape \(1, 3, 112, 112\)"):
     model(jnp.zeros((1, 3, 112, 112)))
-  with pytest.raises(ValueError, match="floating-point array, got dtype int32"):
+  with pytest.raises(ValueError, match="floating-point images, got dtype int32"):
     model(jnp.zeros((1, 112, 112, 3), jnp.int32))
   with pytest.raises(ValueError, match=r"topks must have one entry per stage \(4\), got \(1, 4\)"):
     BiFormer(topks=(1, 4), rngs=nnx.Rngs(0))

@@ -267,10 +267,10 @@ def test_head_api_and_reset_classifier():
 
 @pytest.mark.parametrize("shape, dtype, message", [
     ((64, 64, 3), jnp.float32,
-     r"x must be images \[batch, height, width, 3\] \(NHWC\), got shape \(64, 64, 3\)"),
+     r"HorNet expects images \[batch, height, width, 3\] \(NHWC\), got shape \(64, 64, 3\)"),
     ((1, 3, 64, 64), jnp.float32, r"got shape \(1, 3, 64, 64\)"),
-    ((1, 64, 64, 3), jnp.int32, "floating-point array, got dtype int32"),
-    ((1, 64, 80, 3), jnp.float32, "divisible by 32 .*, got 64x80"),
+    ((1, 64, 64, 3), jnp.int32, "HorNet expects floating-point images, got dtype int32"),
+    ((1, 64, 80, 3), jnp.float32, r"multiples of 32 \(the total stride\), got 64x80"),
 ])
 def test_rejects_bad_images(shape, dtype, message):
   model = _abstract(base_dim=16, depths=(1, 1, 1, 1), num_classes=10)

@@ -1,11 +1,13 @@
-"""Shared layers: the CPU paths of Linear and the depthwise conv equal the plain XLA ops, values and gradients."""
+"""Shared layers: the CPU paths of Linear and the depthwise conv equal the plain XLA ops, values and
+gradients; the one linear factory, the shared input checks and ALiBi's slopes."""
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
-from models.layers import DepthwiseConv, Linear, depthwise_conv2d, prefix_dense
+from models.layers import (LINEAR_INITS, DepthwiseConv, Linear, alibi_slopes, check_images,
+                           check_tokens, depthwise_conv2d, linear, prefix_dense)
 
 
 def _xla_depthwise(x, kernel, stride=1):
@@ -97,3 +99,51 @@ def test_linear_kernel_gradient_contracts_one_axis_on_cpu():
   dots = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "dot_general"]
   assert len(dots) >= 2  # forward and kernel gradient
   assert all(v.aval.ndim == 2 for e in dots for v in e.invars)
+
+
+@pytest.mark.parametrize("init", sorted(LINEAR_INITS))
+def test_linear_factory_draws_each_official_init(init):
+  layer = linear(256, 512, init=init, rngs=nnx.Rngs(0))
+  kernel, bias = np.asarray(layer.kernel[...]), np.asarray(layer.bias[...])
+  expected_std = {"torch": 1 / 16 / np.sqrt(3), "normal": 0.02, "trunc_normal": 0.02 * 0.88,
+                  "scenic_attention": 1 / 16, "scenic_mlp": np.sqrt(2 / 768)}[init]
+  np.testing.assert_allclose(kernel.std(), expected_std, rtol=0.03)
+  assert np.abs(bias).max() <= {"torch": 1 / 16, "scenic_mlp": 1e-5}.get(init, 0.0)
+  assert linear(4, 8, init=init, use_bias=False, rngs=nnx.Rngs(0)).bias is None
+  with pytest.raises(ValueError, match=r"init must be one of \['normal', 'scenic_attention'"):
+    linear(4, 8, init="xavier", rngs=nnx.Rngs(0))
+
+
+@pytest.mark.parametrize("shape, dtype, kwargs, message", [
+    ((8, 8, 3), jnp.float32, {},
+     r"Toy expects images \[batch, height, width, 3\] \(NHWC\), got shape \(8, 8, 3\)"),
+    ((1, 8, 8, 1), jnp.float32, {}, r"got shape \(1, 8, 8, 1\)"),
+    ((1, 8, 8, 3), jnp.int32, {}, "Toy expects floating-point images, got dtype int32"),
+    ((1, 8, 12, 3), jnp.float32, dict(multiple=8, why="the stride"),
+     r"Toy expects height and width that are multiples of 8 \(the stride\), got 8x12"),
+    ((1, 8, 12, 3), jnp.float32, dict(size=8), r"Toy expects images \[batch, 8, 8, 3\] \(NHWC\)"),
+    ((1, 16, 8, 3), jnp.float32, dict(multiple=8), None),
+])
+def test_check_images_names_the_model_what_it_expects_and_what_it_got(shape, dtype, kwargs,
+                                                                      message):
+  x = jax.ShapeDtypeStruct(shape, dtype)
+  if message is None:
+    check_images("Toy", x, 3, **kwargs)
+    return
+  with pytest.raises(ValueError, match=message):
+    check_images("Toy", x, 3, **kwargs)
+
+
+def test_check_tokens():
+  check_tokens(jnp.zeros((2, 5), jnp.int32))
+  for tokens in (jnp.zeros((5,), jnp.int32), jnp.zeros((2, 5))):
+    with pytest.raises(ValueError, match=r"tokens must be an integer array \[batch, length\]"):
+      check_tokens(tokens)
+
+
+def test_alibi_slopes_interleave_only_for_a_head_count_that_is_not_a_power_of_two():
+  np.testing.assert_array_equal(alibi_slopes(8), alibi_slopes(8, interleave=False))
+  np.testing.assert_allclose(alibi_slopes(8), 0.5 ** np.arange(1, 9))
+  # 6 heads: the ladder of 4, then every other slope of the ladder of 8 (ALiBi's reference code)
+  np.testing.assert_allclose(alibi_slopes(6), [*alibi_slopes(4), *alibi_slopes(8)[0:4:2]])
+  np.testing.assert_allclose(alibi_slopes(6, interleave=False), 2.0 ** (-np.arange(1, 7) * 8 / 6))

@@ -20,7 +20,8 @@ import train
 from configs import common
 from configs import matformer as matformer_config
 from models import layers, matformer
-from models.matformer import MatLM, alibi_slopes, apply_rope
+from models.layers import alibi_slopes
+from models.matformer import MatLM, apply_rope
 from models.pretrained import assign_params
 from tasks.nested import AtGranularity
 
@@ -120,7 +121,7 @@ def test_blocked_cache_attention_equals_masked_attention(kv_heads, alibi, offset
   q, keys, values = (jax.random.normal(jax.random.key(i), shape) for i, shape in enumerate(
       [(2, length, heads, dim), (2, kv_heads, max_len, dim), (2, kv_heads, max_len, dim)]))
   q_positions = offset + jnp.arange(length)
-  slopes = jnp.asarray(alibi_slopes(heads), jnp.float32) if alibi else None
+  slopes = jnp.asarray(alibi_slopes(heads, interleave=False), jnp.float32) if alibi else None
   got = matformer._cached_attention(q, keys, values, q_positions, slopes=slopes, block=3)
   k_positions = jnp.arange(max_len)
   bias = jnp.where(k_positions[None, :] <= q_positions[:, None], 0.0, -1e30)
@@ -181,8 +182,12 @@ def test_rope_scores_depend_on_the_position_difference_only():
 
 
 def test_alibi_slopes_are_olmos():
-  np.testing.assert_allclose(alibi_slopes(16), 2.0 ** -(np.arange(1, 17) / 2))
-  np.testing.assert_allclose(alibi_slopes(8)[[0, -1]], [0.5, 2.0 ** -8])
+  np.testing.assert_allclose(alibi_slopes(16, interleave=False), 2.0 ** -(np.arange(1, 17) / 2))
+  np.testing.assert_allclose(alibi_slopes(8, interleave=False)[[0, -1]], [0.5, 2.0 ** -8])
+  # OLMo's formula at any head count (ALiBi's reference code interleaves two ladders instead)
+  model = nnx.eval_shape(lambda: MatLM(64, 48, 1, 6, 96, positions="alibi", alibi_max=4.0,
+                                       rngs=nnx.Rngs(0)))
+  np.testing.assert_array_equal(model.blocks[0].attn.slopes, 2.0 ** -(np.arange(1, 7) * 4 / 6))
 
 
 def test_bfloat16_compute_stays_close_to_float32():
@@ -655,8 +660,13 @@ def test_matvit_api_and_inputs():
   model.reset_classifier(3)
   assert model(x).shape == (2, 3) and model.init_kwargs["num_classes"] == 3
   assert models.count_params(matformer.extract(model, 8)) == model.num_params(8)
-  with pytest.raises(ValueError, match=r"float images \[batch, 8, 8, 3\]"):
+  with pytest.raises(ValueError, match=r"MatViT expects images \[batch, 8, 8, 3\] \(NHWC\), got "
+                                       r"shape \(2, 8, 8, 1\)"):
     model(jnp.zeros((2, 8, 8, 1)))
+  with pytest.raises(ValueError, match=r"images \[batch, 8, 8, 3\] \(NHWC\), got shape \(2, 4, 8, 3\)"):
+    model(jnp.zeros((2, 4, 8, 3)))
+  with pytest.raises(ValueError, match="MatViT expects floating-point images, got dtype int32"):
+    model(jnp.zeros((2, 8, 8, 3), jnp.int32))
   with pytest.raises(ValueError, match="multiple of patch_size"):
     matformer.MatViT(**{**VIT, "img_size": 10}, rngs=nnx.Rngs(0))
   with pytest.raises(ValueError, match=r"tokens \[batch, tokens, 16\]"):

@@ -373,8 +373,8 @@ def test_block_and_grid_partitions():
 
 
 @pytest.mark.parametrize("shape, dtype, message", [
-    ((2, 24, 32, 3), jnp.float32, r"window 2 expects height and width that are multiples of 16 "
-                                  r"\(2\^3 x window; the official code does not pad\), got 24x32"),
+    ((2, 24, 32, 3), jnp.float32, r"MaxViT expects height and width that are multiples of 16 "
+                                  r"\(2\^3 x window 2; the official code does not pad\), got 24x32"),
     ((2, 32, 48, 3), jnp.float32, None),
     ((2, 32, 32, 1), jnp.float32,
      r"images \[batch, height, width, 3\] \(NHWC\), got shape \(2, 32, 32, 1\)"),

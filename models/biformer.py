@@ -31,7 +31,7 @@ import numpy as np
 from flax import nnx
 
 import ops
-from models.convert import check_state_dict
+from models.convert import check_state_dict, layout
 from models.layers import (CONV_AXES, NORM_AXES, DepthwiseConv, DropPath, check_images,
                            collect_intermediates, get_activation, layer_norm, linear,
                            promote_keeping_statistics, shard_batch, torch_uniform)
@@ -334,27 +334,6 @@ _DEFAULTS = dict(head_dim=32, mlp_ratios=(3, 3, 3, 3), n_win=7, topks=(1, 4, 16,
 
 # --- official state_dict -> zoo params ----------------------------------------------------------
 
-def _conv(sd: Mapping[str, np.ndarray], name: str) -> dict:
-  # torch (out, in / groups, kh, kw) -> flax (kh, kw, in / groups, out)
-  return {"kernel": sd[f"{name}.weight"].transpose(2, 3, 1, 0), "bias": sd[f"{name}.bias"]}
-
-
-def _dense(sd: Mapping[str, np.ndarray], name: str) -> dict:
-  params = {"kernel": sd[f"{name}.weight"].T}
-  if f"{name}.bias" in sd:
-    params["bias"] = sd[f"{name}.bias"]
-  return params
-
-
-def _layer_norm(sd: Mapping[str, np.ndarray], name: str) -> dict:
-  return {"scale": sd[f"{name}.weight"], "bias": sd[f"{name}.bias"]}
-
-
-def _bn(sd: Mapping[str, np.ndarray], name: str) -> dict:
-  return {"scale": sd[f"{name}.weight"], "bias": sd[f"{name}.bias"],
-          "mean": sd[f"{name}.running_mean"], "var": sd[f"{name}.running_var"]}
-
-
 def _infer_kwargs(sd: Mapping[str, np.ndarray]) -> dict:
   """Hyper-parameters readable from the shapes (n_win, topks and head_dim are not)."""
   kwargs = {}
@@ -426,13 +405,17 @@ def _official_shapes(kwargs: Mapping) -> dict[str, tuple[int, ...]]:
 
 def _block(sd: Mapping[str, np.ndarray], p: str, routed: bool) -> dict:
   if routed:
-    attn = {"qkv": _dense(sd, f"{p}attn.qkv.qkv"), "wo": _dense(sd, f"{p}attn.wo")}
+    attn = {"qkv": layout.torch_linear(sd, f"{p}attn.qkv.qkv"),
+            "wo": layout.torch_linear(sd, f"{p}attn.wo")}
   else:
-    attn = {"qkv": _dense(sd, f"{p}attn.qkv"), "proj": _dense(sd, f"{p}attn.proj")}
-  attn["lepe"] = _conv(sd, f"{p}attn.lepe")
-  return {"pos_embed": _conv(sd, f"{p}pos_embed"), "norm1": _layer_norm(sd, f"{p}norm1"),
-          "attn": attn, "norm2": _layer_norm(sd, f"{p}norm2"),
-          "mlp": {"layers": {0: _dense(sd, f"{p}mlp.0"), 2: _dense(sd, f"{p}mlp.3")}}}
+    attn = {"qkv": layout.torch_linear(sd, f"{p}attn.qkv"),
+            "proj": layout.torch_linear(sd, f"{p}attn.proj")}
+  attn["lepe"] = layout.torch_conv(sd, f"{p}attn.lepe")
+  return {"pos_embed": layout.torch_conv(sd, f"{p}pos_embed"),
+          "norm1": layout.torch_norm(sd, f"{p}norm1"), "attn": attn,
+          "norm2": layout.torch_norm(sd, f"{p}norm2"),
+          "mlp": {"layers": {0: layout.torch_linear(sd, f"{p}mlp.0"),
+                             2: layout.torch_linear(sd, f"{p}mlp.3")}}}
 
 
 def checkpoint_filter_fn(state_dict: Mapping[str, np.ndarray], **known_kwargs):
@@ -449,16 +432,19 @@ def checkpoint_filter_fn(state_dict: Mapping[str, np.ndarray], **known_kwargs):
                      "downsample_layers.0.0.weight and stages.<i>.<j>.* keys); name the variant")
   check_state_dict(state_dict, _official_shapes(kwargs))
   sd = state_dict
+
+  def conv_bn(conv: str, norm: str) -> dict:  # a ConvBN
+    return {"conv": layout.torch_conv(sd, conv), "norm": layout.torch_batch_norm(sd, norm)}
+
   stem = "downsample_layers.0"
-  downsample = [{"conv1": {"conv": _conv(sd, f"{stem}.0"), "norm": _bn(sd, f"{stem}.1")},
-                 "conv2": {"conv": _conv(sd, f"{stem}.3"), "norm": _bn(sd, f"{stem}.4")}}]
-  downsample += [{"conv": _conv(sd, f"downsample_layers.{i}.0"),
-                  "norm": _bn(sd, f"downsample_layers.{i}.1")}
+  downsample = [{"conv1": conv_bn(f"{stem}.0", f"{stem}.1"),
+                 "conv2": conv_bn(f"{stem}.3", f"{stem}.4")}]
+  downsample += [conv_bn(f"downsample_layers.{i}.0", f"downsample_layers.{i}.1")
                  for i in range(1, len(kwargs["depths"]))]
   stages = {s: {b: _block(sd, f"stages.{s}.{b}.", kwargs["topks"][s] > 0) for b in range(depth)}
             for s, depth in enumerate(kwargs["depths"])}
   params = {"downsample_layers": dict(enumerate(downsample)), "stages": stages,
-            "norm": _bn(sd, "norm"), "head": _dense(sd, "head")}
+            "norm": layout.torch_batch_norm(sd, "norm"), "head": layout.torch_linear(sd, "head")}
   return params, BiFormer, kwargs
 
 

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from models.convert import check_state_dict
+from models.convert import check_state_dict, layout
 from models.layers import (ACTIVATIONS, CONV_AXES, DepthwiseConv, DropPath, LayerScale,
                            check_images, collect_intermediates, layer_norm, linear, shard_batch)
 from models.registry import (IMAGENET_MEAN, IMAGENET_STD, PretrainedCfg, register_model,
@@ -347,39 +347,24 @@ _VARIANTS = (
 
 # --- official state_dict -> zoo params ------------------------------------------------------------
 
-def _conv_params(sd: Mapping[str, np.ndarray], name: str, *, use_bias: bool = True) -> dict:
-  # (O, I/groups, kh, kw) -> (kh, kw, I/groups, O)
-  params = {"kernel": sd[f"{name}.weight"].transpose(2, 3, 1, 0)}
-  return params | ({"bias": sd[f"{name}.bias"]} if use_bias else {})
-
-
-def _linear_params(sd: Mapping[str, np.ndarray], name: str) -> dict:
-  weight = sd[f"{name}.weight"]
-  weight = weight[:, :, 0, 0] if weight.ndim == 4 else weight  # a 1x1 conv is a per-pixel Linear
-  return {"kernel": weight.T, "bias": sd[f"{name}.bias"]}
-
-
-def _norm_params(sd: Mapping[str, np.ndarray], name: str) -> dict:
-  return {"scale": sd[f"{name}.weight"], "bias": sd[f"{name}.bias"]}
-
-
 def _block_params(sd: Mapping[str, np.ndarray], block: str, order: int, gf: bool) -> dict:
   gn = f"{block}.gnconv"
   if gf:
-    dwconv = {"pre_norm": _norm_params(sd, f"{gn}.dwconv.pre_norm"),
-              "dw": _conv_params(sd, f"{gn}.dwconv.dw", use_bias=False),
+    dwconv = {"pre_norm": layout.torch_norm(sd, f"{gn}.dwconv.pre_norm"),
+              "dw": layout.torch_conv(sd, f"{gn}.dwconv.dw"),
               # (C, h, w, 2) -> (h, w, C, 2), the channels-last spectrum's layout
               "complex_weight": sd[f"{gn}.dwconv.complex_weight"].transpose(1, 2, 0, 3),
-              "post_norm": _norm_params(sd, f"{gn}.dwconv.post_norm")}
+              "post_norm": layout.torch_norm(sd, f"{gn}.dwconv.post_norm")}
   else:
-    dwconv = _conv_params(sd, f"{gn}.dwconv")
-  gnconv = {"proj_in": _linear_params(sd, f"{gn}.proj_in"), "dwconv": dwconv,
-            "pws": {i: _linear_params(sd, f"{gn}.pws.{i}") for i in range(order - 1)},
-            "proj_out": _linear_params(sd, f"{gn}.proj_out")}
-  return {"norm1": _norm_params(sd, f"{block}.norm1"), "gnconv": gnconv,
-          "gamma1": {"gamma": sd[f"{block}.gamma1"]}, "norm2": _norm_params(sd, f"{block}.norm2"),
-          "pwconv1": _linear_params(sd, f"{block}.pwconv1"),
-          "pwconv2": _linear_params(sd, f"{block}.pwconv2"),
+    dwconv = layout.torch_conv(sd, f"{gn}.dwconv")
+  gnconv = {"proj_in": layout.torch_linear(sd, f"{gn}.proj_in"), "dwconv": dwconv,
+            "pws": {i: layout.torch_linear(sd, f"{gn}.pws.{i}") for i in range(order - 1)},
+            "proj_out": layout.torch_linear(sd, f"{gn}.proj_out")}
+  return {"norm1": layout.torch_norm(sd, f"{block}.norm1"), "gnconv": gnconv,
+          "gamma1": {"gamma": sd[f"{block}.gamma1"]},
+          "norm2": layout.torch_norm(sd, f"{block}.norm2"),
+          "pwconv1": layout.torch_linear(sd, f"{block}.pwconv1"),
+          "pwconv2": layout.torch_linear(sd, f"{block}.pwconv2"),
           "gamma2": {"gamma": sd[f"{block}.gamma2"]}}
 
 
@@ -472,17 +457,17 @@ def checkpoint_filter_fn(state_dict: Mapping[str, np.ndarray], **known_kwargs):
   check_state_dict(state_dict, _official_shapes(kwargs))
   sd = state_dict
   params = {
-      "stem": {"conv": _conv_params(sd, "downsample_layers.0.0"),
-               "norm": _norm_params(sd, "downsample_layers.0.1")},
-      "downsamples": {i - 1: {"norm": _norm_params(sd, f"downsample_layers.{i}.0"),
-                              "conv": _conv_params(sd, f"downsample_layers.{i}.1")}
+      "stem": {"conv": layout.torch_conv(sd, "downsample_layers.0.0"),
+               "norm": layout.torch_norm(sd, "downsample_layers.0.1")},
+      "downsamples": {i - 1: {"norm": layout.torch_norm(sd, f"downsample_layers.{i}.0"),
+                              "conv": layout.torch_conv(sd, f"downsample_layers.{i}.1")}
                       for i in range(1, 4)},
       "stages": {s: {j: _block_params(sd, f"stages.{s}.{j}", kwargs["orders"][s],
                                       kwargs["global_filter_sizes"][s] is not None)
                      for j in range(kwargs["depths"][s])}
                  for s in range(4)},
-      "norm": _norm_params(sd, "norm"),
-      "head": _linear_params(sd, "head")}
+      "norm": layout.torch_norm(sd, "norm"),
+      "head": layout.torch_linear(sd, "head")}
   return params, HorNet, kwargs
 
 

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from models.convert import check_state_dict
+from models.convert import check_state_dict, layout
 from models.layers import Block, Dropout, get_activation, layer_norm, linear, shard_batch
 from models.registry import register_model
 
@@ -258,25 +258,17 @@ def _official_shapes(kwargs: Mapping, head: str) -> dict[str, tuple[int, ...]]:
   return shapes | {f"{head}.weight": (out_features, in_features), f"{head}.bias": (out_features,)}
 
 
-def _dense(sd: Mapping[str, np.ndarray], name: str) -> dict:
-  weight = sd[f"{name}.weight"]
-  weight = weight[:, :, 0] if weight.ndim == 3 else weight  # Conv1d(kernel_size=1) is a per-token Linear
-  return {"kernel": weight.T, "bias": sd[f"{name}.bias"]}
-
-
-def _norm(sd: Mapping[str, np.ndarray], name: str) -> dict:
-  return {"scale": sd[f"{name}.weight"], "bias": sd[f"{name}.bias"]}
-
-
 def _block(sd: Mapping[str, np.ndarray], layer: str) -> dict:
   attn = f"{layer}attention."
   # The fused qkv output axis is (3, heads, head_dim): concatenating q, k, v keeps each head contiguous.
-  qkv = {"kernel": np.concatenate([sd[f"{attn}{p}_projection.weight"].T for p in _QKV], axis=1),
-         "bias": np.concatenate([sd[f"{attn}{p}_projection.bias"] for p in _QKV])}
-  return {"attn": {"qkv": qkv, "proj": _dense(sd, f"{attn}out_projection")},
-          "norm1": _norm(sd, f"{layer}norm1"),
-          "mlp": {"fc1": _dense(sd, f"{layer}conv1"), "fc2": _dense(sd, f"{layer}conv2")},
-          "norm2": _norm(sd, f"{layer}norm2")}
+  qkv = layout.linear_params(
+      np.concatenate([sd[f"{attn}{p}_projection.weight"].T for p in _QKV], axis=1),
+      np.concatenate([sd[f"{attn}{p}_projection.bias"] for p in _QKV]))
+  return {"attn": {"qkv": qkv, "proj": layout.torch_linear(sd, f"{attn}out_projection")},
+          "norm1": layout.torch_norm(sd, f"{layer}norm1"),
+          "mlp": {"fc1": layout.torch_linear(sd, f"{layer}conv1"),
+                  "fc2": layout.torch_linear(sd, f"{layer}conv2")},
+          "norm2": layout.torch_norm(sd, f"{layer}norm2")}
 
 
 def checkpoint_filter_fn(state_dict: Mapping[str, np.ndarray], **known_kwargs):
@@ -294,12 +286,12 @@ def checkpoint_filter_fn(state_dict: Mapping[str, np.ndarray], **known_kwargs):
     raise ValueError(f"cannot read {sorted(needed - kwargs.keys())} from the state_dict's shapes (it needs "
                      f"{_EMBED}.weight, {_LAYER.format(0)}conv1.weight and {head}.weight); name the variant")
   check_state_dict(state_dict, _official_shapes(kwargs, head))
-  params = {"embed": _dense(state_dict, _EMBED),
+  params = {"embed": layout.torch_linear(state_dict, _EMBED),
             "blocks": {i: _block(state_dict, _LAYER.format(i)) for i in range(kwargs["e_layers"])},
-            "norm": _norm(state_dict, "encoder.norm")}
+            "norm": layout.torch_norm(state_dict, "encoder.norm")}
   if "num_classes" in kwargs:
-    return params | {"head": _dense(state_dict, head)}, iTransformerClassifier, kwargs
-  return params | {"projector": _dense(state_dict, head)}, iTransformer, kwargs
+    return params | {"head": layout.torch_linear(state_dict, head)}, iTransformerClassifier, kwargs
+  return params | {"projector": layout.torch_linear(state_dict, head)}, iTransformer, kwargs
 
 
 # --- registrations -------------------------------------------------------------------------------------------

@@ -41,7 +41,7 @@ from flax import nnx
 
 import ops
 from models import layers
-from models.convert import check_state_dict
+from models.convert import check_state_dict, layout
 from models.registry import PretrainedCfg, register_model, register_pretrained
 from ops.sharding import axes as logical
 
@@ -747,27 +747,22 @@ def checkpoint_filter_fn(state_dict: Mapping[str, np.ndarray], **known_kwargs):
   check_state_dict(state_dict, _scenic_shapes(kwargs))
   sd = {k: np.asarray(v) for k, v in state_dict.items()}
   dim = kwargs["dim"]
-
-  def dense(name):
-    return {"kernel": sd[f"{name}/kernel"], "bias": sd[f"{name}/bias"]}
-
-  def norm(name):
-    return {"scale": sd[f"{name}/scale"], "bias": sd[f"{name}/bias"]}
+  dense, norm = functools.partial(layout.flax_dense, sd), functools.partial(layout.flax_norm, sd)
 
   def block(i):
     prefix = _SCENIC_BLOCK.format(i)
     attn = prefix + _SCENIC_ATTN
     # layers.Attention's fused qkv output axis is (3, heads, head_dim): q | k | v, heads in order
-    qkv = {"kernel": np.concatenate([sd[f"{attn}{n}/kernel"].reshape(dim, dim) for n in _QKV],
-                                    axis=1),
-           "bias": np.concatenate([sd[f"{attn}{n}/bias"].reshape(dim) for n in _QKV])}
-    proj = {"kernel": sd[f"{attn}out/kernel"].reshape(dim, dim), "bias": sd[f"{attn}out/bias"]}
+    qkv = layout.linear_params(
+        np.concatenate([sd[f"{attn}{n}/kernel"].reshape(dim, dim) for n in _QKV], axis=1),
+        np.concatenate([sd[f"{attn}{n}/bias"].reshape(dim) for n in _QKV]))
+    proj = layout.linear_params(sd[f"{attn}out/kernel"].reshape(dim, dim), sd[f"{attn}out/bias"])
     return {"norm1": norm(prefix + "LayerNorm_0"), "attn": {"qkv": qkv, "proj": proj},
             "norm2": norm(prefix + "LayerNorm_1"),
             "mlp": {"fc1": dense(prefix + "MlpBlock_0/Dense_0"),
                     "fc2": dense(prefix + "MlpBlock_0/Dense_1")}}
 
-  params = {"patch_embed": dense("embedding"),
+  params = {"patch_embed": layout.flax_conv(sd, "embedding"),
             "pos_embed": sd["Transformer/posembed_input/pos_embedding"],
             "blocks": {i: block(i) for i in range(kwargs["depth"])},
             "norm": norm("Transformer/encoder_norm")}

@@ -40,6 +40,7 @@ branches with probability drop_path_rate * b / num_blocks (timm: linspace(0, rat
 """
 from __future__ import annotations
 
+import functools
 import math
 import re
 from typing import Mapping, Sequence
@@ -49,7 +50,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from models.convert import check_state_dict
+from models.convert import check_state_dict, layout
 from models.layers import (ACTIVATIONS, CONV_AXES, NORM_AXES, DepthwiseConv, DropPath, Mlp,
                            check_images, collect_intermediates, layer_norm, linear,
                            promote_keeping_statistics, shard_batch)
@@ -509,14 +510,6 @@ _TF_MODEL_VARIABLE = re.compile(
 _TF_OPTIMIZER_SLOT = re.compile(r"/(Adam|Momentum|RMSProp|ExponentialMovingAverage)")
 
 
-def _bn(scale, bias, mean, var) -> dict:
-  return {"scale": scale, "bias": bias, "mean": mean, "var": var}
-
-
-def _linear(kernel, bias=None) -> dict:
-  return {"kernel": kernel} if bias is None else {"kernel": kernel, "bias": bias}
-
-
 def _block_widths(arch: Mapping):
   """(stage, block, input width, width) of every block, in order."""
   in_dim = arch["stem_widths"][1]
@@ -585,18 +578,8 @@ def _timm_shapes(arch: Mapping, table_size: int) -> dict[str, tuple[int, ...]]:
 
 
 def _from_timm(sd: Mapping[str, np.ndarray], arch: Mapping) -> dict:
-  def conv(name):  # OIHW -> HWIO; a depthwise (C, 1, 3, 3) becomes (3, 3, 1, C)
-    return {"kernel": np.transpose(sd[f"{name}.weight"], (2, 3, 1, 0))}
-
-  def lin(name, bias=True):  # (out, in[, 1, 1]) -> (in, out)
-    weight = sd[f"{name}.weight"]
-    return _linear(weight.reshape(weight.shape[0], -1).T, sd[f"{name}.bias"] if bias else None)
-
-  def bn(name):
-    return _bn(*(sd[f"{name}.{p}"] for p in ("weight", "bias", "running_mean", "running_var")))
-
-  def ln(name):
-    return {"scale": sd[f"{name}.weight"], "bias": sd[f"{name}.bias"]}
+  conv, lin, bn, ln = (functools.partial(convert, sd) for convert in (
+      layout.torch_conv, layout.torch_linear, layout.torch_batch_norm, layout.torch_norm))
 
   def branch(p):
     return {"norm1": ln(f"{p}norm1"), "norm2": ln(f"{p}norm2"),
@@ -605,7 +588,7 @@ def _from_timm(sd: Mapping[str, np.ndarray], arch: Mapping) -> dict:
             "mlp": {"fc1": lin(f"{p}mlp.fc1"), "fc2": lin(f"{p}mlp.fc2")}}
 
   def block(b):
-    mbconv = {"pre_norm": bn(f"{b}conv.pre_norm"), "expand": lin(f"{b}conv.conv1_1x1", False),
+    mbconv = {"pre_norm": bn(f"{b}conv.pre_norm"), "expand": lin(f"{b}conv.conv1_1x1"),
               "expand_norm": bn(f"{b}conv.norm1"), "depthwise": conv(f"{b}conv.conv2_kxk"),
               "depthwise_norm": bn(f"{b}conv.norm2"),
               "se": {"reduce": lin(f"{b}conv.se.fc1"), "expand": lin(f"{b}conv.se.fc2")},
@@ -615,8 +598,7 @@ def _from_timm(sd: Mapping[str, np.ndarray], arch: Mapping) -> dict:
     return {"mbconv": mbconv, "block_attn": branch(f"{b}attn_block."),
             "grid_attn": branch(f"{b}attn_grid.")}
 
-  stem = {"conv1": conv("stem.conv1") | {"bias": sd["stem.conv1.bias"]}, "norm1": bn("stem.norm1"),
-          "conv2": conv("stem.conv2") | {"bias": sd["stem.conv2.bias"]}}
+  stem = {"conv1": conv("stem.conv1"), "norm1": bn("stem.norm1"), "conv2": conv("stem.conv2")}
   head = {"norm": ln("head.norm"), "pre_logits": lin("head.pre_logits.fc")}
   if arch["num_classes"]:
     head["fc"] = lin("head.fc")
@@ -726,27 +708,25 @@ def _tf_shapes(arch: Mapping, table_size: int) -> dict[str, tuple[int, ...]]:
 
 
 def _from_tf(sd: Mapping[str, np.ndarray], arch: Mapping) -> dict:
-  def conv1x1(name, bias=True):  # (1, 1, in, out) -> (in, out)
-    return _linear(sd[f"{name}/kernel"][0, 0], sd[f"{name}/bias"] if bias else None)
-
-  def bn(name):
-    return _bn(*(sd[f"{name}/{p}"] for p in ("gamma", "beta", "moving_mean", "moving_variance")))
+  conv1x1 = functools.partial(layout.flax_dense, sd)
+  bn = functools.partial(layout.tf_batch_norm, sd)
 
   def ln(name):
-    return {"scale": sd[f"{name}/gamma"], "bias": sd[f"{name}/beta"]}
+    return layout.flax_norm(sd, name, scale="gamma", bias="beta")
 
   def tf_dense(name):
-    return _linear(sd[f"{name}/weight"], sd[f"{name}/bias"])
+    return layout.flax_dense(sd, name, kernel="weight")
 
   def branch(b, suffix):
     a = f"{b}attention{suffix}/"
     dim = sd[f"{a}q/weight"].shape[0]
     # q, k, v [C, heads, 32] side by side: the [C, (3, heads, 32)] kernel of the fused Linear
-    qkv = _linear(np.concatenate([sd[f"{a}{p}/weight"].reshape(dim, -1) for p in "qkv"], axis=1),
-                  np.concatenate([sd[f"{a}{p}/bias"].reshape(-1) for p in "qkv"]))
+    qkv = layout.linear_params(
+        np.concatenate([sd[f"{a}{p}/weight"].reshape(dim, -1) for p in "qkv"], axis=1),
+        np.concatenate([sd[f"{a}{p}/bias"].reshape(-1) for p in "qkv"]))
+    proj = layout.linear_params(sd[f"{a}o/weight"].reshape(-1, dim), sd[f"{a}o/bias"])
     return {"norm1": ln(f"{b}attn_layer_norm{suffix}"), "norm2": ln(f"{b}ffn_layer_norm{suffix}"),
-            "attn": {"qkv": qkv, "proj": _linear(sd[f"{a}o/weight"].reshape(-1, dim),
-                                                 sd[f"{a}o/bias"]),
+            "attn": {"qkv": qkv, "proj": proj,
                      "rel_pos_table": sd[f"{a}relative_bias"]},
             "mlp": {"fc1": tf_dense(f"{b}ffn{suffix}/expand_dense"),
                     "fc2": tf_dense(f"{b}ffn{suffix}/shrink_dense")}}
@@ -754,7 +734,7 @@ def _from_tf(sd: Mapping[str, np.ndarray], arch: Mapping) -> dict:
   def block(b):
     m = f"{b}mbconv/"
     depthwise = np.swapaxes(sd[f"{m}depthwise_conv/depthwise_kernel"], 2, 3)  # -> (3, 3, 1, C)
-    mbconv = {"pre_norm": bn(f"{m}pre_norm"), "expand": conv1x1(f"{m}expand_conv", bias=False),
+    mbconv = {"pre_norm": bn(f"{m}pre_norm"), "expand": conv1x1(f"{m}expand_conv"),
               "expand_norm": bn(f"{m}expand_norm"), "depthwise": {"kernel": depthwise},
               "depthwise_norm": bn(f"{m}depthwise_norm"),
               "se": {"reduce": conv1x1(f"{m}se/reduce_conv2d"),
@@ -764,9 +744,8 @@ def _from_tf(sd: Mapping[str, np.ndarray], arch: Mapping) -> dict:
       mbconv["shortcut"] = conv1x1(f"{m}shortcut_conv")
     return {"mbconv": mbconv, "block_attn": branch(b, ""), "grid_attn": branch(b, "_1")}
 
-  stem = {"conv1": {"kernel": sd["conv_0/kernel"], "bias": sd["conv_0/bias"]},
-          "norm1": bn("norm_0"),
-          "conv2": {"kernel": sd["conv_1/kernel"], "bias": sd["conv_1/bias"]}}
+  stem = {"conv1": layout.flax_conv(sd, "conv_0"), "norm1": bn("norm_0"),
+          "conv2": layout.flax_conv(sd, "conv_1")}
   head = {"norm": ln("final_layer_norm"), "pre_logits": tf_dense("inner_dense"),
           "fc": tf_dense("logit_dense")}
   return {"stem": stem, "head": head,

@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from models.convert import check_state_dict
+from models.convert import check_state_dict, layout
 from models.layers import (ACTIVATIONS, Buffer, Dropout, Linear, TokenEmbed, check_tokens,
                            layer_norm, linear, shard_batch)
 from models.registry import register_model
@@ -427,18 +427,15 @@ _IGNORED = re.compile(r".*(\.version|_float_tensor)$|encoder\.lm_head\.weight$|"
                       r"decoder\.output_projection\.weight$")  # buffers and the tied heads
 
 
-def _dense(sd: Mapping[str, np.ndarray], name: str) -> dict:
-  return {"kernel": sd[f"{name}.weight"].T, "bias": sd[f"{name}.bias"]}
-
-
 def layer_params(sd: Mapping[str, np.ndarray], prefix: str) -> dict:
   """One fairseq `NormAttention*Layer` (keys ``{prefix}self_attn.*``, ``{prefix}glu.*``) -> zoo
   layer params (the URPE vector included)."""
   attn = f"{prefix}self_attn."
-  projections = {p: _dense(sd, f"{attn}{p}") for p in ("q_proj", "k_proj", "v_proj", "out_proj")}
+  projections = {p: layout.torch_linear(sd, f"{attn}{p}")
+                 for p in ("q_proj", "k_proj", "v_proj", "out_proj")}
   urpe = {"theta": sd[f"{attn}urpe.theta"].reshape(-1), "v": sd[f"{attn}urpe.v"]}
   return {"attn": {**projections, "urpe": urpe},
-          "glu": {n: _dense(sd, f"{prefix}glu.{n}") for n in ("l1", "l2", "l3")}}
+          "glu": {n: layout.torch_linear(sd, f"{prefix}glu.{n}") for n in ("l1", "l2", "l3")}}
 
 
 def _layer_shapes(prefix: str, dim: int, num_heads: int) -> dict[str, tuple[int, ...]]:
@@ -488,11 +485,10 @@ def checkpoint_filter_fn(state_dict: Mapping[str, np.ndarray], **known_kwargs):
             "layers": {i: layer_params(sd, f"{prefix}layers.{i}.") for i in range(kwargs["depth"])}}
   if not mlm:
     return params, TransNormerLM, kwargs
-  norm = lambda name: {"scale": sd[f"{name}.weight"], "bias": sd[f"{name}.bias"]}
   params |= {"embed_positions": {"embedding": sd[f"{prefix}embed_positions.weight"]},
-             "layernorm_embedding": norm(f"{prefix}layernorm_embedding"),
-             "lm_head_dense": _dense(sd, "encoder.lm_head.dense"),
-             "lm_head_norm": norm("encoder.lm_head.layer_norm"),
+             "layernorm_embedding": layout.torch_norm(sd, f"{prefix}layernorm_embedding"),
+             "lm_head_dense": layout.torch_linear(sd, "encoder.lm_head.dense"),
+             "lm_head_norm": layout.torch_norm(sd, "encoder.lm_head.layer_norm"),
              "lm_head_bias": sd["encoder.lm_head.bias"]}
   return params, TransNormerMLM, kwargs
 

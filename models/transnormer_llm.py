@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from models.convert import check_state_dict
+from models.convert import check_state_dict, layout
 # alibi_slopes: the released code's `_build_slope_tensor` (also imported from here)
 from models.layers import TokenEmbed, alibi_slopes, check_tokens, linear, shard_batch
 from models.registry import PretrainedCfg, register_model, register_pretrained
@@ -338,23 +338,20 @@ def checkpoint_filter_fn(state_dict: Mapping[str, np.ndarray], **known_kwargs):
     expected.pop("lm_head.weight")
   check_state_dict(sd, expected)
 
-  def dense(key):
-    return {"kernel": sd[key].T}
-
   layers = {}
   for i in range(kwargs["depth"]):
     layer = _LAYER.format(i)
-    mixer = {"qkvu_proj": dense(f"{layer}token_mixer.qkvu_proj.weight"),
-             "out_proj": dense(f"{layer}token_mixer.out_proj.weight")}
+    mixer = {"qkvu_proj": layout.torch_linear(sd, f"{layer}token_mixer.qkvu_proj"),
+             "out_proj": layout.torch_linear(sd, f"{layer}token_mixer.out_proj")}
     if i in kwargs["lrpe_layers"]:
       theta = sd[f"{layer}token_mixer.lrpe.theta"]
       mixer["lrpe"] = {"theta": theta.reshape(theta.shape[0], theta.shape[2])}
     layers[i] = {"token_mixer": mixer,
-                 "channel_mixer": {n: dense(f"{layer}channel_mixer.{n}.weight")
+                 "channel_mixer": {n: layout.torch_linear(sd, f"{layer}channel_mixer.{n}")
                                    for n in ("l1", "l2", "l3")}}
   params = {"embed_tokens": {"embedding": sd["model.embed_tokens.weight"]}, "layers": layers}
   if not kwargs["tie_embeddings"]:
-    params["lm_head"] = dense("lm_head.weight")
+    params["lm_head"] = layout.torch_linear(sd, "lm_head")
   return params, TransNormerLLM, kwargs
 
 

@@ -321,15 +321,20 @@ class BiFormer(nnx.Module):
     return self.forward_head(self.forward_features(x, train=train))
 
 
-# --- variants (official `models/biformer.py`; top-1 on ImageNet-1k at 224 from the README) -------
+# --- variants (official `models/biformer.py`) -----------------------------------------------------
+# Named configs. Every released model has the settings of _DEFAULTS (the converter assumes them where
+# the shapes do not tell) and qk_dims = embed_dims.
 
-_VARIANTS = {  # name: depths, embed_dims (= qk_dims), top-1
-    "biformer_tiny": ((2, 2, 8, 2), (64, 128, 256, 512), 81.4),
-    "biformer_small": ((4, 4, 18, 4), (64, 128, 256, 512), 83.8),
-    "biformer_base": ((4, 4, 18, 4), (96, 192, 384, 768), 84.3),
-}
 _DEFAULTS = dict(head_dim=32, mlp_ratios=(3, 3, 3, 3), n_win=7, topks=(1, 4, 16, -2), side_dwconv=5,
                  before_attn_dwconv=3)
+_CFGS = {
+    "biformer_tiny": dict(_DEFAULTS, depths=(2, 2, 8, 2), embed_dims=(64, 128, 256, 512),
+                          qk_dims=(64, 128, 256, 512)),
+    "biformer_small": dict(_DEFAULTS, depths=(4, 4, 18, 4), embed_dims=(64, 128, 256, 512),
+                           qk_dims=(64, 128, 256, 512)),
+    "biformer_base": dict(_DEFAULTS, depths=(4, 4, 18, 4), embed_dims=(96, 192, 384, 768),
+                          qk_dims=(96, 192, 384, 768)),
+}
 
 
 # --- official state_dict -> zoo params ----------------------------------------------------------
@@ -448,11 +453,14 @@ def checkpoint_filter_fn(state_dict: Mapping[str, np.ndarray], **known_kwargs):
   return params, BiFormer, kwargs
 
 
-# --- registrations -------------------------------------------------------------------------------
+# --- registrations: top-1 on ImageNet-1k at 224 from the official README -------------------------
 
-for _name, (_depths, _dims, _top1) in _VARIANTS.items():
-  register_model(_name, BiFormer, family="biformer", paper_metric=f"{_top1}", depths=_depths,
-                 embed_dims=_dims, qk_dims=_dims, **_DEFAULTS)
+register_model("biformer_tiny", BiFormer, family="biformer", paper_metric="81.4",
+               **_CFGS["biformer_tiny"])
+register_model("biformer_small", BiFormer, family="biformer", paper_metric="83.8",
+               **_CFGS["biformer_small"])
+register_model("biformer_base", BiFormer, family="biformer", paper_metric="84.3",
+               **_CFGS["biformer_base"])
 
 
 # --- pretrained weights: the official releases (MIT) ---------------------------------------------
@@ -471,11 +479,10 @@ def _official(name: str, share: str, top1: str) -> PretrainedCfg:
             "the file as pretrained=.")
 
 
-# name: (OneDrive share, top-1 on ImageNet-1k val from the official README)
-_OFFICIAL_WEIGHTS = {
-    "biformer_tiny.in1k": ("s!AkBbczdRlZvChHEOoGkgwgQzEDlM", "top-1 81.4"),
-    "biformer_small.in1k": ("s!AkBbczdRlZvChHDyM-x9KWRBZ832", "top-1 83.8"),
-    "biformer_base.in1k": ("s!AkBbczdRlZvChHI_XPhoadjaNxtO", "top-1 84.3"),
-}
-for _name, (_share, _top1) in _OFFICIAL_WEIGHTS.items():
-  register_pretrained(_name, _official(_name, _share, _top1))
+# OneDrive shares; top-1 on ImageNet-1k val from the official README.
+register_pretrained("biformer_tiny.in1k", _official(
+    "biformer_tiny.in1k", "s!AkBbczdRlZvChHEOoGkgwgQzEDlM", "top-1 81.4"))
+register_pretrained("biformer_small.in1k", _official(
+    "biformer_small.in1k", "s!AkBbczdRlZvChHDyM-x9KWRBZ832", "top-1 83.8"))
+register_pretrained("biformer_base.in1k", _official(
+    "biformer_base.in1k", "s!AkBbczdRlZvChHI_XPhoadjaNxtO", "top-1 84.3"))

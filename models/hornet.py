@@ -321,28 +321,34 @@ class HorNet(nnx.Module):
     return x if pre_logits or self.head is None else self.head(x)
 
 
-# --- variants: the official constructors (hornet.py), the README's ImageNet-1K top-1 -------------
+# --- variants: the official constructors (hornet.py) ----------------------------------------------
+# Named configs: every variant has depths (2, 3, 18, 2), orders (2, 3, 4, 5) and scale 1/3; they
+# differ in width, the rFFT grids of the global-filter stages (the 14x14 and 7x7 maps of stages 3
+# and 4 at 224, 24x24 and 12x12 at 384; none: the 7x7 depthwise conv everywhere) and the drop-path
+# rate of the official recipe (TRAINING.md).
 
-_GF_224 = (None, None, (14, 8), (7, 4))  # rFFT grids of the 14x14 and 7x7 maps of stages 3 and 4
-_GF_384 = (None, None, (24, 13), (12, 7))  # of the 24x24 and 12x12 maps
+_HORNET = dict(num_classes=1000, depths=(2, 3, 18, 2), orders=(2, 3, 4, 5), scale=1.0 / 3.0)
+_GF_224 = (None, None, (14, 8), (7, 4))
+_GF_384 = (None, None, (24, 13), (12, 7))
 _7X7 = (None, None, None, None)
-
-# name, base_dim, GF grids, drop-path rate of the official recipe (TRAINING.md), paper metric
-_VARIANTS = (
-    ("hornet_tiny_7x7", 64, _7X7, 0.2, "IN-1k top-1 82.8"),
-    ("hornet_tiny_gf", 64, _GF_224, 0.2, "IN-1k top-1 83.0"),
-    ("hornet_small_7x7", 96, _7X7, 0.4, "IN-1k top-1 83.8"),
-    ("hornet_small_gf", 96, _GF_224, 0.4, "IN-1k top-1 84.0"),
-    ("hornet_base_7x7", 128, _7X7, 0.5, "IN-1k top-1 84.2"),
-    ("hornet_base_gf", 128, _GF_224, 0.5, "IN-1k top-1 84.3"),
+_CFGS = {
+    "hornet_tiny_7x7": dict(_HORNET, base_dim=64, global_filter_sizes=_7X7, drop_path_rate=0.2),
+    "hornet_tiny_gf": dict(_HORNET, base_dim=64, global_filter_sizes=_GF_224, drop_path_rate=0.2),
+    "hornet_small_7x7": dict(_HORNET, base_dim=96, global_filter_sizes=_7X7, drop_path_rate=0.4),
+    "hornet_small_gf": dict(_HORNET, base_dim=96, global_filter_sizes=_GF_224, drop_path_rate=0.4),
+    "hornet_base_7x7": dict(_HORNET, base_dim=128, global_filter_sizes=_7X7, drop_path_rate=0.5),
+    "hornet_base_gf": dict(_HORNET, base_dim=128, global_filter_sizes=_GF_224, drop_path_rate=0.5),
     # The official `hornet_base_gf_img384`: a constructor, no recipe or checkpoint (B's rate kept).
-    ("hornet_base_gf_384", 128, _GF_384, 0.5, ""),
+    "hornet_base_gf_384": dict(_HORNET, base_dim=128, global_filter_sizes=_GF_384,
+                               drop_path_rate=0.5),
     # L: ImageNet-22K pre-training (the released heads have ~10.4k classes, no IN-1k checkpoint).
-    ("hornet_large_7x7", 192, _7X7, 0.2, "IN-22k pre-trained"),
-    ("hornet_large_gf", 192, _GF_224, 0.2, "IN-22k pre-trained"),
+    "hornet_large_7x7": dict(_HORNET, base_dim=192, global_filter_sizes=_7X7, drop_path_rate=0.2),
+    "hornet_large_gf": dict(_HORNET, base_dim=192, global_filter_sizes=_GF_224,
+                            drop_path_rate=0.2),
     # The official `hornet_large_gf_img384`.
-    ("hornet_large_gf_384", 192, _GF_384, 0.4, "IN-22k pre-trained, fine-tuned at 384"),
-)
+    "hornet_large_gf_384": dict(_HORNET, base_dim=192, global_filter_sizes=_GF_384,
+                                drop_path_rate=0.4),
+}
 
 
 # --- official state_dict -> zoo params ------------------------------------------------------------
@@ -471,13 +477,27 @@ def checkpoint_filter_fn(state_dict: Mapping[str, np.ndarray], **known_kwargs):
   return params, HorNet, kwargs
 
 
-# --- registrations --------------------------------------------------------------------------------
+# --- registrations: the README's ImageNet-1K top-1 --------------------------------------------
 
-for _name, _base_dim, _grids, _drop_path, _paper in _VARIANTS:
-  register_model(_name, HorNet, family="hornet", paper_metric=_paper, num_classes=1000,
-                 base_dim=_base_dim, depths=(2, 3, 18, 2), orders=(2, 3, 4, 5),
-                 global_filter_sizes=_grids, scale=1.0 / 3.0, drop_path_rate=_drop_path)
-
+register_model("hornet_tiny_7x7", HorNet, family="hornet", paper_metric="IN-1k top-1 82.8",
+               **_CFGS["hornet_tiny_7x7"])
+register_model("hornet_tiny_gf", HorNet, family="hornet", paper_metric="IN-1k top-1 83.0",
+               **_CFGS["hornet_tiny_gf"])
+register_model("hornet_small_7x7", HorNet, family="hornet", paper_metric="IN-1k top-1 83.8",
+               **_CFGS["hornet_small_7x7"])
+register_model("hornet_small_gf", HorNet, family="hornet", paper_metric="IN-1k top-1 84.0",
+               **_CFGS["hornet_small_gf"])
+register_model("hornet_base_7x7", HorNet, family="hornet", paper_metric="IN-1k top-1 84.2",
+               **_CFGS["hornet_base_7x7"])
+register_model("hornet_base_gf", HorNet, family="hornet", paper_metric="IN-1k top-1 84.3",
+               **_CFGS["hornet_base_gf"])
+register_model("hornet_base_gf_384", HorNet, family="hornet", **_CFGS["hornet_base_gf_384"])
+register_model("hornet_large_7x7", HorNet, family="hornet", paper_metric="IN-22k pre-trained",
+               **_CFGS["hornet_large_7x7"])
+register_model("hornet_large_gf", HorNet, family="hornet", paper_metric="IN-22k pre-trained",
+               **_CFGS["hornet_large_gf"])
+register_model("hornet_large_gf_384", HorNet, family="hornet",
+               paper_metric="IN-22k pre-trained, fine-tuned at 384", **_CFGS["hornet_large_gf_384"])
 
 
 # --- pretrained weights: the official releases (MIT) ---------------------------------------------
@@ -501,17 +521,22 @@ def _official(name: str, share: str, top1: str | None) -> PretrainedCfg:
             "and pass the file as pretrained=.")
 
 
-# name: (Tsinghua Cloud share, top-1 on ImageNet-1k val from the official README's Model Zoo)
-_OFFICIAL_WEIGHTS = {
-    "hornet_tiny_7x7.in1k": ("bac9690c72944d19aca1", "top-1 82.8"),
-    "hornet_tiny_gf.in1k": ("460e759c82324ea6bfa3", "top-1 83.0"),
-    "hornet_small_7x7.in1k": ("8ef64277da0e469ea857", "top-1 83.8"),
-    "hornet_small_gf.in1k": ("959603ca287d4c09ad49", "top-1 84.0"),
-    "hornet_base_7x7.in1k": ("13a748487711492e9704", "top-1 84.2"),
-    "hornet_base_gf.in1k": ("c212d1d8a3914b47a5c1", "top-1 84.3"),
-    "hornet_large_7x7.in22k": ("c2fc23caae084a3aa73d", None),
-    "hornet_large_gf.in22k": ("8600206ebdfa485f98d0", None),
-    "hornet_large_gf_384.in22k": ("eec48d5eca5a48d98fd2", None),
-}
-for _name, (_share, _top1) in _OFFICIAL_WEIGHTS.items():
-  register_pretrained(_name, _official(_name, _share, _top1))
+# Tsinghua Cloud shares; top-1 on ImageNet-1k val from the official README's Model Zoo.
+register_pretrained("hornet_tiny_7x7.in1k", _official(
+    "hornet_tiny_7x7.in1k", "bac9690c72944d19aca1", "top-1 82.8"))
+register_pretrained("hornet_tiny_gf.in1k", _official(
+    "hornet_tiny_gf.in1k", "460e759c82324ea6bfa3", "top-1 83.0"))
+register_pretrained("hornet_small_7x7.in1k", _official(
+    "hornet_small_7x7.in1k", "8ef64277da0e469ea857", "top-1 83.8"))
+register_pretrained("hornet_small_gf.in1k", _official(
+    "hornet_small_gf.in1k", "959603ca287d4c09ad49", "top-1 84.0"))
+register_pretrained("hornet_base_7x7.in1k", _official(
+    "hornet_base_7x7.in1k", "13a748487711492e9704", "top-1 84.2"))
+register_pretrained("hornet_base_gf.in1k", _official(
+    "hornet_base_gf.in1k", "c212d1d8a3914b47a5c1", "top-1 84.3"))
+register_pretrained("hornet_large_7x7.in22k", _official(
+    "hornet_large_7x7.in22k", "c2fc23caae084a3aa73d", None))
+register_pretrained("hornet_large_gf.in22k", _official(
+    "hornet_large_gf.in22k", "8600206ebdfa485f98d0", None))
+register_pretrained("hornet_large_gf_384.in22k", _official(
+    "hornet_large_gf_384.in22k", "eec48d5eca5a48d98fd2", None))

@@ -144,62 +144,68 @@ class iTransformerClassifier(_InvertedEncoder):
     return self.head(features.reshape(x.shape[0], -1))
 
 
-# --- variants: every setting of the official scripts/multivariate_forecasting/*, with the paper's numbers ----
+# --- variants: every setting of the official scripts/multivariate_forecasting/* -------------------------
+# Named configs: a 96-step lookback, 8 heads, dropout 0.1 and GELU throughout (_FORECAST); per dataset and
+# horizon the script's depth (e_layers), width (d_model = d_ff) and instance normalisation (use_norm).
 
-_VARIANTS = (  # dataset, horizon, e_layers, d_model (= d_ff), use_norm, paper MSE, paper MAE (Tables 9, 10)
-    ("etth1", 96, 2, 256, True, 0.386, 0.405),
-    ("etth1", 192, 2, 256, True, 0.441, 0.436),
-    ("etth1", 336, 2, 512, True, 0.487, 0.458),
-    ("etth1", 720, 2, 512, True, 0.503, 0.491),
-    ("etth2", 96, 2, 128, True, 0.297, 0.349),
-    ("etth2", 192, 2, 128, True, 0.380, 0.400),
-    ("etth2", 336, 2, 128, True, 0.428, 0.432),
-    ("etth2", 720, 2, 128, True, 0.427, 0.445),
-    ("ettm1", 96, 2, 128, True, 0.334, 0.368),
-    ("ettm1", 192, 2, 128, True, 0.377, 0.391),
-    ("ettm1", 336, 2, 128, True, 0.426, 0.420),
-    ("ettm1", 720, 2, 128, True, 0.491, 0.459),
-    ("ettm2", 96, 2, 128, True, 0.180, 0.264),
-    ("ettm2", 192, 2, 128, True, 0.250, 0.309),
-    ("ettm2", 336, 2, 128, True, 0.311, 0.348),
-    ("ettm2", 720, 2, 128, True, 0.412, 0.407),
-    ("weather", 96, 3, 512, True, 0.174, 0.214),
-    ("weather", 192, 3, 512, True, 0.221, 0.254),
-    ("weather", 336, 3, 512, True, 0.278, 0.296),
-    ("weather", 720, 3, 512, True, 0.358, 0.347),
-    ("exchange", 96, 2, 128, True, 0.086, 0.206),
-    ("exchange", 192, 2, 128, True, 0.177, 0.299),
-    ("exchange", 336, 2, 128, True, 0.331, 0.417),
-    ("exchange", 720, 2, 128, True, 0.847, 0.691),
-    ("ecl", 96, 3, 512, True, 0.148, 0.240),
-    ("ecl", 192, 3, 512, True, 0.162, 0.253),
-    ("ecl", 336, 3, 512, True, 0.178, 0.269),
-    ("ecl", 720, 3, 512, True, 0.225, 0.317),
-    ("traffic", 96, 4, 512, True, 0.395, 0.268),
-    ("traffic", 192, 4, 512, True, 0.417, 0.276),
-    ("traffic", 336, 4, 512, True, 0.433, 0.283),
-    ("traffic", 720, 4, 512, True, 0.467, 0.302),
-    ("solar", 96, 2, 512, True, 0.203, 0.237),
-    ("solar", 192, 2, 512, True, 0.233, 0.261),
-    ("solar", 336, 2, 512, True, 0.248, 0.273),
-    ("solar", 720, 2, 512, True, 0.249, 0.275),
-    ("pems03", 12, 4, 512, True, 0.071, 0.174),
-    ("pems03", 24, 4, 512, True, 0.093, 0.201),
-    ("pems03", 48, 4, 512, True, 0.125, 0.236),
-    ("pems03", 96, 4, 512, True, 0.164, 0.275),
-    ("pems04", 12, 4, 1024, False, 0.078, 0.183),
-    ("pems04", 24, 4, 1024, False, 0.095, 0.205),
-    ("pems04", 48, 4, 1024, False, 0.120, 0.233),
-    ("pems04", 96, 4, 1024, False, 0.150, 0.262),
-    ("pems07", 12, 2, 512, False, 0.067, 0.165),
-    ("pems07", 24, 2, 512, False, 0.088, 0.190),
-    ("pems07", 48, 4, 512, False, 0.110, 0.215),
-    ("pems07", 96, 4, 512, False, 0.139, 0.245),
-    ("pems08", 12, 2, 512, True, 0.079, 0.182),
-    ("pems08", 24, 2, 512, True, 0.115, 0.219),
-    ("pems08", 48, 4, 512, False, 0.186, 0.235),
-    ("pems08", 96, 4, 512, False, 0.221, 0.267),
-)
+_FORECAST = dict(seq_len=96, n_heads=8, dropout=0.1, activation="gelu")
+_CFGS = {
+    "itransformer_etth1_96": dict(_FORECAST, pred_len=96, e_layers=2, d_model=256, d_ff=256, use_norm=True),
+    "itransformer_etth1_192": dict(_FORECAST, pred_len=192, e_layers=2, d_model=256, d_ff=256, use_norm=True),
+    "itransformer_etth1_336": dict(_FORECAST, pred_len=336, e_layers=2, d_model=512, d_ff=512, use_norm=True),
+    "itransformer_etth1_720": dict(_FORECAST, pred_len=720, e_layers=2, d_model=512, d_ff=512, use_norm=True),
+    "itransformer_etth2_96": dict(_FORECAST, pred_len=96, e_layers=2, d_model=128, d_ff=128, use_norm=True),
+    "itransformer_etth2_192": dict(_FORECAST, pred_len=192, e_layers=2, d_model=128, d_ff=128, use_norm=True),
+    "itransformer_etth2_336": dict(_FORECAST, pred_len=336, e_layers=2, d_model=128, d_ff=128, use_norm=True),
+    "itransformer_etth2_720": dict(_FORECAST, pred_len=720, e_layers=2, d_model=128, d_ff=128, use_norm=True),
+    "itransformer_ettm1_96": dict(_FORECAST, pred_len=96, e_layers=2, d_model=128, d_ff=128, use_norm=True),
+    "itransformer_ettm1_192": dict(_FORECAST, pred_len=192, e_layers=2, d_model=128, d_ff=128, use_norm=True),
+    "itransformer_ettm1_336": dict(_FORECAST, pred_len=336, e_layers=2, d_model=128, d_ff=128, use_norm=True),
+    "itransformer_ettm1_720": dict(_FORECAST, pred_len=720, e_layers=2, d_model=128, d_ff=128, use_norm=True),
+    "itransformer_ettm2_96": dict(_FORECAST, pred_len=96, e_layers=2, d_model=128, d_ff=128, use_norm=True),
+    "itransformer_ettm2_192": dict(_FORECAST, pred_len=192, e_layers=2, d_model=128, d_ff=128, use_norm=True),
+    "itransformer_ettm2_336": dict(_FORECAST, pred_len=336, e_layers=2, d_model=128, d_ff=128, use_norm=True),
+    "itransformer_ettm2_720": dict(_FORECAST, pred_len=720, e_layers=2, d_model=128, d_ff=128, use_norm=True),
+    "itransformer_weather_96": dict(_FORECAST, pred_len=96, e_layers=3, d_model=512, d_ff=512, use_norm=True),
+    "itransformer_weather_192": dict(_FORECAST, pred_len=192, e_layers=3, d_model=512, d_ff=512, use_norm=True),
+    "itransformer_weather_336": dict(_FORECAST, pred_len=336, e_layers=3, d_model=512, d_ff=512, use_norm=True),
+    "itransformer_weather_720": dict(_FORECAST, pred_len=720, e_layers=3, d_model=512, d_ff=512, use_norm=True),
+    "itransformer_exchange_96": dict(_FORECAST, pred_len=96, e_layers=2, d_model=128, d_ff=128, use_norm=True),
+    "itransformer_exchange_192": dict(_FORECAST, pred_len=192, e_layers=2, d_model=128, d_ff=128, use_norm=True),
+    "itransformer_exchange_336": dict(_FORECAST, pred_len=336, e_layers=2, d_model=128, d_ff=128, use_norm=True),
+    "itransformer_exchange_720": dict(_FORECAST, pred_len=720, e_layers=2, d_model=128, d_ff=128, use_norm=True),
+    "itransformer_ecl_96": dict(_FORECAST, pred_len=96, e_layers=3, d_model=512, d_ff=512, use_norm=True),
+    "itransformer_ecl_192": dict(_FORECAST, pred_len=192, e_layers=3, d_model=512, d_ff=512, use_norm=True),
+    "itransformer_ecl_336": dict(_FORECAST, pred_len=336, e_layers=3, d_model=512, d_ff=512, use_norm=True),
+    "itransformer_ecl_720": dict(_FORECAST, pred_len=720, e_layers=3, d_model=512, d_ff=512, use_norm=True),
+    "itransformer_traffic_96": dict(_FORECAST, pred_len=96, e_layers=4, d_model=512, d_ff=512, use_norm=True),
+    "itransformer_traffic_192": dict(_FORECAST, pred_len=192, e_layers=4, d_model=512, d_ff=512, use_norm=True),
+    "itransformer_traffic_336": dict(_FORECAST, pred_len=336, e_layers=4, d_model=512, d_ff=512, use_norm=True),
+    "itransformer_traffic_720": dict(_FORECAST, pred_len=720, e_layers=4, d_model=512, d_ff=512, use_norm=True),
+    "itransformer_solar_96": dict(_FORECAST, pred_len=96, e_layers=2, d_model=512, d_ff=512, use_norm=True),
+    "itransformer_solar_192": dict(_FORECAST, pred_len=192, e_layers=2, d_model=512, d_ff=512, use_norm=True),
+    "itransformer_solar_336": dict(_FORECAST, pred_len=336, e_layers=2, d_model=512, d_ff=512, use_norm=True),
+    "itransformer_solar_720": dict(_FORECAST, pred_len=720, e_layers=2, d_model=512, d_ff=512, use_norm=True),
+    "itransformer_pems03_12": dict(_FORECAST, pred_len=12, e_layers=4, d_model=512, d_ff=512, use_norm=True),
+    "itransformer_pems03_24": dict(_FORECAST, pred_len=24, e_layers=4, d_model=512, d_ff=512, use_norm=True),
+    "itransformer_pems03_48": dict(_FORECAST, pred_len=48, e_layers=4, d_model=512, d_ff=512, use_norm=True),
+    "itransformer_pems03_96": dict(_FORECAST, pred_len=96, e_layers=4, d_model=512, d_ff=512, use_norm=True),
+    "itransformer_pems04_12": dict(_FORECAST, pred_len=12, e_layers=4, d_model=1024, d_ff=1024, use_norm=False),
+    "itransformer_pems04_24": dict(_FORECAST, pred_len=24, e_layers=4, d_model=1024, d_ff=1024, use_norm=False),
+    "itransformer_pems04_48": dict(_FORECAST, pred_len=48, e_layers=4, d_model=1024, d_ff=1024, use_norm=False),
+    "itransformer_pems04_96": dict(_FORECAST, pred_len=96, e_layers=4, d_model=1024, d_ff=1024, use_norm=False),
+    "itransformer_pems07_12": dict(_FORECAST, pred_len=12, e_layers=2, d_model=512, d_ff=512, use_norm=False),
+    "itransformer_pems07_24": dict(_FORECAST, pred_len=24, e_layers=2, d_model=512, d_ff=512, use_norm=False),
+    "itransformer_pems07_48": dict(_FORECAST, pred_len=48, e_layers=4, d_model=512, d_ff=512, use_norm=False),
+    "itransformer_pems07_96": dict(_FORECAST, pred_len=96, e_layers=4, d_model=512, d_ff=512, use_norm=False),
+    "itransformer_pems08_12": dict(_FORECAST, pred_len=12, e_layers=2, d_model=512, d_ff=512, use_norm=True),
+    "itransformer_pems08_24": dict(_FORECAST, pred_len=24, e_layers=2, d_model=512, d_ff=512, use_norm=True),
+    "itransformer_pems08_48": dict(_FORECAST, pred_len=48, e_layers=4, d_model=512, d_ff=512, use_norm=False),
+    "itransformer_pems08_96": dict(_FORECAST, pred_len=96, e_layers=4, d_model=512, d_ff=512, use_norm=False),
+    # The README quick-start: scikit-learn digits, 8x8 images read as 8 steps x 8 variates, 10 classes.
+    "itransformer_cls_digits": dict(seq_len=8, num_variates=8, num_classes=10, d_model=64, n_heads=4,
+                                    e_layers=2, d_ff=128, dropout=0.1, activation="gelu"),
+}
 
 
 # --- official state_dict -> zoo params ----------------------------------------------------------------------
@@ -294,14 +300,124 @@ def checkpoint_filter_fn(state_dict: Mapping[str, np.ndarray], **known_kwargs):
   return params | {"projector": layout.torch_linear(state_dict, head)}, iTransformer, kwargs
 
 
-# --- registrations -------------------------------------------------------------------------------------------
+# --- registrations: the paper's MSE / MAE (Tables 9, 10) ------------------------------------------------
 
-for _dataset, _horizon, _layers, _dim, _use_norm, _mse, _mae in _VARIANTS:
-  register_model(f"itransformer_{_dataset}_{_horizon}", iTransformer, family="itransformer",
-                 paper_metric=f"{_mse:.3f}/{_mae:.3f}", seq_len=96, pred_len=_horizon, d_model=_dim, n_heads=8,
-                 e_layers=_layers, d_ff=_dim, dropout=0.1, activation="gelu", use_norm=_use_norm)
+register_model("itransformer_etth1_96", iTransformer, family="itransformer", paper_metric="0.386/0.405",
+               **_CFGS["itransformer_etth1_96"])
+register_model("itransformer_etth1_192", iTransformer, family="itransformer", paper_metric="0.441/0.436",
+               **_CFGS["itransformer_etth1_192"])
+register_model("itransformer_etth1_336", iTransformer, family="itransformer", paper_metric="0.487/0.458",
+               **_CFGS["itransformer_etth1_336"])
+register_model("itransformer_etth1_720", iTransformer, family="itransformer", paper_metric="0.503/0.491",
+               **_CFGS["itransformer_etth1_720"])
 
-# The README quick-start: scikit-learn digits, 8x8 images read as 8 steps x 8 variates, 10 classes.
-register_model("itransformer_cls_digits", iTransformerClassifier, family="itransformer", seq_len=8,
-               num_variates=8, num_classes=10, d_model=64, n_heads=4, e_layers=2, d_ff=128, dropout=0.1,
-               activation="gelu")
+register_model("itransformer_etth2_96", iTransformer, family="itransformer", paper_metric="0.297/0.349",
+               **_CFGS["itransformer_etth2_96"])
+register_model("itransformer_etth2_192", iTransformer, family="itransformer", paper_metric="0.380/0.400",
+               **_CFGS["itransformer_etth2_192"])
+register_model("itransformer_etth2_336", iTransformer, family="itransformer", paper_metric="0.428/0.432",
+               **_CFGS["itransformer_etth2_336"])
+register_model("itransformer_etth2_720", iTransformer, family="itransformer", paper_metric="0.427/0.445",
+               **_CFGS["itransformer_etth2_720"])
+
+register_model("itransformer_ettm1_96", iTransformer, family="itransformer", paper_metric="0.334/0.368",
+               **_CFGS["itransformer_ettm1_96"])
+register_model("itransformer_ettm1_192", iTransformer, family="itransformer", paper_metric="0.377/0.391",
+               **_CFGS["itransformer_ettm1_192"])
+register_model("itransformer_ettm1_336", iTransformer, family="itransformer", paper_metric="0.426/0.420",
+               **_CFGS["itransformer_ettm1_336"])
+register_model("itransformer_ettm1_720", iTransformer, family="itransformer", paper_metric="0.491/0.459",
+               **_CFGS["itransformer_ettm1_720"])
+
+register_model("itransformer_ettm2_96", iTransformer, family="itransformer", paper_metric="0.180/0.264",
+               **_CFGS["itransformer_ettm2_96"])
+register_model("itransformer_ettm2_192", iTransformer, family="itransformer", paper_metric="0.250/0.309",
+               **_CFGS["itransformer_ettm2_192"])
+register_model("itransformer_ettm2_336", iTransformer, family="itransformer", paper_metric="0.311/0.348",
+               **_CFGS["itransformer_ettm2_336"])
+register_model("itransformer_ettm2_720", iTransformer, family="itransformer", paper_metric="0.412/0.407",
+               **_CFGS["itransformer_ettm2_720"])
+
+register_model("itransformer_weather_96", iTransformer, family="itransformer", paper_metric="0.174/0.214",
+               **_CFGS["itransformer_weather_96"])
+register_model("itransformer_weather_192", iTransformer, family="itransformer", paper_metric="0.221/0.254",
+               **_CFGS["itransformer_weather_192"])
+register_model("itransformer_weather_336", iTransformer, family="itransformer", paper_metric="0.278/0.296",
+               **_CFGS["itransformer_weather_336"])
+register_model("itransformer_weather_720", iTransformer, family="itransformer", paper_metric="0.358/0.347",
+               **_CFGS["itransformer_weather_720"])
+
+register_model("itransformer_exchange_96", iTransformer, family="itransformer", paper_metric="0.086/0.206",
+               **_CFGS["itransformer_exchange_96"])
+register_model("itransformer_exchange_192", iTransformer, family="itransformer", paper_metric="0.177/0.299",
+               **_CFGS["itransformer_exchange_192"])
+register_model("itransformer_exchange_336", iTransformer, family="itransformer", paper_metric="0.331/0.417",
+               **_CFGS["itransformer_exchange_336"])
+register_model("itransformer_exchange_720", iTransformer, family="itransformer", paper_metric="0.847/0.691",
+               **_CFGS["itransformer_exchange_720"])
+
+register_model("itransformer_ecl_96", iTransformer, family="itransformer", paper_metric="0.148/0.240",
+               **_CFGS["itransformer_ecl_96"])
+register_model("itransformer_ecl_192", iTransformer, family="itransformer", paper_metric="0.162/0.253",
+               **_CFGS["itransformer_ecl_192"])
+register_model("itransformer_ecl_336", iTransformer, family="itransformer", paper_metric="0.178/0.269",
+               **_CFGS["itransformer_ecl_336"])
+register_model("itransformer_ecl_720", iTransformer, family="itransformer", paper_metric="0.225/0.317",
+               **_CFGS["itransformer_ecl_720"])
+
+register_model("itransformer_traffic_96", iTransformer, family="itransformer", paper_metric="0.395/0.268",
+               **_CFGS["itransformer_traffic_96"])
+register_model("itransformer_traffic_192", iTransformer, family="itransformer", paper_metric="0.417/0.276",
+               **_CFGS["itransformer_traffic_192"])
+register_model("itransformer_traffic_336", iTransformer, family="itransformer", paper_metric="0.433/0.283",
+               **_CFGS["itransformer_traffic_336"])
+register_model("itransformer_traffic_720", iTransformer, family="itransformer", paper_metric="0.467/0.302",
+               **_CFGS["itransformer_traffic_720"])
+
+register_model("itransformer_solar_96", iTransformer, family="itransformer", paper_metric="0.203/0.237",
+               **_CFGS["itransformer_solar_96"])
+register_model("itransformer_solar_192", iTransformer, family="itransformer", paper_metric="0.233/0.261",
+               **_CFGS["itransformer_solar_192"])
+register_model("itransformer_solar_336", iTransformer, family="itransformer", paper_metric="0.248/0.273",
+               **_CFGS["itransformer_solar_336"])
+register_model("itransformer_solar_720", iTransformer, family="itransformer", paper_metric="0.249/0.275",
+               **_CFGS["itransformer_solar_720"])
+
+register_model("itransformer_pems03_12", iTransformer, family="itransformer", paper_metric="0.071/0.174",
+               **_CFGS["itransformer_pems03_12"])
+register_model("itransformer_pems03_24", iTransformer, family="itransformer", paper_metric="0.093/0.201",
+               **_CFGS["itransformer_pems03_24"])
+register_model("itransformer_pems03_48", iTransformer, family="itransformer", paper_metric="0.125/0.236",
+               **_CFGS["itransformer_pems03_48"])
+register_model("itransformer_pems03_96", iTransformer, family="itransformer", paper_metric="0.164/0.275",
+               **_CFGS["itransformer_pems03_96"])
+
+register_model("itransformer_pems04_12", iTransformer, family="itransformer", paper_metric="0.078/0.183",
+               **_CFGS["itransformer_pems04_12"])
+register_model("itransformer_pems04_24", iTransformer, family="itransformer", paper_metric="0.095/0.205",
+               **_CFGS["itransformer_pems04_24"])
+register_model("itransformer_pems04_48", iTransformer, family="itransformer", paper_metric="0.120/0.233",
+               **_CFGS["itransformer_pems04_48"])
+register_model("itransformer_pems04_96", iTransformer, family="itransformer", paper_metric="0.150/0.262",
+               **_CFGS["itransformer_pems04_96"])
+
+register_model("itransformer_pems07_12", iTransformer, family="itransformer", paper_metric="0.067/0.165",
+               **_CFGS["itransformer_pems07_12"])
+register_model("itransformer_pems07_24", iTransformer, family="itransformer", paper_metric="0.088/0.190",
+               **_CFGS["itransformer_pems07_24"])
+register_model("itransformer_pems07_48", iTransformer, family="itransformer", paper_metric="0.110/0.215",
+               **_CFGS["itransformer_pems07_48"])
+register_model("itransformer_pems07_96", iTransformer, family="itransformer", paper_metric="0.139/0.245",
+               **_CFGS["itransformer_pems07_96"])
+
+register_model("itransformer_pems08_12", iTransformer, family="itransformer", paper_metric="0.079/0.182",
+               **_CFGS["itransformer_pems08_12"])
+register_model("itransformer_pems08_24", iTransformer, family="itransformer", paper_metric="0.115/0.219",
+               **_CFGS["itransformer_pems08_24"])
+register_model("itransformer_pems08_48", iTransformer, family="itransformer", paper_metric="0.186/0.235",
+               **_CFGS["itransformer_pems08_48"])
+register_model("itransformer_pems08_96", iTransformer, family="itransformer", paper_metric="0.221/0.267",
+               **_CFGS["itransformer_pems08_96"])
+
+register_model("itransformer_cls_digits", iTransformerClassifier, family="itransformer",
+               **_CFGS["itransformer_cls_digits"])

@@ -1,6 +1,7 @@
 """MatFormer: Nested Transformer for Elastic Inference (Devvrit, Kudugunta et al., NeurIPS 2024):
-MatLM (a decoder-only LM whose FFNs are nested, also the zoo's softmax-attention baseline LM),
-MatViT (scenic's ViT with nested MLPs), Mix'n'Match and extraction of sub-models.
+MatLM (a decoder-only LM whose FFNs are nested; at full width also the zoo's softmax-attention
+baseline LM, models/transformer_lm.py), MatViT (scenic's ViT with nested MLPs), Mix'n'Match and
+extraction of sub-models.
 
     h = embed(tokens)                                   (no scale; dropout)
     h = h + Attention(LN(h));  h = h + NestedMlp(LN(h))     (per layer, pre-LN)
@@ -638,39 +639,28 @@ def mix_n_match(model: NestedFFNs, budget: float, *, cost: str = "params",
 
 
 # --- variants -------------------------------------------------------------------------------------
-# matlm_tiny: the CPU size (byte vocabulary), d_ff chosen so that the model has the parameter count
-# of transnormer_llm_tiny (within 0.2%). matlm_olmo_*: MatFormer-OLMo's released sizes (its
-# example commands: d_model 512/1024/2048, 8 layers, 16 heads, mlp_ratio 8, multi-query, ALiBi;
-# GPT-NeoX vocabulary padded to 50,304 rows). transformer_lm_*: the softmax-attention baselines of
-# the TransNormerLLM comparison: MatLM at full width with TNL's vocabulary, width and depth, and
-# d_ff chosen to match the TNL variant's parameter count (tiny: the dims of matlm_tiny).
+# Named configs. matlm_tiny: the CPU size (byte vocabulary), d_ff chosen so that the model has the
+# parameter count of transnormer_llm_tiny (within 0.2%). matlm_olmo_*: MatFormer-OLMo's released
+# sizes (its example commands: d_model 512/1024/2048, 8 layers, 16 heads, mlp_ratio 8, multi-query,
+# ALiBi; GPT-NeoX vocabulary padded to 50,304 rows). MatViT: scenic's ViT sizes
+# (imagenet_augreg_matvit_config.py; its matvit_dims are mlp_dim / 8, / 4, / 2, / 1) at 224 with
+# 1000 classes, and a CPU size for 28 x 28 grey images. The softmax-attention baselines of the
+# TransNormerLLM comparison (`transformer_lm_*`, MatLM at full width) are in models/transformer_lm.py.
 
-_VARIANTS = {  # name: (vocab, dim, depth, heads, mlp_dim, extra kwargs, paper metric)
-    "matlm_tiny": (256, 128, 4, 4, 584, {}, ""),
-    "matlm_olmo_180m": (50304, 512, 8, 16, 4096, dict(num_kv_heads=1, positions="alibi"),
-                        "MatFormer-OLMo-180M (20B Pile tokens)"),
-    "matlm_olmo_460m": (50304, 1024, 8, 16, 8192, dict(num_kv_heads=1, positions="alibi"),
-                        "MatFormer-OLMo-460M (40B Pile tokens)"),
-    "matlm_olmo_1300m": (50304, 2048, 8, 16, 16384, dict(num_kv_heads=1, positions="alibi"),
-                         "MatFormer-OLMo-1300M (160B Pile tokens)"),
-    "transformer_lm_tiny": (256, 128, 4, 4, 584, {}, "baseline of transnormer_llm_tiny"),
-    "transformer_lm_385m": (64000, 1024, 24, 8, 4728, {},
-                            "TNL paper's Transformer at 385M: loss 2.362 / PPL 5.160"),
-    "transformer_lm_1b": (64000, 2048, 16, 16, 9464, {},
-                          "TNL paper's Transformer at 1B: loss 2.061 / PPL 4.765"),
-}
-
-# MatViT: scenic's ViT sizes (imagenet_augreg_matvit_config.py; its matvit_dims are mlp_dim / 8,
-# / 4, / 2, / 1) at 224 with 1000 classes, and a CPU size for 28 x 28 grey images.
-_VIT_VARIANTS = {  # name: (patch, dim, depth, heads, mlp_dim, extra kwargs, paper metric)
-    "matvit_tiny_patch16_224": (16, 192, 12, 3, 768, {}, ""),
-    "matvit_small_patch16_224": (16, 384, 12, 6, 1536, {}, ""),
-    "matvit_base_patch16_224": (16, 768, 12, 12, 3072, {}, "MatViT-B/16 IN-1k (figures only)"),
-    "matvit_large_patch16_224": (16, 1024, 24, 16, 4096, {},
-                                 "MatViT-L/16 IN-21k + IN-1k (figures only)"),
-    "matvit_huge_patch14_224": (14, 1280, 32, 16, 5120, {}, ""),
-    "matvit_nano_patch4_28": (4, 64, 4, 4, 256, dict(img_size=28, in_chans=1, num_classes=10),
-                              ""),
+_OLMO = dict(vocab_size=50304, depth=8, num_heads=16, num_kv_heads=1, positions="alibi")
+_CFGS = {
+    "matlm_tiny": dict(vocab_size=256, dim=128, depth=4, num_heads=4, mlp_dim=584),
+    "matlm_olmo_180m": dict(_OLMO, dim=512, mlp_dim=4096),
+    "matlm_olmo_460m": dict(_OLMO, dim=1024, mlp_dim=8192),
+    "matlm_olmo_1300m": dict(_OLMO, dim=2048, mlp_dim=16384),
+    "matvit_tiny_patch16_224": dict(patch_size=16, dim=192, depth=12, num_heads=3, mlp_dim=768),
+    "matvit_small_patch16_224": dict(patch_size=16, dim=384, depth=12, num_heads=6, mlp_dim=1536),
+    "matvit_base_patch16_224": dict(patch_size=16, dim=768, depth=12, num_heads=12, mlp_dim=3072),
+    "matvit_large_patch16_224": dict(patch_size=16, dim=1024, depth=24, num_heads=16,
+                                     mlp_dim=4096),
+    "matvit_huge_patch14_224": dict(patch_size=14, dim=1280, depth=32, num_heads=16, mlp_dim=5120),
+    "matvit_nano_patch4_28": dict(patch_size=4, dim=64, depth=4, num_heads=4, mlp_dim=256,
+                                  img_size=28, in_chans=1, num_classes=10),
 }
 
 
@@ -775,13 +765,27 @@ def checkpoint_filter_fn(state_dict: Mapping[str, np.ndarray], **known_kwargs):
 
 # --- registrations --------------------------------------------------------------------------------
 
-for _name, (_vocab, _dim, _depth, _heads, _mlp, _extra, _metric) in _VARIANTS.items():
-  register_model(_name, MatLM, family="matformer", paper_metric=_metric, vocab_size=_vocab,
-                 dim=_dim, depth=_depth, num_heads=_heads, mlp_dim=_mlp, **_extra)
+register_model("matlm_tiny", MatLM, family="matformer", **_CFGS["matlm_tiny"])
+register_model("matlm_olmo_180m", MatLM, family="matformer",
+               paper_metric="MatFormer-OLMo-180M (20B Pile tokens)", **_CFGS["matlm_olmo_180m"])
+register_model("matlm_olmo_460m", MatLM, family="matformer",
+               paper_metric="MatFormer-OLMo-460M (40B Pile tokens)", **_CFGS["matlm_olmo_460m"])
+register_model("matlm_olmo_1300m", MatLM, family="matformer",
+               paper_metric="MatFormer-OLMo-1300M (160B Pile tokens)", **_CFGS["matlm_olmo_1300m"])
 
-for _name, (_patch, _dim, _depth, _heads, _mlp, _extra, _metric) in _VIT_VARIANTS.items():
-  register_model(_name, MatViT, family="matformer", paper_metric=_metric, patch_size=_patch,
-                 dim=_dim, depth=_depth, num_heads=_heads, mlp_dim=_mlp, **_extra)
+register_model("matvit_tiny_patch16_224", MatViT, family="matformer",
+               **_CFGS["matvit_tiny_patch16_224"])
+register_model("matvit_small_patch16_224", MatViT, family="matformer",
+               **_CFGS["matvit_small_patch16_224"])
+register_model("matvit_base_patch16_224", MatViT, family="matformer",
+               paper_metric="MatViT-B/16 IN-1k (figures only)", **_CFGS["matvit_base_patch16_224"])
+register_model("matvit_large_patch16_224", MatViT, family="matformer",
+               paper_metric="MatViT-L/16 IN-21k + IN-1k (figures only)",
+               **_CFGS["matvit_large_patch16_224"])
+register_model("matvit_huge_patch14_224", MatViT, family="matformer",
+               **_CFGS["matvit_huge_patch14_224"])
+register_model("matvit_nano_patch4_28", MatViT, family="matformer",
+               **_CFGS["matvit_nano_patch4_28"])
 
 
 # --- pretrained weights: scenic's release (Apache-2.0) -------------------------------------------

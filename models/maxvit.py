@@ -480,20 +480,23 @@ class MaxViT(nnx.Module):
                             rngs=rngs if rngs is not None else nnx.Rngs(0))
 
 
-# --- variants: every published MaxViT (hp/vision.py) at the three released resolutions ----------
+# --- variants: every published MaxViT (hp/vision.py) ---------------------------------------------
+# Named configs of the five sizes: the two stem widths, each stage's width and depth, and the
+# drop-path rate of the official ImageNet-1k recipe (1 - survival_prob, vision_i1k). Each is
+# registered at the three released resolutions (224, 384, 512) at the end of this file.
 
-_VARIANTS = {  # size: stem width, widths, depths, train drop-path (1 - survival_prob, vision_i1k)
-    "tiny": (64, (64, 128, 256, 512), (2, 2, 5, 2), 0.2),
-    "small": (64, (96, 192, 384, 768), (2, 2, 5, 2), 0.3),
-    "base": (64, (96, 192, 384, 768), (2, 6, 14, 2), 0.4),
-    "large": (128, (128, 256, 512, 1024), (2, 6, 14, 2), 0.6),
+_CFGS = {
+    "maxvit_tiny_tf": dict(stem_widths=(64, 64), embed_dims=(64, 128, 256, 512),
+                           depths=(2, 2, 5, 2), drop_path_rate=0.2, num_classes=1000),
+    "maxvit_small_tf": dict(stem_widths=(64, 64), embed_dims=(96, 192, 384, 768),
+                            depths=(2, 2, 5, 2), drop_path_rate=0.3, num_classes=1000),
+    "maxvit_base_tf": dict(stem_widths=(64, 64), embed_dims=(96, 192, 384, 768),
+                           depths=(2, 6, 14, 2), drop_path_rate=0.4, num_classes=1000),
+    "maxvit_large_tf": dict(stem_widths=(128, 128), embed_dims=(128, 256, 512, 1024),
+                            depths=(2, 6, 14, 2), drop_path_rate=0.6, num_classes=1000),
     # IN-21k pretraining only: the official code has no IN-1k recipe (nor drop-path rate) for XL.
-    "xlarge": (192, (192, 384, 768, 1536), (2, 6, 14, 2), 0.0),
-}
-_RESOLUTIONS = (224, 384, 512)
-_PAPER_TOP1 = {  # README ImageNet-1k top-1 at 224 / 384 / 512 (none for the 21k-only XL)
-    "tiny": (83.62, 85.24, 85.72), "small": (84.45, 85.74, 86.19),
-    "base": (84.95, 86.34, 86.66), "large": (85.17, 86.40, 86.70),
+    "maxvit_xlarge_tf": dict(stem_widths=(192, 192), embed_dims=(192, 384, 768, 1536),
+                             depths=(2, 6, 14, 2), drop_path_rate=0.0, num_classes=1000),
 }
 
 
@@ -792,15 +795,42 @@ def checkpoint_filter_fn(state_dict: Mapping[str, np.ndarray], **known_kwargs):
   return _resize_tables(convert(sd, kwargs), stored), MaxViT, kwargs
 
 
-# --- registrations ------------------------------------------------------------------------------
+# --- registrations: the README's ImageNet-1k top-1 (none for the 21k-only XL) ----------------
 
-for _size, (_stem, _dims, _depths, _drop_path) in _VARIANTS.items():
-  for _index, _res in enumerate(_RESOLUTIONS):
-    _top1 = _PAPER_TOP1.get(_size)
-    register_model(f"maxvit_{_size}_tf_{_res}", MaxViT, family="maxvit",
-                   paper_metric=f"top-1 {_top1[_index]:.2f}" if _top1 else "",
-                   embed_dims=_dims, depths=_depths, stem_widths=(_stem, _stem), img_size=_res,
-                   drop_path_rate=_drop_path, num_classes=1000)
+register_model("maxvit_tiny_tf_224", MaxViT, family="maxvit", paper_metric="top-1 83.62",
+               img_size=224, **_CFGS["maxvit_tiny_tf"])
+register_model("maxvit_tiny_tf_384", MaxViT, family="maxvit", paper_metric="top-1 85.24",
+               img_size=384, **_CFGS["maxvit_tiny_tf"])
+register_model("maxvit_tiny_tf_512", MaxViT, family="maxvit", paper_metric="top-1 85.72",
+               img_size=512, **_CFGS["maxvit_tiny_tf"])
+
+register_model("maxvit_small_tf_224", MaxViT, family="maxvit", paper_metric="top-1 84.45",
+               img_size=224, **_CFGS["maxvit_small_tf"])
+register_model("maxvit_small_tf_384", MaxViT, family="maxvit", paper_metric="top-1 85.74",
+               img_size=384, **_CFGS["maxvit_small_tf"])
+register_model("maxvit_small_tf_512", MaxViT, family="maxvit", paper_metric="top-1 86.19",
+               img_size=512, **_CFGS["maxvit_small_tf"])
+
+register_model("maxvit_base_tf_224", MaxViT, family="maxvit", paper_metric="top-1 84.95",
+               img_size=224, **_CFGS["maxvit_base_tf"])
+register_model("maxvit_base_tf_384", MaxViT, family="maxvit", paper_metric="top-1 86.34",
+               img_size=384, **_CFGS["maxvit_base_tf"])
+register_model("maxvit_base_tf_512", MaxViT, family="maxvit", paper_metric="top-1 86.66",
+               img_size=512, **_CFGS["maxvit_base_tf"])
+
+register_model("maxvit_large_tf_224", MaxViT, family="maxvit", paper_metric="top-1 85.17",
+               img_size=224, **_CFGS["maxvit_large_tf"])
+register_model("maxvit_large_tf_384", MaxViT, family="maxvit", paper_metric="top-1 86.40",
+               img_size=384, **_CFGS["maxvit_large_tf"])
+register_model("maxvit_large_tf_512", MaxViT, family="maxvit", paper_metric="top-1 86.70",
+               img_size=512, **_CFGS["maxvit_large_tf"])
+
+register_model("maxvit_xlarge_tf_224", MaxViT, family="maxvit",
+               img_size=224, **_CFGS["maxvit_xlarge_tf"])
+register_model("maxvit_xlarge_tf_384", MaxViT, family="maxvit",
+               img_size=384, **_CFGS["maxvit_xlarge_tf"])
+register_model("maxvit_xlarge_tf_512", MaxViT, family="maxvit",
+               img_size=512, **_CFGS["maxvit_xlarge_tf"])
 
 
 # --- pretrained weights -------------------------------------------------------------------------
@@ -825,28 +855,46 @@ def _timm(name: str, metric: str) -> PretrainedCfg:
 # On the hub as timm/<name> (model.safetensors); top-1 / top-5 on ImageNet-1k val from timm's
 # results/results-imagenet.csv.
 _IN21K = "none published (an ImageNet-21k classifier)"
-_TIMM_WEIGHTS = {
-    "maxvit_tiny_tf_224.in1k": "top-1 83.426, top-5 96.584",
-    "maxvit_tiny_tf_384.in1k": "top-1 85.106, top-5 97.382",
-    "maxvit_tiny_tf_512.in1k": "top-1 85.658, top-5 97.592",
-    "maxvit_small_tf_224.in1k": "top-1 84.452, top-5 96.824",
-    "maxvit_small_tf_384.in1k": "top-1 85.534, top-5 97.466",
-    "maxvit_small_tf_512.in1k": "top-1 86.102, top-5 97.758",
-    "maxvit_base_tf_224.in1k": "top-1 84.884, top-5 97.002",
-    "maxvit_base_tf_384.in1k": "top-1 86.290, top-5 97.802",
-    "maxvit_base_tf_512.in1k": "top-1 86.598, top-5 97.924",
-    "maxvit_large_tf_224.in1k": "top-1 84.938, top-5 96.980",
-    "maxvit_large_tf_384.in1k": "top-1 86.242, top-5 97.684",
-    "maxvit_large_tf_512.in1k": "top-1 86.534, top-5 97.884",
-    "maxvit_base_tf_224.in21k": _IN21K,
-    "maxvit_base_tf_384.in21k_ft_in1k": "top-1 87.930, top-5 98.546",
-    "maxvit_base_tf_512.in21k_ft_in1k": "top-1 88.214, top-5 98.538",
-    "maxvit_large_tf_224.in21k": _IN21K,
-    "maxvit_large_tf_384.in21k_ft_in1k": "top-1 87.994, top-5 98.576",
-    "maxvit_large_tf_512.in21k_ft_in1k": "top-1 88.236, top-5 98.608",
-    "maxvit_xlarge_tf_224.in21k": _IN21K,
-    "maxvit_xlarge_tf_384.in21k_ft_in1k": "top-1 88.302, top-5 98.538",
-    "maxvit_xlarge_tf_512.in21k_ft_in1k": "top-1 88.540, top-5 98.650",
-}
-for _name, _metric in _TIMM_WEIGHTS.items():
-  register_pretrained(_name, _timm(_name, _metric))
+
+register_pretrained("maxvit_tiny_tf_224.in1k", _timm(
+    "maxvit_tiny_tf_224.in1k", "top-1 83.426, top-5 96.584"))
+register_pretrained("maxvit_tiny_tf_384.in1k", _timm(
+    "maxvit_tiny_tf_384.in1k", "top-1 85.106, top-5 97.382"))
+register_pretrained("maxvit_tiny_tf_512.in1k", _timm(
+    "maxvit_tiny_tf_512.in1k", "top-1 85.658, top-5 97.592"))
+register_pretrained("maxvit_small_tf_224.in1k", _timm(
+    "maxvit_small_tf_224.in1k", "top-1 84.452, top-5 96.824"))
+register_pretrained("maxvit_small_tf_384.in1k", _timm(
+    "maxvit_small_tf_384.in1k", "top-1 85.534, top-5 97.466"))
+register_pretrained("maxvit_small_tf_512.in1k", _timm(
+    "maxvit_small_tf_512.in1k", "top-1 86.102, top-5 97.758"))
+register_pretrained("maxvit_base_tf_224.in1k", _timm(
+    "maxvit_base_tf_224.in1k", "top-1 84.884, top-5 97.002"))
+register_pretrained("maxvit_base_tf_384.in1k", _timm(
+    "maxvit_base_tf_384.in1k", "top-1 86.290, top-5 97.802"))
+register_pretrained("maxvit_base_tf_512.in1k", _timm(
+    "maxvit_base_tf_512.in1k", "top-1 86.598, top-5 97.924"))
+register_pretrained("maxvit_large_tf_224.in1k", _timm(
+    "maxvit_large_tf_224.in1k", "top-1 84.938, top-5 96.980"))
+register_pretrained("maxvit_large_tf_384.in1k", _timm(
+    "maxvit_large_tf_384.in1k", "top-1 86.242, top-5 97.684"))
+register_pretrained("maxvit_large_tf_512.in1k", _timm(
+    "maxvit_large_tf_512.in1k", "top-1 86.534, top-5 97.884"))
+register_pretrained("maxvit_base_tf_224.in21k", _timm(
+    "maxvit_base_tf_224.in21k", _IN21K))
+register_pretrained("maxvit_base_tf_384.in21k_ft_in1k", _timm(
+    "maxvit_base_tf_384.in21k_ft_in1k", "top-1 87.930, top-5 98.546"))
+register_pretrained("maxvit_base_tf_512.in21k_ft_in1k", _timm(
+    "maxvit_base_tf_512.in21k_ft_in1k", "top-1 88.214, top-5 98.538"))
+register_pretrained("maxvit_large_tf_224.in21k", _timm(
+    "maxvit_large_tf_224.in21k", _IN21K))
+register_pretrained("maxvit_large_tf_384.in21k_ft_in1k", _timm(
+    "maxvit_large_tf_384.in21k_ft_in1k", "top-1 87.994, top-5 98.576"))
+register_pretrained("maxvit_large_tf_512.in21k_ft_in1k", _timm(
+    "maxvit_large_tf_512.in21k_ft_in1k", "top-1 88.236, top-5 98.608"))
+register_pretrained("maxvit_xlarge_tf_224.in21k", _timm(
+    "maxvit_xlarge_tf_224.in21k", _IN21K))
+register_pretrained("maxvit_xlarge_tf_384.in21k_ft_in1k", _timm(
+    "maxvit_xlarge_tf_384.in21k_ft_in1k", "top-1 88.302, top-5 98.538"))
+register_pretrained("maxvit_xlarge_tf_512.in21k_ft_in1k", _timm(
+    "maxvit_xlarge_tf_512.in21k_ft_in1k", "top-1 88.540, top-5 98.650"))

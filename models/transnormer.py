@@ -405,17 +405,15 @@ class TransNormerMLM(nnx.Module):
 
 
 # --- variants -------------------------------------------------------------------------------------
+# Named configs: T1 and T2 differ in the NormAttention kernel and the DiagAttention form; the sizes
+# are the constructors' defaults (the LM: fairseq's base_lm_architecture on WikiText-103, a word
+# vocabulary of 267,744 entries, 156 M params; the MLM: RoBERTa-base with GPT-2 BPE).
 
-_VARIANTS = {  # name: (class, kwargs, paper metric)
-    # fairseq LM on WikiText-103 (word-level vocabulary of 267,744 entries): 156 M params.
-    "transnormer_t1": (TransNormerLM, dict(kernel="elu", diag_softmax=False), ""),
-    "transnormer_t2": (TransNormerLM, dict(kernel="1+elu", diag_softmax=True),
-                       "WikiText-103 test PPL 31.01 (secondary source)"),
-    # RoBERTa-base-sized masked LMs (GPT-2 BPE vocabulary).
-    "transnormer_t1_mlm": (TransNormerMLM, dict(kernel="elu", diag_softmax=False),
-                           "GLUE avg 79.38 (secondary source)"),
-    "transnormer_t2_mlm": (TransNormerMLM, dict(kernel="1+elu", diag_softmax=True),
-                           "GLUE avg 78.78 (secondary source)"),
+_CFGS = {
+    "transnormer_t1": dict(kernel="elu", diag_softmax=False),
+    "transnormer_t2": dict(kernel="1+elu", diag_softmax=True),
+    "transnormer_t1_mlm": dict(kernel="elu", diag_softmax=False),
+    "transnormer_t2_mlm": dict(kernel="1+elu", diag_softmax=True),
 }
 
 
@@ -495,5 +493,11 @@ def checkpoint_filter_fn(state_dict: Mapping[str, np.ndarray], **known_kwargs):
 
 # --- registrations --------------------------------------------------------------------------------
 
-for _name, (_cls, _kwargs, _metric) in _VARIANTS.items():
-  register_model(_name, _cls, family="transnormer", paper_metric=_metric, **_kwargs)
+register_model("transnormer_t1", TransNormerLM, family="transnormer", **_CFGS["transnormer_t1"])
+register_model("transnormer_t2", TransNormerLM, family="transnormer",
+               paper_metric="WikiText-103 test PPL 31.01 (secondary source)",
+               **_CFGS["transnormer_t2"])
+register_model("transnormer_t1_mlm", TransNormerMLM, family="transnormer",
+               paper_metric="GLUE avg 79.38 (secondary source)", **_CFGS["transnormer_t1_mlm"])
+register_model("transnormer_t2_mlm", TransNormerMLM, family="transnormer",
+               paper_metric="GLUE avg 78.78 (secondary source)", **_CFGS["transnormer_t2_mlm"])

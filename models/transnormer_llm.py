@@ -267,12 +267,12 @@ class TransNormerLLM(nnx.Module):
 # heads; its glu_dim, hidden_dim and vocabulary are not public: LLaMA-13B's 13824, d, and a ~100K
 # tokenizer are assumed). "tiny" is for CPU experiments (byte vocabulary).
 
-_VARIANTS = {  # name: (vocab, dim, depth, heads, glu_dim, paper metric)
-    "385m": (64000, 1024, 24, 8, 2816, "HellaSwag 46.27, PIQA 66.70 (0-shot)"),
-    "1b": (64000, 2048, 16, 16, 5632, "HellaSwag 56.49, PIQA 72.09 (0-shot)"),
-    "7b": (64000, 4096, 30, 32, 11008, "HellaSwag 75.21, PIQA 80.09 (0-shot)"),
-    "15b": (100352, 5120, 42, 40, 13824, "HellaSwag 82.18, PIQA 81.56 (0-shot)"),
-    "tiny": (256, 128, 4, 4, 352, ""),
+_CFGS = {
+    "transnormer_llm_385m": dict(vocab_size=64000, dim=1024, depth=24, num_heads=8, glu_dim=2816),
+    "transnormer_llm_1b": dict(vocab_size=64000, dim=2048, depth=16, num_heads=16, glu_dim=5632),
+    "transnormer_llm_7b": dict(vocab_size=64000, dim=4096, depth=30, num_heads=32, glu_dim=11008),
+    "transnormer_llm_15b": dict(vocab_size=100352, dim=5120, depth=42, num_heads=40, glu_dim=13824),
+    "transnormer_llm_tiny": dict(vocab_size=256, dim=128, depth=4, num_heads=4, glu_dim=352),
 }
 
 
@@ -355,12 +355,18 @@ def checkpoint_filter_fn(state_dict: Mapping[str, np.ndarray], **known_kwargs):
   return params, TransNormerLLM, kwargs
 
 
-# --- registrations --------------------------------------------------------------------------------
+# --- registrations: zero-shot HellaSwag and PIQA from the official README -----------------------
 
-for _name, (_vocab, _dim, _depth, _heads, _glu, _metric) in _VARIANTS.items():
-  register_model(f"transnormer_llm_{_name}", TransNormerLLM, family="transnormer_llm",
-                 paper_metric=_metric, vocab_size=_vocab, dim=_dim, depth=_depth,
-                 num_heads=_heads, glu_dim=_glu)
+register_model("transnormer_llm_385m", TransNormerLLM, family="transnormer_llm",
+               paper_metric="HellaSwag 46.27, PIQA 66.70 (0-shot)", **_CFGS["transnormer_llm_385m"])
+register_model("transnormer_llm_1b", TransNormerLLM, family="transnormer_llm",
+               paper_metric="HellaSwag 56.49, PIQA 72.09 (0-shot)", **_CFGS["transnormer_llm_1b"])
+register_model("transnormer_llm_7b", TransNormerLLM, family="transnormer_llm",
+               paper_metric="HellaSwag 75.21, PIQA 80.09 (0-shot)", **_CFGS["transnormer_llm_7b"])
+register_model("transnormer_llm_15b", TransNormerLLM, family="transnormer_llm",
+               paper_metric="HellaSwag 82.18, PIQA 81.56 (0-shot)", **_CFGS["transnormer_llm_15b"])
+register_model("transnormer_llm_tiny", TransNormerLLM, family="transnormer_llm",
+               **_CFGS["transnormer_llm_tiny"])
 
 
 # --- pretrained weights: the official releases on the hub ----------------------------------------

@@ -1,9 +1,15 @@
-"""Registry: names, lookup errors, overrides, parameter counts of the official variants."""
+"""Registry: names, lookup errors, overrides, parameter counts of the official variants; every
+registration greppable."""
+import pathlib
+import re
+
 import jax.numpy as jnp
 import pytest
 from flax import nnx
 
 import models
+
+MODELS_DIR = pathlib.Path(models.__file__).parent
 
 
 def _abstract(name, **overrides):
@@ -54,3 +60,18 @@ def test_count_params_of_the_digits_classifier_counts_params_only():
   embed, norm, head = 8 * 64 + 64, 2 * 64, 8 * 64 * 10 + 10
   block = 4 * (64 * 64 + 64) + (64 * 128 + 128) + (128 * 64 + 64) + 2 * norm  # attention, mlp, two norms
   assert models.count_params(models.create_model("itransformer_cls_digits")) == embed + 2 * block + norm + head
+
+
+def test_every_registered_name_is_written_out_in_a_registration_call():
+  """`grep -r '"maxvit_tiny_tf_224"' models/` finds where a variant or its weights are registered:
+  each name stands literally as the first argument of register_model / register_pretrained (no
+  names built in loops or f-strings), once."""
+  source = "\n".join(path.read_text() for path in sorted(MODELS_DIR.glob("*.py"))
+                     if path.name != "registry.py")  # its docstring shows the calls
+  for call, names in (("register_model", models.list_models()),
+                      ("register_pretrained", models.list_pretrained())):
+    written = re.findall(rf'\b{call}\(\s*"([^"]+)"', source)
+    assert sorted(written) == sorted(names), (
+        f"{call} names not written out literally: {sorted(set(names) - set(written))}; "
+        f"written more than once or not registered: "
+        f"{sorted(n for n in set(written) if written.count(n) > 1 or n not in names)}")

@@ -19,17 +19,15 @@ be pushed to the Hugging Face hub as it is.
 On several processes it takes train.py's --multihost / --coordinator_address, --num_processes,
 --process_id: they evaluate the split together and process 0 prints and writes the result.
 
---elastic (MatFormer: MatLM, MatViT) evaluates every granularity (S, M, L, XL) and the balanced
-Mix'n'Match models between them, each extracted as a model of its own, and writes the
-metric-vs-parameters table as <workdir>/elastic_<split>_<checkpoint>.json and .md, and a plot .png
-(if matplotlib is installed):
+`--config.evaluator=NAME` runs an evaluator of tasks.EVALUATORS instead of one evaluation of the
+model, and writes <workdir>/<NAME>_<split>_<checkpoint>.json with what the evaluator adds (e.g.
+'elastic', tasks/elastic.py: every Mix'n'Match sub-model of a MatFormer, a table and a plot):
 
   python eval.py --config configs/matformer.py:matlm_tiny_shakespeare --workdir runs/matlm \
-      --split=validation --elastic
+      --split=validation --config.evaluator=elastic
 """
 from __future__ import annotations
 
-import functools
 import json
 import os
 import sys
@@ -42,9 +40,7 @@ import orbax.checkpoint as ocp
 
 import data
 import models
-from models import matformer
 import tasks
-from tasks.nested import granularity_names
 import train
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "configs/<family>.py:<arg>", lock_config=True)
@@ -56,8 +52,6 @@ _KEEP_FREED_MEMORY = flags.DEFINE_bool("keep_freed_memory", True, "Keep freed ho
                                         "(train.keep_freed_memory_mapped).")
 _SAVE_PRETRAINED = flags.DEFINE_string(
     "save_pretrained", "", "Also write the evaluated weights here (models.save_pretrained).")
-_ELASTIC = flags.DEFINE_bool("elastic", False, "MatFormer: evaluate every granularity and the "
-                             "Mix'n'Match sweep (elastic_<split>_<checkpoint>.json/.md/.png)")
 train.define_multihost_flags()
 
 
@@ -115,94 +109,32 @@ def load_split(config, split_name: str, mesh):
 
 def evaluate_checkpoint(config, workdir: str, which: str, split_name: str,
                         save_pretrained: str = "") -> dict:
-  """Evaluates the weights `which` names on a split; `save_pretrained`: also write them there."""
+  """Evaluates the weights `which` names on a split, or runs config.evaluator on them;
+  `save_pretrained`: also write them there."""
   config = with_weights_preprocessing(config, which)
+  evaluator = tasks.get_evaluator(config.evaluator)
+  say = print if train.is_main_process() else lambda line: None
   with train.on_mesh(config) as mesh:
-    task = tasks.from_config(config)
+    # An evaluator evaluates the models it makes with the plain task (a sub-model is not nested).
+    task = tasks.get_task(config.task) if evaluator else tasks.from_config(config)
     split = load_split(config, split_name, mesh)
     model, source = load_model(config, workdir, which, split, task, mesh)
-    eval_step = train.make_eval_step(task, nnx.graphdef(model))
-    metrics = train.evaluate(task, eval_step, nnx.state(model), split, config.input, mesh)
-    if train.is_main_process():
-      print(train.format_table({f"{split_name}/{k}": v for k, v in metrics.items()},
-                               title=f"{config.model.name} on {config.data.name}/{split_name} "
-                                     f"({source})"))
-      if save_pretrained:
-        metric = ", ".join(f"{config.data.name}/{split_name} {k} {v:.4f}"
-                           for k, v in metrics.items())
-        print(f"wrote {models.save_pretrained(model, save_pretrained, metric=metric)}")
+
+    def evaluate_model(model):
+      eval_step = train.make_eval_step(task, nnx.graphdef(model))
+      return train.evaluate(task, eval_step, nnx.state(model), split, config.input, mesh)
+
+    if evaluator:
+      return {"checkpoint": source, "split": split_name,
+              **evaluator.evaluate(model, evaluate_model, config, report=say)}
+    metrics = evaluate_model(model)
+    say(train.format_table({f"{split_name}/{k}": v for k, v in metrics.items()},
+                           title=f"{config.model.name} on {config.data.name}/{split_name} "
+                                 f"({source})"))
+    if save_pretrained and train.is_main_process():
+      metric = ", ".join(f"{config.data.name}/{split_name} {k} {v:.4f}" for k, v in metrics.items())
+      say(f"wrote {models.save_pretrained(model, save_pretrained, metric=metric)}")
     return {"checkpoint": source, "split": split_name, **metrics}
-
-
-def evaluate_elastic(config, workdir: str, which: str, split_name: str) -> dict:
-  """Every balanced Mix'n'Match sub-model (S, M, L and XL among them), extracted and evaluated
-  with the plain task: {checkpoint, split, metric, rows: [{name, widths, params, metrics...}]}."""
-  with train.on_mesh(config) as mesh:
-    task = tasks.get_task(config.task)
-    split = load_split(config, split_name, mesh)
-    model, source = load_model(config, workdir, which, split, task, mesh)
-    if not isinstance(model, matformer.NestedFFNs):
-      raise ValueError(f"--elastic needs a nested (MatFormer) model, got {config.model.name}")
-    names = dict(zip((model.layer_widths(g) for g in model.granularities),
-                     granularity_names(len(model.granularities))))
-    rows = []
-    for widths in matformer.balanced_configs(model):
-      sub = matformer.extract(model, widths)
-      eval_step = train.make_eval_step(task, nnx.graphdef(sub))
-      metrics = train.evaluate(task, eval_step, nnx.state(sub), split, config.input, mesh)
-      rows.append({"name": names.get(widths, "mix'n'match"), "widths": list(widths),
-                   "params": models.count_params(sub), **metrics})
-      if train.is_main_process():
-        print(f"{rows[-1]['name']:>11} {widths}: {rows[-1]['params']:,} params, " +
-              ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()), flush=True)
-    # The curve's metric: the run's early-stopping one, else accuracy where the task has it.
-    metric = config.early_stopping.metric.rpartition("/")[2]
-    if metric not in rows[0]:
-      metric = "accuracy" if "accuracy" in rows[0] else "loss"
-    return {"model": config.model.name, "checkpoint": source, "split": split_name,
-            "metric": metric, "rows": rows}
-
-
-def elastic_markdown(result: dict) -> str:
-  """The table of an `evaluate_elastic` result: one row per sub-model, smallest first."""
-  metrics = [k for k in result["rows"][0] if k not in ("name", "widths", "params")]
-  lines = [f"{result['model']} on {result['split']} ({result['checkpoint']})", "",
-           "| sub-model | FFN widths per layer | params | " + " | ".join(metrics) + " |",
-           "|---|---|---|" + "---|" * len(metrics)]
-  for row in result["rows"]:
-    widths = ", ".join(map(str, row["widths"]))
-    values = " | ".join(f"{row[k]:.4f}" for k in metrics)
-    name = f"**{row['name']}**" if row["name"] != "mix'n'match" else row["name"]
-    lines.append(f"| {name} | {widths} | {row['params']:,} | {values} |")
-  return "\n".join(lines) + "\n"
-
-
-def elastic_plot(result: dict, path: str) -> bool:
-  """The metric-vs-parameters curve as a PNG; False (nothing written) without matplotlib."""
-  try:
-    import matplotlib
-    matplotlib.use("Agg")
-    from matplotlib import pyplot as plt
-  except ImportError:
-    return False
-  metric, rows = result["metric"], result["rows"]
-  fig, ax = plt.subplots(figsize=(6, 4))
-  ax.plot([r["params"] for r in rows], [r[metric] for r in rows], ".-", color="tab:blue",
-          label="Mix'n'Match (balanced)")
-  named = [r for r in rows if r["name"] != "mix'n'match"]
-  ax.plot([r["params"] for r in named], [r[metric] for r in named], "o", color="tab:red",
-          label="granularities")
-  for r in named:
-    ax.annotate(r["name"], (r["params"], r[metric]), textcoords="offset points", xytext=(4, 4))
-  ax.set_xlabel("parameters")
-  ax.set_ylabel(f"{result['split']} {metric}")
-  ax.set_title(result["model"])
-  ax.grid(alpha=0.3)
-  ax.legend()
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
-  return True
 
 
 def main(argv):
@@ -213,13 +145,12 @@ def main(argv):
   logging.set_verbosity(logging.ERROR)
   if _KEEP_FREED_MEMORY.value:
     train.keep_freed_memory_mapped()  # XLA:CPU's per-call buffers stay mapped (train.py)
-  evaluate = (evaluate_elastic if _ELASTIC.value else
-              functools.partial(evaluate_checkpoint, save_pretrained=_SAVE_PRETRAINED.value))
   try:
     train.initialize_multihost()
     if train.is_main_process():
       check_writable(output_path())  # before evaluating, not after
-    result = evaluate(_CONFIG.value, _WORKDIR.value, _CHECKPOINT.value, _SPLIT.value)
+    result = evaluate_checkpoint(_CONFIG.value, _WORKDIR.value, _CHECKPOINT.value, _SPLIT.value,
+                                 save_pretrained=_SAVE_PRETRAINED.value)
   except (train.CheckpointError, data.DataError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(1)
@@ -228,10 +159,10 @@ def main(argv):
 
 
 def output_path() -> str:
-  """--output, or eval_<split>_<checkpoint>.json (elastic_... with --elastic) in the workdir."""
+  """--output, or <evaluator or 'eval'>_<split>_<checkpoint>.json in the workdir."""
   tag = os.path.basename(os.path.normpath(_CHECKPOINT.value))
-  return _OUTPUT.value or os.path.join(_WORKDIR.value, f"{'elastic' if _ELASTIC.value else 'eval'}_"
-                                       f"{_SPLIT.value}_{tag}.json")
+  kind = _CONFIG.value.evaluator or "eval"
+  return _OUTPUT.value or os.path.join(_WORKDIR.value, f"{kind}_{_SPLIT.value}_{tag}.json")
 
 
 def check_writable(path: str) -> None:
@@ -245,17 +176,15 @@ def check_writable(path: str) -> None:
 
 
 def write_result(result: dict) -> None:
-  """The result as JSON (and --elastic's table and plot) where --output says."""
+  """The result as JSON where --output says, beside it what the evaluator writes."""
   output = output_path()
   with open(output, "w") as f:
     json.dump(result, f, indent=2)
-  print(f"wrote {output}")
-  if _ELASTIC.value:
-    stem = os.path.splitext(output)[0]
-    with open(stem + ".md", "w") as f:
-      f.write(elastic_markdown(result))
-    print(f"wrote {stem}.md" + (f" and {stem}.png" if elastic_plot(result, stem + ".png")
-                                else " (no plot: matplotlib is not installed)"))
+  written = [output]
+  evaluator = tasks.get_evaluator(_CONFIG.value.evaluator)
+  if evaluator:
+    written += evaluator.write(result, os.path.splitext(output)[0])
+  print(f"wrote {', '.join(written)}")
 
 
 if __name__ == "__main__":

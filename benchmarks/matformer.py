@@ -17,7 +17,7 @@ final_metrics.json exists is reused, so pass the same values to the measuring ca
 
 Then, on the checkpoints train.py tested (the best by validation loss for the LMs):
   - validation and test loss of S, M, L, XL: joint (sum, sample) vs independent;
-  - the balanced Mix'n'Match sweep of the summed-loss model (eval.evaluate_elastic);
+  - the balanced Mix'n'Match sweep of the summed-loss model (eval.py --config.evaluator=elastic, tasks/elastic.py);
   - consistency (the paper's measure): the share of validation positions where a sub-model's
     next-byte argmax equals its own XL's, nested sub-models vs the joint XL and independent
     models vs the independent XL;
@@ -106,12 +106,15 @@ def load_tested(config, root: str, name: str, which: str = "best"):
   return model
 
 
-def write_elastic(elastic: dict, stem: str) -> None:
-  """The elastic table and plot as <stem>.md and <stem>.png."""
+def elastic_sweep(config, workdir: str, which: str, split: str, stem: str) -> dict:
+  """eval.py's elastic evaluator on a run's checkpoint; its table and plot as <stem>.md/.png."""
   import eval as eval_lib
-  with open(stem + ".md", "w") as f:
-    f.write(eval_lib.elastic_markdown(elastic))
-  eval_lib.elastic_plot(elastic, stem + ".png")
+  import tasks
+  config = config.copy_and_resolve_references()
+  config.evaluator = "elastic"
+  result = eval_lib.evaluate_checkpoint(config, workdir, which, split)
+  tasks.elastic.write(result, stem)
+  return result
 
 
 def consistency(pairs: dict, batches) -> dict[str, float]:
@@ -173,7 +176,6 @@ def lm_part(root: str, data_root: str, total_steps: int, out_dir: str) -> dict:
   import jax.numpy as jnp
   import numpy as np
   import data
-  import eval as eval_lib
   from models import matformer
 
   for name in LM_RUNS:
@@ -188,9 +190,8 @@ def lm_part(root: str, data_root: str, total_steps: int, out_dir: str) -> dict:
         size: final_metrics(root, f"indep_{w}")[f"{split}/loss"] for size, w in SIZES.items()}
 
   config = run_config("matlm_sum", data_root, total_steps)
-  result["elastic"] = eval_lib.evaluate_elastic(config, os.path.join(root, "matlm_sum"), "best",
-                                                "validation")
-  write_elastic(result["elastic"], os.path.join(out_dir, "matformer_tiny_shakespeare_elastic"))
+  result["elastic"] = elastic_sweep(config, os.path.join(root, "matlm_sum"), "best", "validation",
+                                    os.path.join(out_dir, "matformer_tiny_shakespeare_elastic"))
 
   joint = load_tested(config, root, "matlm_sum")
   independent = {size: load_tested(run_config(f"indep_{w}", data_root, total_steps), root,
@@ -251,12 +252,11 @@ def lm_markdown(result: dict) -> str:
 
 
 def vit_part(root: str, data_root: str, total_steps: int, out_dir: str) -> dict:
-  import eval as eval_lib
   train_run(root, "matvit_sum", data_root, total_steps)
   # Fashion-MNIST has no validation split: the last checkpoint is the one train.py tested
   config = run_config("matvit_sum", data_root, total_steps)
-  elastic = eval_lib.evaluate_elastic(config, os.path.join(root, "matvit_sum"), "latest", "test")
-  write_elastic(elastic, os.path.join(out_dir, "matformer_fashion_mnist_elastic"))
+  elastic = elastic_sweep(config, os.path.join(root, "matvit_sum"), "latest", "test",
+                          os.path.join(out_dir, "matformer_fashion_mnist_elastic"))
   return {"training": {**training_cost(root, "matvit_sum"), "batch_size": config.input.batch_size},
           "final": final_metrics(root, "matvit_sum"), "elastic": elastic}
 

@@ -117,6 +117,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval_every_steps = 0          # 0 = once per epoch
   c.eval_splits = ("validation",)  # evaluated periodically
   c.final_eval_splits = ("test",)  # evaluated once at the end, on the best (or last) checkpoint
+  c.evaluator = ""                # eval.py: '' = the model as it is; 'elastic' (tasks/elastic.py)
   # BatchNorm models: re-estimate the running statistics from this many training batches before
   # each evaluation (precise BN); 0 keeps them. A short run's averages trail its weights.
   c.recompute_bn_stats = 0

@@ -8,7 +8,7 @@ r"""MatFormer (MatLM, MatViT) and the softmax-attention LM baseline on the share
 
   python train.py --config configs/matformer.py:matlm_tiny_shakespeare --workdir runs/matlm
   python eval.py  --config configs/matformer.py:matlm_tiny_shakespeare --workdir runs/matlm \
-      --split=validation --elastic            # S, M, L, XL and Mix'n'Match: table + plot
+      --split=validation --config.evaluator=elastic   # S, M, L, XL and Mix'n'Match: table + plot
   python train.py --config configs/matformer.py:matvit_fashion_mnist --workdir runs/matvit
 
   python train.py --config configs/matformer.py:matlm_olmo_180m --workdir runs/matlm_olmo_180m \

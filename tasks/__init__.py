@@ -11,6 +11,7 @@ import jax
 import numpy as np
 from flax import nnx
 
+from tasks import elastic
 from tasks.classification import Classification
 from tasks.forecasting import Forecasting
 from tasks.language_modeling import LanguageModeling
@@ -45,6 +46,18 @@ def get_task(name: str) -> Task:
   if name not in _TASKS:
     raise ValueError(f"unknown task {name!r}; expected one of {sorted(_TASKS)}")
   return _TASKS[name]()
+
+
+# Evaluators that eval.py runs instead of one evaluation of the model (config.evaluator): each
+# has `evaluate(model, evaluate_model, config, report) -> result` and `write(result, stem)`.
+EVALUATORS = {"elastic": elastic}
+
+
+def get_evaluator(name: str):
+  """The evaluator module `name` names; None for '' (the model evaluated as it is)."""
+  if name and name not in EVALUATORS:
+    raise ValueError(f"unknown config.evaluator {name!r}; expected '' or one of {sorted(EVALUATORS)}")
+  return EVALUATORS.get(name)
 
 
 def from_config(config) -> Task:

@@ -482,7 +482,9 @@ def test_joint_training_and_elastic_evaluation_end_to_end(tmp_path):
   assert train_logs and all(abs(m["train/loss"] - sum(m[f"train/{n}/loss"] for n in (
       "S", "M", "L", "XL"))) < 1e-4 for m in train_logs)
 
-  result = eval_lib.evaluate_elastic(config, str(tmp_path), "latest", "test")
+  elastic = config.copy_and_resolve_references()
+  elastic.evaluator = "elastic"
+  result = eval_lib.evaluate_checkpoint(elastic, str(tmp_path), "latest", "test")
   rows = result["rows"]
   assert [r["name"] for r in rows] == ["S", "mix'n'match", "M", "mix'n'match", "L",
                                        "mix'n'match", "XL"]
@@ -494,10 +496,15 @@ def test_joint_training_and_elastic_evaluation_end_to_end(tmp_path):
                                  rtol=1e-6)
       np.testing.assert_allclose(row["loss"], final[f"test/{row['name']}/loss"], rtol=1e-5)
   assert result["metric"] == "accuracy"   # no early-stopping metric: a classifier's curve
-  table = eval_lib.elastic_markdown(result)
+  assert tasks.elastic.write(result, str(tmp_path / "elastic")) == [
+      str(tmp_path / "elastic.md"), str(tmp_path / "elastic.png")]
+  table = (tmp_path / "elastic.md").read_text()
   assert table.count("\n| ") == 1 + len(rows) and "| **XL** | 64, 64 |" in table
-  assert eval_lib.elastic_plot(result, str(tmp_path / "elastic.png"))
   assert (tmp_path / "elastic.png").stat().st_size > 10_000
+  with pytest.raises(ValueError, match="config.evaluator='elastic' needs a nested"):
+    tasks.elastic.evaluate(models.create_model("transnormer_llm_tiny"), None, elastic)
+  with pytest.raises(ValueError, match="unknown config.evaluator 'elastik'"):
+    tasks.get_evaluator("elastik")
 
 
 def test_sampled_joint_training_runs_in_the_loop(tmp_path):

@@ -309,8 +309,10 @@ def _restore_into(item_dir: Path, targets: Mapping[str, jax.ShapeDtypeStruct]) -
   """The item's entries that fit a target, restored straight into its dtype and sharding: each
   process reads only the shards its devices hold. The other entries (to be skipped, or reported
   by assign_params) stay as their metadata, never read."""
-  checkpointer = ocp.PyTreeCheckpointer()
-  saved = traverse_util.flatten_dict(checkpointer.metadata(item_dir).item_metadata.tree)
+  # The item's own handler: a Checkpointer would look for the step's metadata file in the item
+  # directory of a train.py checkpoint and warn that it is missing.
+  checkpointer = ocp.PyTreeCheckpointHandler()
+  saved = traverse_util.flatten_dict(checkpointer.metadata(item_dir).tree)
   wanted = {keys: targets[name] for keys, entry in saved.items()
             if (name := "/".join(map(str, keys))) in targets and _shape(entry) == targets[name].shape}
   restored = {}

@@ -13,6 +13,7 @@ tolerance; benchmarks and users run XLA's defaults.
 
 On a GPU or TPU, a test that names a compiled kernel for a case the kernel refuses is skipped with
 the kernel's reason (see ``device_refusal``)."""
+import functools
 import importlib.util
 import os
 import re
@@ -82,9 +83,11 @@ def load_benchmark(name: str):
   return module
 
 
+@functools.cache
 def load_golden(family: str, name: str):
   """(spec, official state_dict, arrays) of golden fixture `<family>/<name>` (shared/golden, beside
-  the data directory that ZOO_TEST_DATA names); skips without it."""
+  the data directory that ZOO_TEST_DATA names); skips without it. Loaded once a process (the
+  weights are regenerated from their seeds): callers copy what they change."""
   if "ZOO_TEST_DATA" not in os.environ:
     pytest.skip("ZOO_TEST_DATA (the shared data directory, next to golden/) is not set")
   root = os.path.join(os.environ["ZOO_TEST_DATA"], "..", "golden")

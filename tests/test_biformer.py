@@ -1,9 +1,6 @@
 """BiFormer: parameter counts, parity with the official code (golden fixtures: logits, stage
 features, routed regions), converter and CLI round trip, auto_pad, input checks, training mode."""
 import functools
-import os
-import sys
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -11,6 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from conftest import load_golden
 import models
 from models.biformer import BiFormer, BiLevelRoutingAttention, checkpoint_filter_fn
 from models.convert.__main__ import main as convert_main
@@ -19,14 +17,7 @@ from models.pretrained import assign_params
 SMALL = dict(depths=(1, 1, 2, 1), embed_dims=(32, 64, 128, 256), num_classes=10)
 
 
-@functools.cache
-def _golden(name):
-  if "ZOO_TEST_DATA" not in os.environ:
-    pytest.skip("ZOO_TEST_DATA (the shared data directory, next to golden/) is not set")
-  root = Path(os.environ["ZOO_TEST_DATA"]) / ".." / "golden"
-  sys.path.insert(0, str(root))
-  import golden
-  return golden.load(str(root / "biformer" / name))
+_golden = functools.partial(load_golden, "biformer")  # (spec, state_dict, arrays) of a fixture
 
 
 def _converted(name, **overrides):

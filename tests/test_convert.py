@@ -15,6 +15,7 @@ import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
 
+from conftest import load_golden
 import models
 from models.convert import read_state_dict
 from models.convert.__main__ import main as convert_main
@@ -23,14 +24,10 @@ from models.itransformer import checkpoint_filter_fn, iTransformer, iTransformer
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def golden():
-  if "ZOO_TEST_DATA" not in os.environ:
-    pytest.skip("ZOO_TEST_DATA (the shared data directory, next to golden/) is not set")
-  root = Path(os.environ["ZOO_TEST_DATA"]) / ".." / "golden"
-  sys.path.insert(0, str(root))
-  import golden as golden_lib
-  _, state_dict, arrays = golden_lib.load(str(root / "itransformer" / "itransformer_etth1_96"))
+  """(official state_dict, arrays) of the iTransformer ETTh1-96 golden fixture."""
+  _, state_dict, arrays = load_golden("itransformer", "itransformer_etth1_96")
   return state_dict, arrays
 
 

@@ -3,9 +3,6 @@ GF filter's align_corners resize, the converter (CLI, 22K heads), input checks, 
 path."""
 import functools
 import json
-import os
-import sys
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -13,6 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from conftest import load_golden
 import models
 from models.convert.__main__ import main as convert_main
 from models.hornet import (GnConv, HorNet, HorNetBlock, _align_corners_matrix, checkpoint_filter_fn,
@@ -30,14 +28,7 @@ PARAM_COUNTS = {
 SMALL_FIXTURES = ("hornet_custom_7x7_d16", "hornet_custom_gf_d16")
 
 
-@functools.cache
-def _golden(name):
-  if "ZOO_TEST_DATA" not in os.environ:
-    pytest.skip("ZOO_TEST_DATA (the shared data directory, next to golden/) is not set")
-  root = Path(os.environ["ZOO_TEST_DATA"]) / ".." / "golden"
-  sys.path.insert(0, str(root))
-  import golden
-  return golden.load(str(root / "hornet" / name))
+_golden = functools.partial(load_golden, "hornet")  # (spec, state_dict, arrays) of a fixture
 
 
 def _abstract(model_class=HorNet, **kwargs):

@@ -1,8 +1,5 @@
 """iTransformer: shapes, parity with the official PyTorch code (golden fixture), input checks, dropout, gradients."""
 import functools
-import os
-import sys
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -10,6 +7,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from conftest import load_golden
 import models
 from models.itransformer import checkpoint_filter_fn, iTransformer, instance_norm
 from models.layers import Attention, Block, Dropout, DropPath, random_bits
@@ -27,14 +25,7 @@ def _series(batch=3, length=16, variates=5, seed=0):
   return jnp.asarray(rng.normal(size=(batch, length, variates)) * 3 + 7, jnp.float32)
 
 
-@functools.cache
-def _golden():
-  if "ZOO_TEST_DATA" not in os.environ:
-    pytest.skip("ZOO_TEST_DATA (the shared data directory, next to golden/) is not set")
-  root = Path(os.environ["ZOO_TEST_DATA"]) / ".." / "golden"
-  sys.path.insert(0, str(root))
-  import golden
-  return golden.load(str(root / "itransformer" / "itransformer_etth1_96"))
+_golden = functools.partial(load_golden, "itransformer", "itransformer_etth1_96")
 
 
 def _assert_close(actual, reference):

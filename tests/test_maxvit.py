@@ -4,9 +4,7 @@ relative-position table resize, partitions, BatchNorm statistics and stochastic 
 training."""
 import functools
 import json
-import os
 import sys
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -14,6 +12,7 @@ import numpy as np
 import pytest
 from flax import nnx, traverse_util
 
+from conftest import load_golden
 import models
 from models.convert.__main__ import main as convert_main
 from models.maxvit import (MaxViT, PartitionTransformer, RelPosAttention, block_partition,
@@ -30,14 +29,7 @@ SMALL = dict(embed_dims=(32, 64), depths=(1, 1), stem_widths=(16, 16), num_class
 WEIGHTS = nnx.Any(nnx.Param, nnx.BatchStat)
 
 
-@functools.cache
-def _golden(name):
-  if "ZOO_TEST_DATA" not in os.environ:
-    pytest.skip("ZOO_TEST_DATA (the shared data directory, next to golden/) is not set")
-  root = Path(os.environ["ZOO_TEST_DATA"]) / ".." / "golden"
-  sys.path.insert(0, str(root))
-  import golden
-  return golden.load(str(root / "maxvit" / name))
+_golden = functools.partial(load_golden, "maxvit")  # (spec, state_dict, arrays) of a fixture
 
 
 @functools.cache

@@ -2,9 +2,6 @@
 URPE, fairseq positions, sizes, inputs."""
 import functools
 import math
-import os
-import sys
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -12,6 +9,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from conftest import load_golden
 import models
 from models.layers import Buffer
 from models.pretrained import assign_params, load_pretrained, save_params
@@ -26,14 +24,7 @@ FIXTURES = {"tn1_t1_diag_layer": (True, "elu", False), "tn1_t1_norm_layer": (Fal
 SMALL_LM = dict(vocab_size=50, dim=32, depth=4, num_heads=4)
 
 
-@functools.cache
-def _golden(name):
-  if "ZOO_TEST_DATA" not in os.environ:
-    pytest.skip("ZOO_TEST_DATA (the shared data directory, next to golden/) is not set")
-  root = Path(os.environ["ZOO_TEST_DATA"]) / ".." / "golden"
-  sys.path.insert(0, str(root))
-  import golden
-  return golden.load(str(root / "transnormer_v1" / name))
+_golden = functools.partial(load_golden, "transnormer_v1")  # (spec, state_dict, arrays) of a fixture
 
 
 def _batch_first(arrays, key):

@@ -1,9 +1,6 @@
 """TransNormerLLM: parity with the released HF code (golden fixtures: masked-path logits, hidden
 states, chunked prefill, token-by-token decoding), the decay ladder, sizes, converter, inputs."""
 import functools
-import os
-import sys
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -11,6 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from conftest import load_golden
 import models
 from models.pretrained import assign_params
 from models.transnormer_llm import (TransNormerLLM, alibi_slopes, checkpoint_filter_fn,
@@ -19,14 +17,7 @@ from models.transnormer_llm import (TransNormerLLM, alibi_slopes, checkpoint_fil
 TINY = dict(vocab_size=64, dim=32, depth=2, num_heads=4, glu_dim=48)
 
 
-@functools.cache
-def _golden(name):
-  if "ZOO_TEST_DATA" not in os.environ:
-    pytest.skip("ZOO_TEST_DATA (the shared data directory, next to golden/) is not set")
-  root = Path(os.environ["ZOO_TEST_DATA"]) / ".." / "golden"
-  sys.path.insert(0, str(root))
-  import golden
-  return golden.load(str(root / "transnormer_llm" / name))
+_golden = functools.partial(load_golden, "transnormer_llm")  # (spec, state_dict, arrays) of a fixture
 
 
 def _assert_close(actual, reference):

@@ -322,8 +322,8 @@ class BiFormer(nnx.Module):
 
 
 # --- variants (official `models/biformer.py`) -----------------------------------------------------
-# Named configs. Every released model has the settings of _DEFAULTS (the converter assumes them where
-# the shapes do not tell) and qk_dims = embed_dims.
+# Named configs. Every released model has the settings of _DEFAULTS (the converter assumes them
+# where the shapes do not tell) and qk_dims = embed_dims.
 
 _DEFAULTS = dict(head_dim=32, mlp_ratios=(3, 3, 3, 3), n_win=7, topks=(1, 4, 16, -2), side_dwconv=5,
                  before_attn_dwconv=3)

@@ -645,7 +645,7 @@ def mix_n_match(model: NestedFFNs, budget: float, *, cost: str = "params",
 # ALiBi; GPT-NeoX vocabulary padded to 50,304 rows). MatViT: scenic's ViT sizes
 # (imagenet_augreg_matvit_config.py; its matvit_dims are mlp_dim / 8, / 4, / 2, / 1) at 224 with
 # 1000 classes, and a CPU size for 28 x 28 grey images. The softmax-attention baselines of the
-# TransNormerLLM comparison (`transformer_lm_*`, MatLM at full width) are in models/transformer_lm.py.
+# TransNormerLLM comparison (`transformer_lm_*`, MatLM at full width): models/transformer_lm.py.
 
 _OLMO = dict(vocab_size=50304, depth=8, num_heads=16, num_kv_heads=1, positions="alibi")
 _CFGS = {

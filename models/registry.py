@@ -1,10 +1,13 @@
 """Model registry: timm-style names -> NNX model constructors, and the pretrained weights of each.
 
-Each family file ends with its variant table and registers every variant::
+A family file reads as timm's do: the classes, the named variant configs (`_CFGS`, keyword dicts),
+the converter (`checkpoint_filter_fn`), then one call per variant with its full name written out,
+so that `grep -r itransformer_etth1_96 models/` finds it (tests/test_registry.py checks this)::
 
-    register_model("itransformer_etth1_96", iTransformer, family="itransformer", seq_len=96, ...)
+    register_model("itransformer_etth1_96", iTransformer, family="itransformer",
+                   paper_metric="0.386/0.405", **_CFGS["itransformer_etth1_96"])
 
-then the weights published for them, named `<model>.<tag>` as in timm::
+then one call per set of weights published for them, named `<model>.<tag>` as in timm::
 
     register_pretrained("maxvit_tiny_tf_224.in1k", PretrainedCfg(hf_hub_id=..., ...))
 

@@ -144,7 +144,7 @@ def _sm90_row(name: str, ttir: str, workdir: Path) -> dict:
 
   path = workdir / f"{name}.ttir"
   path.write_text(ttir)
-  # The warps and stages ops.attention._backend_params gives every Triton kernel.
+  # The warps and stages ops._pallas.backend_params gives every Triton kernel.
   kernel = triton.compile(str(path), target=GPUTarget("cuda", 90, 32),
                           options=dict(num_warps=4, num_stages=2))
   ptx = kernel.asm["ptx"]

@@ -53,8 +53,9 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from ops import dispatch, sharding
-from ops.attention import (_backend_params, _block_size, _cost_estimate, _default_target, _mm,
-                           _round_up, attention)
+from ops._pallas import (backend_params, block_for, cost_estimate, default_target, is_triton_tile,
+                         round_up, tile_dot)
+from ops.attention import attention
 
 _F32 = jnp.float32
 _HIGHEST = lax.Precision.HIGHEST
@@ -162,7 +163,7 @@ def _sweep_xla(q, k, v, decay, block, reverse=False):
   transposed mask and the mirrored decays (no reversed copies of the inputs)."""
   b, length, h, d = q.shape
   e = v.shape[-1]
-  c = _block_size(length, block)
+  c = block_for(length, block)
   n = -(-length // c)
   # Zero padding at the end: padded keys and values add nothing, padded query rows are cut.
   if n * c != length:
@@ -228,11 +229,12 @@ class BlockSizes:
   state: int    # widest block of the [D, E] state per program of the state pass
   columns: int  # widest block of output columns per program of the chunk pass
 
-
-# GPU: 64-token chunks and 64-wide f32 tiles keep every program within 4 warps' registers (a
-# 128x128 f32 tile alone is 128 registers a thread); TPU: the MXU's 128x128.
-_BLOCK_SIZES = {"interpret": BlockSizes(64, 64, 64), "gpu": BlockSizes(64, 64, 64),
-                "tpu": BlockSizes(128, 128, 128)}
+  @classmethod
+  def default(cls, target: str) -> BlockSizes:
+    """The target's tiles. GPU: 64-token chunks and 64-wide f32 tiles keep every program within
+    4 warps' registers (a 128x128 f32 tile alone is 128 registers a thread); TPU: the MXU's
+    128x128."""
+    return cls(128, 128, 128) if target == "tpu" else cls(64, 64, 64)
 
 
 def _local_rows(chunk):
@@ -254,7 +256,7 @@ def _state_decays(rate, chunk, reverse):
 def _state_update(state, x, y, x_decay, chunk_decay):
   """``lambda^C state + (x * x_decay)^T y``: the state f32, the operands in their dtype."""
   scaled = (x.astype(_F32) * x_decay).astype(x.dtype)
-  return chunk_decay * state + _mm(scaled, y, (0, 0))
+  return chunk_decay * state + tile_dot(scaled, y, (0, 0))
 
 
 def _states_kernel(rate_ref, x_ref, y_ref, states_ref, *, chunk, num_chunks, reverse):
@@ -297,9 +299,9 @@ def _chunk_kernel(rate_ref, p_ref, r_ref, v_ref, state_ref, o_ref, *, anticausal
   # lambda^(C-a) on to the next chunk's first
   local = _local_rows(chunk)
   row_decay = jnp.exp(-rate * ((chunk - local) if anticausal else (local + 1.0)))
-  scores = (_mm(p, r, (1, 1)) * mask).astype(v.dtype)
-  inter = _mm(p, state_ref[...].astype(p.dtype), (1, 1 if state_transposed else 0))
-  o_ref[...] = (_mm(scores, v, (1, 0)) + row_decay * inter).astype(o_ref.dtype)
+  scores = (tile_dot(p, r, (1, 1)) * mask).astype(v.dtype)
+  inter = tile_dot(p, state_ref[...].astype(p.dtype), (1, 1 if state_transposed else 0))
+  o_ref[...] = (tile_dot(scores, v, (1, 0)) + row_decay * inter).astype(o_ref.dtype)
 
 
 def _tile(dim, widest):
@@ -345,12 +347,12 @@ class _Chunked:
     return tuple(self._restore(g, length) for g in grads)
 
   def _chunk(self, length):
-    return _block_size(length, self.sizes.chunk)
+    return block_for(length, self.sizes.chunk)
 
   def _layout(self, *xs):
     """Zero-pads L to whole chunks (padded keys add nothing, padded rows are cut)."""
     length = xs[0].shape[1]
-    pad = ((0, 0), (0, _round_up(length, self._chunk(length)) - length), (0, 0), (0, 0))
+    pad = ((0, 0), (0, round_up(length, self._chunk(length)) - length), (0, 0), (0, 0))
     xs = [jnp.pad(x, pad) for x in xs]
     return [jnp.swapaxes(x, 1, 2) for x in xs] if self.heads_first else xs
 
@@ -388,7 +390,7 @@ class _Chunked:
     n = length // chunk
     bd, be = _tile(d, self.sizes.state), _tile(e, self.sizes.state)
     out_shape = jax.ShapeDtypeStruct((b, h, n, d, e), x.dtype)
-    cost = _cost_estimate(2 * b * h * length * d * e, x, y, out_shape)
+    cost = cost_estimate(2 * b * h * length * d * e, x, y, out_shape)
     if self.heads_first:
       from jax.experimental.pallas import tpu as pltpu
       at = (lambda t: n - 1 - t) if reverse else (lambda t: t)
@@ -404,7 +406,9 @@ class _Chunked:
           scratch_shapes=[pltpu.VMEM((bd, be), _F32)],
           name="lightning_states",
           cost_estimate=cost,
-          **self._tpu_params(("parallel",) * 4 + ("arbitrary",)),
+          # the chunks are the last grid axis: the state carries from one to the next
+          **backend_params(self.target, 5, sequential_last_axis=True,
+                           tpu_interpret=self.tpu_interpret),
       )(rate, x, y)
     return pl.pallas_call(
         functools.partial(_states_kernel, chunk=chunk, num_chunks=n, reverse=reverse),
@@ -416,7 +420,7 @@ class _Chunked:
         out_shape=out_shape,
         name="lightning_states",
         cost_estimate=cost,
-        **_backend_params(self.target, 4),
+        **backend_params(self.target, 4),
     )(rate, x, y)
 
   def _chunks(self, p, r, v, states, rate, anticausal, state_transposed):
@@ -445,24 +449,17 @@ class _Chunked:
         out_specs=self._seq_spec(chunk, be, lambda b, h, t, j: (b, h, t, j)),
         out_shape=out_shape,
         name="lightning_chunks",
-        cost_estimate=_cost_estimate(flops, p, r, v, states, out_shape),
-        **(self._tpu_params(("parallel",) * 4) if self.heads_first
-           else _backend_params(self.target, 4)),
+        cost_estimate=cost_estimate(flops, p, r, v, states, out_shape),
+        **backend_params(self.target, 4, tpu_interpret=self.tpu_interpret),
     )(rate, p, r, v, states)
-
-  def _tpu_params(self, semantics):
-    from jax.experimental.pallas import tpu as pltpu
-    if self.tpu_interpret:
-      return dict(interpret=pltpu.InterpretParams())
-    return dict(compiler_params=pltpu.CompilerParams(dimension_semantics=semantics))
 
 
 def _pallas_reason(head_dim, v_head_dim) -> str | None:
   """Why the kernels cannot be compiled for this platform's target (None: they can, or they run
   in the interpreter)."""
-  if _default_target() == "gpu":
+  if default_target() == "gpu":
     for name, dim in (("head_dim", head_dim), ("v head_dim", v_head_dim)):
-      if dim < 16 or dim & (dim - 1):
+      if not is_triton_tile(dim):
         return f"Triton tiles need a power-of-two {name} >= 16, got {dim}"
   return None
 
@@ -522,8 +519,8 @@ def lightning_attention(q, k, v, *, decay=None, implementation=None):
              "pallas": lambda: _pallas_reason(q.shape[-1], v.shape[-1])}
   if dispatch.choose("lightning_attention", implementation, reasons) == "xla":
     return _lightning(q, k, v, decay, _Sweeps(_BLOCK))
-  target = _default_target()
-  impl = _Chunked(target, _BLOCK_SIZES[target])
+  target = default_target()
+  impl = _Chunked(target, BlockSizes.default(target))
   rate = jnp.zeros((q.shape[2],), _F32) if decay is None else decay
   # Under a mesh the kernels run per shard of the batch and the heads (XLA cannot partition a
   # Pallas kernel).
@@ -664,7 +661,7 @@ def diag_attention(q, k, v, *, block_size=64, causal, softmax, eps=1e-8, dropout
   _validate(q, k, v, None, "diag_attention")
   b, length, h, _ = q.shape
   e = v.shape[-1]
-  padded = _round_up(length, block_size)
+  padded = round_up(length, block_size)
   pad = ((0, 0), (0, padded - length), (0, 0), (0, 0))
   q, k, v = (jnp.pad(x, pad) for x in (q, k, v))
   n = padded // block_size

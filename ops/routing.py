@@ -44,7 +44,6 @@ Implementations:
 from __future__ import annotations
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -52,13 +51,11 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from ops import dispatch, sharding
-# The attention kernels' conventions: targets, per-target pallas_call keywords, tile matmuls.
-from ops.attention import TARGETS, _backend_params, _default_target, _mm
+from ops._pallas import (MASK_VALUE, TARGETS, backend_params, default_scale, default_target,
+                         is_triton_tile, next_power_of_two, tile_dot)
 
 _F32 = jnp.float32
 _HIGHEST = lax.Precision.HIGHEST
-# Finite mask value, as in jax's Pallas attention kernels: a fully masked tile never produces NaN.
-_MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 
 IMPLEMENTATIONS = (None, "xla", "pallas")  # what `implementation=` takes
 
@@ -106,11 +103,7 @@ def _validate(q, k, v, *, num_heads, n_win, topk):
             f"got {c}")
 
 
-def _default_scale(scale, qk_dim):
-  return 1.0 / math.sqrt(qk_dim) if scale is None else float(scale)
-
-
-def _to_regions(x, n_win, num_heads):
+def to_regions(x, n_win, num_heads):
   """``[B, H, W, C]`` -> ``[B, heads, n_win**2, tokens per region, C / heads]``."""
   b, h, w, c = x.shape
   x = x.reshape(b, n_win, h // n_win, n_win, w // n_win, num_heads, c // num_heads)
@@ -118,8 +111,8 @@ def _to_regions(x, n_win, num_heads):
   return x.reshape(b, num_heads, n_win * n_win, (h // n_win) * (w // n_win), c // num_heads)
 
 
-def _from_regions(x, n_win, height, width):
-  """Inverse of ``_to_regions``: ``[B, heads, regions, tokens, d]`` -> ``[B, H, W, heads * d]``."""
+def from_regions(x, n_win, height, width):
+  """Inverse of ``to_regions``: ``[B, heads, regions, tokens, d]`` -> ``[B, H, W, heads * d]``."""
   b, m, _, _, d = x.shape
   x = x.reshape(b, m, n_win, n_win, height // n_win, width // n_win, d)
   x = x.transpose(0, 2, 4, 3, 5, 1, 6)                     # b, row, r_h, col, r_w, head, d
@@ -139,7 +132,7 @@ def region_routes(q, k, *, n_win, topk, scale=None):
   """
   _validate(q, k, None, num_heads=None, n_win=n_win, topk=topk)
   b, height, width, c = q.shape
-  scale = _default_scale(scale, c)
+  scale = default_scale(scale, c)
 
   def region_means(x):
     x = lax.stop_gradient(x).astype(_F32)
@@ -153,7 +146,7 @@ def region_routes(q, k, *, n_win, topk, scale=None):
 def _reference(q, k, v, routes, num_heads, n_win, scale):
   """Gather-then-attend on validated inputs, as the official code (f32, HIGHEST)."""
   height, width = q.shape[1:3]
-  qr, kr, vr = (_to_regions(x.astype(_F32), n_win, num_heads) for x in (q, k, v))
+  qr, kr, vr = (to_regions(x.astype(_F32), n_win, num_heads) for x in (q, k, v))
   # [heads, regions, tokens, d] and [regions, topk] -> [heads, regions, topk, tokens, d]
   gather = jax.vmap(lambda x, r: x[:, r])
   kg, vg = gather(kr, routes), gather(vr, routes)
@@ -162,7 +155,7 @@ def _reference(q, k, v, routes, num_heads, n_win, scale):
   vg = vg.reshape(b, m, p, t * w2, vg.shape[-1])
   s = jnp.einsum("bmpqd,bmpkd->bmpqk", qr, kg, precision=_HIGHEST) * scale
   out = jnp.einsum("bmpqk,bmpkd->bmpqd", jax.nn.softmax(s, axis=-1), vg, precision=_HIGHEST)
-  return _from_regions(out, n_win, height, width).astype(q.dtype)
+  return from_regions(out, n_win, height, width).astype(q.dtype)
 
 
 def routing_attention_reference(q, k, v, *, num_heads, n_win, topk, scale=None):
@@ -180,7 +173,7 @@ def routing_attention_reference(q, k, v, *, num_heads, n_win, topk, scale=None):
     ``[B, H, W, dim]`` in ``q.dtype``.
   """
   _validate(q, k, v, num_heads=num_heads, n_win=n_win, topk=topk)
-  scale = _default_scale(scale, q.shape[-1])
+  scale = default_scale(scale, q.shape[-1])
   routes = region_routes(q, k, n_win=n_win, topk=topk, scale=scale)
   return _reference(q, k, v, routes, num_heads, n_win, scale)
 
@@ -193,15 +186,11 @@ def routing_attention_reference(q, k, v, *, num_heads, n_win, topk, scale=None):
 # --------------------------------------------------------------------------------------------------
 
 
-def _next_pow2(n):
-  return 1 << (n - 1).bit_length()
-
-
 def _group(target, block_k, padded, count):
   """Region tiles per loop step: about ``block_k`` rows, no more than the regions there are."""
   if target == "gpu":
     return 1
-  return min(max(1, block_k // padded), _next_pow2(count))
+  return min(max(1, block_k // padded), next_power_of_two(count))
 
 
 def _gather_tiles(ref, ids):
@@ -219,7 +208,7 @@ def _check_pallas_supported(target, padded, head_dim, v_head_dim):
         "(PrefetchScalarGridSpec), which is not written yet; use implementation='xla'")
   if target == "gpu":
     for name, d in (("qk head_dim", head_dim), ("v head_dim", v_head_dim)):
-      if d < 16 or d & (d - 1):
+      if not is_triton_tile(d):
         raise ValueError(
             f"routing_attention: implementation='pallas' on GPU expected a power-of-two {name} "
             f">= 16 (Triton tiles), got {d}; use implementation='xla'")
@@ -246,15 +235,15 @@ def _fwd_kernel(routes_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, scale, token
     kb = _gather_tiles(k_ref, [routes_ref[step * group + g] for g in range(group)])
     vb = _gather_tiles(v_ref, [routes_ref[step * group + g] for g in range(group)])
     mask = (step * group + col_slot < topk) & (col_token < tokens)
-    s = jnp.where(mask, _mm(q, kb, (1, 1)) * scale, _MASK_VALUE)   # [padded, group * padded]
+    s = jnp.where(mask, tile_dot(q, kb, (1, 1)) * scale, MASK_VALUE)   # [padded, group * padded]
     m_new = jnp.maximum(m, jnp.max(s, axis=-1, keepdims=True))
     alpha = jnp.exp(m - m_new)
     p = jnp.where(mask, jnp.exp(s - m_new), 0.0)
     l = alpha * l + jnp.sum(p, axis=-1, keepdims=True)
-    acc = alpha * acc + _mm(p.astype(vb.dtype), vb, (1, 0))
+    acc = alpha * acc + tile_dot(p.astype(vb.dtype), vb, (1, 0))
     return m_new, l, acc
 
-  init = (jnp.full((padded, 1), _MASK_VALUE, _F32), jnp.zeros((padded, 1), _F32),
+  init = (jnp.full((padded, 1), MASK_VALUE, _F32), jnp.zeros((padded, 1), _F32),
           jnp.zeros((padded, o_ref.shape[-1]), _F32))
   m, l, acc = lax.fori_loop(0, -(-topk // group), body, init)
   # l > 0: slot 0 is a routed region with at least one real token.
@@ -274,9 +263,9 @@ def _dq_kernel(routes_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_r
     kb = _gather_tiles(k_ref, [routes_ref[step * group + g] for g in range(group)])
     vb = _gather_tiles(v_ref, [routes_ref[step * group + g] for g in range(group)])
     mask = (step * group + col_slot < topk) & (col_token < tokens)
-    p = jnp.where(mask, jnp.exp(_mm(q, kb, (1, 1)) * scale - lse), 0.0)
-    ds = p * (_mm(do, vb, (1, 1)) - delta)
-    return dq + _mm(ds.astype(kb.dtype), kb, (1, 0))
+    p = jnp.where(mask, jnp.exp(tile_dot(q, kb, (1, 1)) * scale - lse), 0.0)
+    ds = p * (tile_dot(do, vb, (1, 1)) - delta)
+    return dq + tile_dot(ds.astype(kb.dtype), kb, (1, 0))
 
   dq = lax.fori_loop(0, -(-topk // group), body, jnp.zeros(dq_ref.shape, _F32))
   dq_ref[...] = (dq * scale).astype(dq_ref.dtype)
@@ -298,9 +287,11 @@ def _dkdv_kernel(inverse_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, d
     qb, dob = _gather_tiles(q_ref, ids), _gather_tiles(do_ref, ids)   # [group * padded, d]
     lse, delta = _gather_tiles(lse_ref, ids)[:, None], _gather_tiles(delta_ref, ids)[:, None]
     mask = (step * group + row_slot < count) & (row_token < tokens) & col_valid
-    p = jnp.where(mask, jnp.exp(_mm(qb, kb, (1, 1)) * scale - lse), 0.0)
-    ds = p * (_mm(dob, vb, (1, 1)) - delta)
-    return dk + _mm(ds.astype(qb.dtype), qb, (0, 0)), dv + _mm(p.astype(dob.dtype), dob, (0, 0))
+    p = jnp.where(mask, jnp.exp(tile_dot(qb, kb, (1, 1)) * scale - lse), 0.0)
+    ds = p * (tile_dot(dob, vb, (1, 1)) - delta)
+    dk = dk + tile_dot(ds.astype(qb.dtype), qb, (0, 0))
+    dv = dv + tile_dot(p.astype(dob.dtype), dob, (0, 0))
+    return dk, dv
 
   dk, dv = lax.fori_loop(0, (count + group - 1) // group, body,
                          (jnp.zeros(dk_ref.shape, _F32), jnp.zeros(dv_ref.shape, _F32)))
@@ -324,7 +315,7 @@ def _inverse_routes(routes, slots):
 def _padded_table(table, fill=0):
   """An index table ``[B, regions, n]`` padded to ``n`` a power of two (Triton loads)."""
   n = table.shape[-1]
-  return jnp.pad(table, ((0, 0), (0, 0), (0, _next_pow2(n) - n)), constant_values=fill)
+  return jnp.pad(table, ((0, 0), (0, 0), (0, next_power_of_two(n) - n)), constant_values=fill)
 
 
 def _specs(regions, padded, d):
@@ -360,7 +351,7 @@ def _pallas_forward(qr, kr, vr, routes, scale, tokens, block_k, target):
       out_shape=[jax.ShapeDtypeStruct(vr.shape, qr.dtype),
                  jax.ShapeDtypeStruct(qr.shape[:4], _F32)],
       name="routing_attention_fwd",
-      **_backend_params(target, 3),
+      **backend_params(target, 3),
   )(routes, qr, kr, vr)
 
 
@@ -382,11 +373,11 @@ def _pallas_backward(qr, kr, vr, routes, out, lse, do, scale, tokens, block_k, t
       out_specs=one_q,
       out_shape=jax.ShapeDtypeStruct(qr.shape, qr.dtype),
       name="routing_attention_bwd_dq",
-      **_backend_params(target, 3),
+      **backend_params(target, 3),
   )(routes, qr, kr, vr, do, lse, delta)
 
   # dK, dV: one program per key region, looping over the query regions routed to it.
-  inverse = _inverse_routes(routes[..., :topk], _next_pow2(regions))
+  inverse = _inverse_routes(routes[..., :topk], next_power_of_two(regions))
   dk, dv = pl.pallas_call(
       functools.partial(_dkdv_kernel, scale=scale, tokens=tokens,
                         group=_group(target, block_k, padded, regions)),
@@ -397,7 +388,7 @@ def _pallas_backward(qr, kr, vr, routes, out, lse, do, scale, tokens, block_k, t
       out_shape=[jax.ShapeDtypeStruct(kr.shape, kr.dtype),
                  jax.ShapeDtypeStruct(vr.shape, vr.dtype)],
       name="routing_attention_bwd_dkdv",
-      **_backend_params(target, 3),
+      **backend_params(target, 3),
   )(inverse, qr, kr, vr, do, lse, delta)
   return dq, dk, dv
 
@@ -434,22 +425,22 @@ def routing_attention_pallas(q, k, v, *, num_heads, n_win, topk, scale=None, blo
   if not _is_int(block_k) or block_k < 1 or block_k & (block_k - 1):
     raise ValueError(f"routing_attention: expected block_k a power of two, got {block_k!r}")
   b, height, width, c = q.shape
-  scale = _default_scale(scale, c)
+  scale = default_scale(scale, c)
   tokens = (height // n_win) * (width // n_win)
-  padded = _next_pow2(tokens)
-  target = _default_target() if target is None else target
+  padded = next_power_of_two(tokens)
+  target = default_target() if target is None else target
   _check_pallas_supported(target, padded, c // num_heads, v.shape[-1] // num_heads)
 
   def per_shard(q, k, v):  # every example is routed and attended on its own
     routes = region_routes(q, k, n_win=n_win, topk=topk, scale=scale)
 
     def regions(x):
-      x = _to_regions(x, n_win, num_heads)
+      x = to_regions(x, n_win, num_heads)
       return jnp.pad(x, ((0, 0), (0, 0), (0, 0), (0, padded - tokens), (0, 0)))
 
     out = _routed_attention(regions(q), regions(k), regions(v), routes, scale, tokens, block_k,
                             target)
-    return _from_regions(out[:, :, :, :tokens], n_win, height, width)
+    return from_regions(out[:, :, :, :tokens], n_win, height, width)
 
   # Under a mesh the kernels run per shard of the batch (Mosaic and Triton kernels cannot be
   # partitioned by XLA); the heads share the channel axis and the routing, so they stay whole.
@@ -465,7 +456,7 @@ def routing_attention_pallas(q, k, v, *, num_heads, n_win, topk, scale=None, blo
 def _pallas_reason(q, v, *, num_heads, n_win) -> str | None:
   tokens = (q.shape[1] // n_win) * (q.shape[2] // n_win)
   try:
-    _check_pallas_supported(_default_target(), _next_pow2(tokens), q.shape[-1] // num_heads,
+    _check_pallas_supported(default_target(), next_power_of_two(tokens), q.shape[-1] // num_heads,
                             v.shape[-1] // num_heads)
   except ValueError as e:
     return str(e)

@@ -95,9 +95,9 @@ def attention_lowp(q, k, v, bias=None, *, causal=False, scale=None):
 def routing_lowp(q, k, v, routes, *, num_heads, n_win, scale):
   """Routing attention as the plain gather code in the inputs' dtype, f32 accumulation and
   softmax."""
-  from ops.routing import _from_regions, _to_regions
+  from ops.routing import from_regions, to_regions
 
-  qr, kr, vr = (_to_regions(x, n_win, num_heads) for x in (q, k, v))
+  qr, kr, vr = (to_regions(x, n_win, num_heads) for x in (q, k, v))
   gather = jax.vmap(lambda x, r: x[:, r])
   kg, vg = gather(kr, routes), gather(vr, routes)
   kg = kg.reshape(*kg.shape[:3], -1, kg.shape[-1])
@@ -105,7 +105,7 @@ def routing_lowp(q, k, v, routes, *, num_heads, n_win, scale):
   s = jnp.einsum("bmpqd,bmpkd->bmpqk", qr, kg, preferred_element_type=jnp.float32) * scale
   p = jax.nn.softmax(s, axis=-1).astype(q.dtype)
   out = jnp.einsum("bmpqk,bmpkd->bmpqd", p, vg, preferred_element_type=jnp.float32)
-  return _from_regions(out.astype(q.dtype), n_win, *q.shape[1:3])
+  return from_regions(out.astype(q.dtype), n_win, *q.shape[1:3])
 
 
 def lightning_lowp(q, k, v, decay):

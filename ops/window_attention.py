@@ -1,9 +1,10 @@
 """Attention over many small windows with a learned relative-position bias table.
 
 MaxViT block and grid attention run softmax attention inside each ``wh x ww`` window (or grid
-group), with the windows stacked into the batch: ``q, k, v`` are ``[B * num_windows, wh * ww, H, D]``.
-The bias is gathered from a table of ``(2 wh - 1) (2 ww - 1)`` entries per head, indexed by the
-*key minus query* offset inside the window (MaxViT's TF ``2d_multi_head`` convention)::
+group), with the windows stacked into the batch: ``q, k, v`` are
+``[B * num_windows, wh * ww, H, D]``. The bias is gathered from a table of
+``(2 wh - 1) (2 ww - 1)`` entries per head, indexed by the *key minus query* offset inside the
+window (MaxViT's TF ``2d_multi_head`` convention)::
 
     bias[h, q, k] = table[h, k_row - q_row + wh - 1, k_col - q_col + ww - 1]
 
@@ -34,8 +35,10 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from ops import dispatch, sharding
-from ops.attention import (_MASK_VALUE, _backend_params, _cost_estimate, _default_scale,
-                           _default_target, _mm, attention)
+from ops._pallas import (MASK_VALUE, TARGETS, backend_params, cost_estimate, default_scale,
+                         default_target, is_triton_tile, largest_divisor, next_power_of_two,
+                         present, round_up, tile_dot, with_absent_inputs)
+from ops.attention import attention
 
 _F32 = jnp.float32
 # Windows per program: the most that divide the window count, up to this many (more windows per
@@ -132,9 +135,9 @@ def _pallas_reason(q, k, v) -> str | None:
     return f"windows attend within themselves: expected k of q's {q.shape[1]} tokens"
   if q.shape[1] > _MAX_TILE:
     return f"a window is one tile of at most {_MAX_TILE} tokens, got {q.shape[1]}"
-  if _default_target() == "gpu":
+  if default_target() == "gpu":
     for name, dim in (("head_dim", q.shape[-1]), ("v head_dim", v.shape[-1])):
-      if dim < 16 or dim & (dim - 1):
+      if not is_triton_tile(dim):
         return f"Triton tiles need a power-of-two {name} >= 16, got {dim}"
   return None
 
@@ -162,22 +165,22 @@ class _Windows:
   def plan(cls, q, v, target, tpu_interpret=False) -> "_Windows":
     count, tokens, heads, _ = q.shape
     if target != "tpu":
-      return cls(target, tokens, _largest_divisor(count, _MAX_WINDOWS_PER_PROGRAM), 1)
+      return cls(target, tokens, largest_divisor(count, _MAX_WINDOWS_PER_PROGRAM), 1)
     widths = (q.shape[-1], v.shape[-1])
     lane_dense = [n for n in range(1, heads + 1)
                   if heads % n == 0 and all(n * width % 128 == 0 for width in widths)]
     block_heads = lane_dense[0] if lane_dense else heads
     itemsize = q.dtype.itemsize
-    per_window = (_round_up(tokens, 32 // itemsize) * _round_up(block_heads * max(widths), 128)
+    per_window = (round_up(tokens, 32 // itemsize) * round_up(block_heads * max(widths), 128)
                   * itemsize)
-    return cls(target, tokens, _largest_divisor(count, _TPU_BLOCK_BYTES // per_window),
+    return cls(target, tokens, largest_divisor(count, _TPU_BLOCK_BYTES // per_window),
                block_heads, tpu_interpret)
 
   @property
   def tile(self) -> int:
-    return self.tokens if self.target == "tpu" else max(16, 1 << (self.tokens - 1).bit_length())
+    return self.tokens if self.target == "tpu" else max(16, next_power_of_two(self.tokens))
 
-  # -- inside a kernel ------------------------------------------------------------------------------
+  # -- inside a kernel -----------------------------------------------------------------------------
 
   def program_heads(self):
     """The heads this program runs: its grid index on GPU, the block's (static) on TPU."""
@@ -244,7 +247,7 @@ class _Windows:
     rows = self.valid_rows()
     return None if rows is None else jnp.broadcast_to(rows, (self.tile, width))
 
-  # -- around the kernels ---------------------------------------------------------------------------
+  # -- around the kernels --------------------------------------------------------------------------
 
   def call(self, kernel, name, windows, bias, out_like, with_dbias, flops):
     """``pallas_call`` of a window kernel over (window groups, head groups). ``windows``: the
@@ -255,52 +258,35 @@ class _Windows:
     outputs = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in out_like]
     if with_dbias:
       outputs.append(jax.ShapeDtypeStruct((groups, heads, self.tile, self.tile), _F32))
-    inputs = windows + ([] if bias is None else [bias])
-    if bias is None:  # refs are positional: None stands in for the bias's
-      kernel = functools.partial(_without_bias, kernel, len(windows))
+    inputs = present(windows + [bias])
+    kernel = with_absent_inputs(kernel, windows + [bias])  # bias_ref is None without a bias
     common = dict(grid=(groups, heads // self.heads), name=name,
-                  cost_estimate=_cost_estimate(flops, *inputs, *outputs))
+                  cost_estimate=cost_estimate(flops, *inputs, *outputs),
+                  **backend_params(self.target, 2, tpu_interpret=self.tpu_interpret))
     if self.target != "tpu":
-      return pl.pallas_call(kernel, out_shape=outputs, **common,
-                            **_backend_params(self.target, 2))(*inputs)
-    from jax.experimental.pallas import tpu as pltpu
+      return pl.pallas_call(kernel, out_shape=outputs, **common)(*inputs)
 
     def window_block(x):
       return pl.BlockSpec((self.windows, tokens, self.heads * x.shape[-1]), lambda g, j: (g, 0, j))
     bias_blocks = [pl.BlockSpec((self.heads, tokens, tokens), lambda g, j: (j, 0, 0))]
     dbias_blocks = [pl.BlockSpec((1, self.heads, tokens, tokens), lambda g, j: (g, j, 0, 0))]
     flat = [jax.ShapeDtypeStruct((count, tokens, heads * x.shape[-1]), x.dtype) for x in out_like]
-    params = (dict(interpret=pltpu.InterpretParams()) if self.tpu_interpret else
-              dict(compiler_params=pltpu.CompilerParams(
-                  dimension_semantics=("parallel", "parallel"))))
     results = pl.pallas_call(
         kernel, out_shape=flat + outputs[len(flat):],
         in_specs=[window_block(x) for x in windows] + (bias_blocks if bias is not None else []),
         out_specs=[window_block(x) for x in out_like] + (dbias_blocks if with_dbias else []),
-        **common, **params,
+        **common,
     )(*[x.reshape(count, tokens, -1) for x in windows], *inputs[len(windows):])
     return [r.reshape(o.shape) for r, o in zip(results, outputs)]
 
 
-def _without_bias(kernel, bias_position, *refs):
-  return kernel(*refs[:bias_position], None, *refs[bias_position:])
-
-
-def _largest_divisor(count: int, at_most: int) -> int:
-  return max(n for n in range(1, max(1, min(count, at_most)) + 1) if count % n == 0)
-
-
-def _round_up(x: int, multiple: int) -> int:
-  return -(-x // multiple) * multiple
-
-
 def _probabilities(q, k, bias, scale, key_valid):
   """The whole softmax of one window, f32, padded keys at 0."""
-  s = _mm(q, k, (1, 1)) * scale
+  s = tile_dot(q, k, (1, 1)) * scale
   if bias is not None:
     s = s + bias
   if key_valid is not None:
-    s = jnp.where(key_valid, s, _MASK_VALUE)
+    s = jnp.where(key_valid, s, MASK_VALUE)
   p = jnp.exp(s - jnp.max(s, axis=-1, keepdims=True))
   return p / jnp.sum(p, axis=-1, keepdims=True)
 
@@ -314,7 +300,7 @@ def _window_fwd_kernel(q_ref, k_ref, v_ref, bias_ref, o_ref, *, scale, at: _Wind
       w = first + i
       q, k, v = (at.load(ref, w, head) for ref in (q_ref, k_ref, v_ref))
       p = _probabilities(q, k, bias, scale, at.valid_keys())
-      at.store(o_ref, w, head, _mm(p.astype(v.dtype), v, (1, 0)))
+      at.store(o_ref, w, head, tile_dot(p.astype(v.dtype), v, (1, 0)))
       return 0
 
     lax.fori_loop(0, at.windows, window, 0)
@@ -330,14 +316,14 @@ def _window_bwd_kernel(q_ref, k_ref, v_ref, do_ref, bias_ref, dq_ref, dk_ref, dv
       w = first + i
       q, k, v, do = (at.load(ref, w, head) for ref in (q_ref, k_ref, v_ref, do_ref))
       p = _probabilities(q, k, bias, scale, at.valid_keys())
-      out = _mm(p.astype(v.dtype), v, (1, 0))
+      out = tile_dot(p.astype(v.dtype), v, (1, 0))
       delta = jnp.sum(out * do.astype(_F32), axis=-1, keepdims=True)
-      ds = p * (_mm(do, v, (1, 1)) - delta)                           # d(logits)
+      ds = p * (tile_dot(do, v, (1, 1)) - delta)                           # d(logits)
       if rows is not None:
         ds = jnp.where(rows, ds, 0.0)                                 # padded rows add nothing
-      at.store(dv_ref, w, head, _mm(p.astype(do.dtype), do, (0, 0)))
-      at.store(dq_ref, w, head, _mm(ds.astype(k.dtype), k, (1, 0)) * scale)
-      at.store(dk_ref, w, head, _mm(ds.astype(q.dtype), q, (0, 0)) * scale)
+      at.store(dv_ref, w, head, tile_dot(p.astype(do.dtype), do, (0, 0)))
+      at.store(dq_ref, w, head, tile_dot(ds.astype(k.dtype), k, (1, 0)) * scale)
+      at.store(dk_ref, w, head, tile_dot(ds.astype(q.dtype), q, (0, 0)) * scale)
       return dbias if dbias_ref is None else dbias + ds
 
     dbias = lax.fori_loop(0, at.windows, window, jnp.zeros((at.tile, at.tile), _F32))
@@ -388,11 +374,11 @@ def window_attention_pallas(q, k, v, bias=None, *, scale=None, target=None, tpu_
   dv and the bias's gradient. ``target``: ``"interpret"``, ``"gpu"`` (Triton) or ``"tpu"``
   (Mosaic; with ``tpu_interpret``, in Pallas's TPU interpreter); None is the platform's. Under a
   mesh it runs per shard of the windows and the heads."""
-  target = _default_target() if target is None else target
-  if target not in ("interpret", "gpu", "tpu"):
+  target = default_target() if target is None else target
+  if target not in TARGETS:
     raise ValueError(f"window_attention_pallas: expected target 'interpret', 'gpu' or 'tpu', got "
                      f"{target!r}")
-  scale = _default_scale(scale, q.shape[-1])
+  scale = default_scale(scale, q.shape[-1])
 
   def local(q, k, v, *bias):
     at = _Windows.plan(q, v, target, tpu_interpret)

@@ -10,7 +10,8 @@ from jax import export
 
 from ops import (attention_reference, dispatch, region_routes, routing_attention,
                  routing_attention_pallas, routing_attention_reference)
-from ops.routing import _check_pallas_supported, _from_regions, _to_regions
+from ops import routing
+from ops.routing import from_regions, to_regions
 from ops.testing import GRADIENT_FACTOR, OUTPUT_FACTOR, assert_error_ratio, routing_lowp
 
 HIGHEST = jax.lax.Precision.HIGHEST
@@ -72,10 +73,10 @@ def test_reference_is_dense_attention_masked_to_the_routed_regions(topk):
 
 def test_region_layout_round_trip():
   x = jax.random.normal(jax.random.key(3), (2, 6, 9, 8))
-  regions = _to_regions(x, 3, 2)
+  regions = to_regions(x, 3, 2)
   assert regions.shape == (2, 2, 9, 6, 4)
   np.testing.assert_array_equal(regions[1, 1, 4, 0], x[1, 2, 3, 4:])   # region (1, 1), token (0, 0)
-  np.testing.assert_array_equal(_from_regions(regions, 3, 6, 9), x)
+  np.testing.assert_array_equal(from_regions(regions, 3, 6, 9), x)
 
 
 # --- Pallas kernel (interpret mode on CPU) --------------------------------------------------------
@@ -196,16 +197,16 @@ def test_errors_say_expected_and_given():
 
 
 def test_pallas_refuses_what_it_cannot_lower():
-  _check_pallas_supported("gpu", 64, 32, 32)
-  _check_pallas_supported("interpret", 4, 24, 24)
+  routing._check_pallas_supported("gpu", 64, 32, 32)
+  routing._check_pallas_supported("interpret", 4, 24, 24)
   with pytest.raises(ValueError, match=r"power-of-two qk head_dim >= 16.*got 24"):
-    _check_pallas_supported("gpu", 64, 24, 32)
+    routing._check_pallas_supported("gpu", 64, 24, 32)
   with pytest.raises(ValueError, match=r"regions of >= 16 tokens .*got 4; use implementation="):
-    _check_pallas_supported("gpu", 4, 32, 32)
+    routing._check_pallas_supported("gpu", 4, 32, 32)
   with pytest.raises(ValueError, match=r"on TPU needs the top-k table in SMEM"):
-    _check_pallas_supported("tpu", 64, 32, 32)
+    routing._check_pallas_supported("tpu", 64, 32, 32)
   with pytest.raises(ValueError, match=r"expected a Pallas target in .*got 'cuda'"):
-    _check_pallas_supported("cuda", 64, 32, 32)
+    routing._check_pallas_supported("cuda", 64, 32, 32)
 
 
 # --- dispatch and device lowering -----------------------------------------------------------------

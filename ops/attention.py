@@ -32,7 +32,6 @@ Implementations:
 from __future__ import annotations
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -40,12 +39,12 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from ops import dispatch, sharding
+from ops._pallas import (MASK_VALUE, TARGETS, backend_params, block_for, cost_estimate,
+                         default_scale, default_target, is_triton_tile, largest_divisor, present,
+                         round_up, tile_dot, with_absent_inputs)
 
 _F32 = jnp.float32
 _HIGHEST = lax.Precision.HIGHEST
-# Finite mask value, as in jax's Pallas attention kernels: fully masked rows never produce NaN.
-_MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
-
 
 
 # --------------------------------------------------------------------------------------------------
@@ -112,10 +111,6 @@ def _validate(q, k, v, bias, segment_ids):
   return bias, q_seg, kv_seg
 
 
-def _default_scale(scale, d):
-  return 1.0 / math.sqrt(d) if scale is None else float(scale)
-
-
 # --------------------------------------------------------------------------------------------------
 # Reference
 # --------------------------------------------------------------------------------------------------
@@ -139,7 +134,7 @@ def _reference(q, k, v, bias, q_seg, kv_seg, causal, scale):
       mask = mask & jnp.tril(jnp.ones((lq, lk), bool))[None, None]
     if q_seg is not None:
       mask = mask & (q_seg[:, None, :, None] == kv_seg[:, None, None, :])
-    s = jnp.where(mask, s, _MASK_VALUE)
+    s = jnp.where(mask, s, MASK_VALUE)
     m = jnp.max(s, axis=-1, keepdims=True)
     p = jnp.where(mask, jnp.exp(s - lax.stop_gradient(m)), 0.0)
     l = jnp.sum(p, axis=-1, keepdims=True)
@@ -165,55 +160,17 @@ def attention_reference(q, k, v, *, bias=None, segment_ids=None, causal=False, s
     ``[B, Lq, H, Dv]`` in ``q.dtype``; rows with every key masked are 0.
   """
   bias, q_seg, kv_seg = _validate(q, k, v, bias, segment_ids)
-  return _reference(q, k, v, bias, q_seg, kv_seg, causal, _default_scale(scale, q.shape[-1]))
+  return _reference(q, k, v, bias, q_seg, kv_seg, causal, default_scale(scale, q.shape[-1]))
 
 
-# --------------------------------------------------------------------------------------------------
-# Pallas forward kernel
-# --------------------------------------------------------------------------------------------------
-
-
-def _round_up(x, m):
-  return (x + m - 1) // m * m
-
-
-def _block_size(length, block):
-  """Power-of-two block (Triton loads need power-of-two tiles), at least 16, at most ``block``."""
-  return min(block, max(16, 1 << (length - 1).bit_length()))
-
-
-TARGETS = ("interpret", "gpu", "tpu")
 # Largest block per target (shorter sequences get the next power of two >= 16). Mosaic TPU wants the
 # minor block dim a multiple of 128 lanes unless it spans the whole (padded) length.
 _DEFAULT_BLOCK = {"interpret": 64, "gpu": 64, "tpu": 128}
 
 
-def _default_target() -> str:
-  """The platform's compiled kernel; on CPU the interpreter (the only way a CPU runs Pallas). The
-  platform is the active mesh's (ops.dispatch), not the default backend: a CPU compiling for a TPU
-  mesh (aot.py) must get Mosaic kernels, not the interpreter's loops compiled for the TPU."""
-  platform = dispatch.platform()
-  return "interpret" if platform == "cpu" else platform
-
-
-def _backend_params(target: str, grid_rank: int) -> dict:
-  """pallas_call keywords for a target. Triton is named explicitly: jax 0.10 lowers a plain
-  pallas_call on GPU with Mosaic GPU, which has no dot_general in this (lane-level) kernel style."""
-  if target == "interpret":
-    return dict(interpret=True)
-  if target == "gpu":
-    from jax.experimental.pallas import triton as pltriton
-    return dict(compiler_params=pltriton.CompilerParams(num_warps=4, num_stages=2))
-  from jax.experimental.pallas import tpu as pltpu
-  return dict(compiler_params=pltpu.CompilerParams(
-      dimension_semantics=("parallel",) * grid_rank))
-
-
-def _cost_estimate(flops, *arrays):
-  """What a kernel computes and moves, for XLA's cost analysis and scheduler: each array read or
-  written once (a kernel that reads a block again costs more than this says)."""
-  moved = sum(math.prod(a.shape) * jnp.dtype(a.dtype).itemsize for a in arrays)
-  return pl.CostEstimate(flops=int(flops), transcendentals=0, bytes_accessed=moved)
+# --------------------------------------------------------------------------------------------------
+# Pallas forward kernel
+# --------------------------------------------------------------------------------------------------
 
 
 def _check_pallas_supported(target, head_dim, v_head_dim):
@@ -222,19 +179,10 @@ def _check_pallas_supported(target, head_dim, v_head_dim):
     raise ValueError(f"attention: expected a Pallas target in {TARGETS}, got {target!r}")
   if target == "gpu":
     for name, d in (("head_dim", head_dim), ("v head_dim", v_head_dim)):
-      if d < 16 or d & (d - 1):
+      if not is_triton_tile(d):
         raise ValueError(
             f"attention: implementation='pallas' on GPU expected a power-of-two {name} >= 16 "
             f"(Triton tiles), got {d}; use implementation='xla'")
-
-
-def _mm(a, b, contract: tuple[int, int]):
-  """2-D tile matmul contracting axis contract[0] of a with contract[1] of b, accumulating in f32.
-  f32 operands run at full precision (the f32 tests are tight); bf16/f16 operands stay in their
-  dtype so they run on tensor cores / the MXU, as in FlashAttention (P and dS are cast down)."""
-  precision = _HIGHEST if a.dtype == _F32 else None
-  return lax.dot_general(a, b, (((contract[0],), (contract[1],)), ((), ())), precision=precision,
-                         preferred_element_type=_F32)
 
 
 def _div(x, y: int):
@@ -248,40 +196,36 @@ def _causal_key_blocks(qi, block_q, block_k, num_k_blocks):
   return jnp.minimum(num_k_blocks, _div((qi + 1) * block_q + block_k - 1, block_k))
 
 
-def _fwd_kernel(*refs, scale, causal, kv_len, block_q, block_k, num_k_blocks, has_bias, has_seg):
-  q_ref, k_ref, v_ref, *rest = refs
-  bias_ref = rest.pop(0) if has_bias else None
-  qseg_ref, kseg_ref = (rest.pop(0), rest.pop(0)) if has_seg else (None, None)
-  o_ref, lse_ref = rest
-
+def _fwd_kernel(q_ref, k_ref, v_ref, bias_ref, q_seg_ref, kv_seg_ref, o_ref, lse_ref, *, scale,
+                causal, kv_len, block_q, block_k, num_k_blocks):
   qi = pl.program_id(2)
   q = q_ref[...]                                                    # [bq, D]
   q_pos = qi * block_q + lax.broadcasted_iota(jnp.int32, (block_q, 1), 0)
-  qseg = qseg_ref[...] if has_seg else None                          # [bq, 1]
+  q_seg = None if q_seg_ref is None else q_seg_ref[...]             # [bq, 1]
 
   def body(j, carry):
     m, l, acc = carry
     start = pl.multiple_of(j * block_k, block_k)
     kb = k_ref[pl.ds(start, block_k), :]                            # [bk, D]
     vb = v_ref[pl.ds(start, block_k), :]                            # [bk, Dv]
-    s = _mm(q, kb, (1, 1)) * scale                                  # [bq, bk]
-    if has_bias:
+    s = tile_dot(q, kb, (1, 1)) * scale                             # [bq, bk]
+    if bias_ref is not None:
       s = s + bias_ref[:, pl.ds(start, block_k)].astype(_F32)
     k_pos = start + lax.broadcasted_iota(jnp.int32, (1, block_k), 1)
     mask = k_pos < kv_len
     if causal:
       mask = mask & (q_pos >= k_pos)
-    if has_seg:
-      mask = mask & (qseg == kseg_ref[:, pl.ds(start, block_k)])
-    s = jnp.where(mask, s, _MASK_VALUE)
+    if q_seg is not None:
+      mask = mask & (q_seg == kv_seg_ref[:, pl.ds(start, block_k)])
+    s = jnp.where(mask, s, MASK_VALUE)
     m_new = jnp.maximum(m, jnp.max(s, axis=-1, keepdims=True))
     alpha = jnp.exp(m - m_new)
     p = jnp.where(mask, jnp.exp(s - m_new), 0.0)
     l = alpha * l + jnp.sum(p, axis=-1, keepdims=True)
-    acc = alpha * acc + _mm(p.astype(vb.dtype), vb, (1, 0))
+    acc = alpha * acc + tile_dot(p.astype(vb.dtype), vb, (1, 0))
     return m_new, l, acc
 
-  m0 = jnp.full((block_q, 1), _MASK_VALUE, _F32)
+  m0 = jnp.full((block_q, 1), MASK_VALUE, _F32)
   l0 = jnp.zeros((block_q, 1), _F32)
   acc0 = jnp.zeros((block_q, o_ref.shape[-1]), _F32)
   if causal:  # skip key blocks entirely above the diagonal
@@ -291,64 +235,91 @@ def _fwd_kernel(*refs, scale, causal, kv_len, block_q, block_k, num_k_blocks, ha
   m, l, acc = lax.fori_loop(0, upper, body, (m0, l0, acc0))
   empty = l == 0.0
   o_ref[...] = (acc / jnp.where(empty, 1.0, l)).astype(o_ref.dtype)
-  lse_ref[...] = jnp.where(empty, _MASK_VALUE, m + jnp.log(jnp.where(empty, 1.0, l)))
+  lse_ref[...] = jnp.where(empty, MASK_VALUE, m + jnp.log(jnp.where(empty, 1.0, l)))
+
+
+def _heads_first(x, length):
+  """``[B, L, H, D]`` -> the kernels' ``[B, H, length, D]``, zero-padded to ``length`` (whole
+  blocks; the padding is masked in the kernels)."""
+  return jnp.pad(jnp.swapaxes(x, 1, 2), ((0, 0), (0, 0), (0, length - x.shape[1]), (0, 0)))
+
+
+def _padded_bias(bias, lengths, padded):
+  """The rank-4 bias broadcast over the length axes only and zero-padded to ``padded``: a bias
+  shared over the batch or the heads stays so in memory (see ``_bias_spec``)."""
+  if bias is None:
+    return None
+  (lq, lk), (lq_p, lk_p) = lengths, padded
+  bias = jnp.broadcast_to(bias, (*bias.shape[:2], lq, lk))
+  return jnp.pad(bias, ((0, 0), (0, 0), (0, lq_p - lq), (0, lk_p - lk)))
 
 
 def _segment_columns(q_seg, kv_seg, lq_p, lk_p):
   """Padded segment ids as a [B, Lq, 1] column and a [B, 1, Lk] row: they broadcast into a
-  [bq, bk] tile in the kernel, and their minor dims are full (as TPU blocks require)."""
+  [bq, bk] tile in the kernel, and their minor dims are full (as TPU blocks require). Nones without
+  segment ids."""
+  if q_seg is None:
+    return [None, None]
   q_col = jnp.pad(q_seg.astype(jnp.int32), ((0, 0), (0, lq_p - q_seg.shape[1])))[:, :, None]
   kv_row = jnp.pad(kv_seg.astype(jnp.int32), ((0, 0), (0, lk_p - kv_seg.shape[1])))[:, None, :]
   return [q_col, kv_row]
+
+
+# BlockSpecs on a (batch, head, block) grid, where `at(i)` is the (row, column) block of program i.
+
+
+def _bias_spec(bias, block, at):
+  """The padded bias's ``block`` at ``at(i)``; a bias shared over the batch or the heads is read
+  at index 0 of that axis by every program (None without a bias)."""
+  if bias is None:
+    return None
+  batches, heads = bias.shape[:2]
+  return pl.BlockSpec((None, None, *block),
+                      lambda bi, hi, i: (bi if batches > 1 else 0, hi if heads > 1 else 0, *at(i)))
+
+
+def _segment_specs(q_col, q_rows, q_at, kv_cols, kv_at):
+  """The q segment column's ``q_rows`` at row block ``q_at(i)`` and the kv segment row's
+  ``kv_cols`` at column block ``kv_at(i)`` (Nones without segment ids)."""
+  if q_col is None:
+    return [None, None]
+  return [pl.BlockSpec((None, q_rows, 1), lambda bi, hi, i: (bi, q_at(i), 0)),
+          pl.BlockSpec((None, 1, kv_cols), lambda bi, hi, i: (bi, 0, kv_at(i)))]
 
 
 def _pallas_forward(q, k, v, bias, q_seg, kv_seg, causal, scale, block_q, block_k, target):
   """Runs the forward kernel on validated inputs. Returns (out [B,Lq,H,Dv], lse [B,H,Lq] f32)."""
   b, lq, h, d = q.shape
   lk, dv = k.shape[1], v.shape[3]
-  bq, bk = _block_size(lq, block_q), _block_size(lk, block_k)
-  lq_p, lk_p = _round_up(lq, bq), _round_up(lk, bk)
-  # Kernel layout [B, H, L, D]; pad lengths to whole blocks (padding is masked in the kernel).
-  qt = jnp.pad(jnp.swapaxes(q, 1, 2), ((0, 0), (0, 0), (0, lq_p - lq), (0, 0)))
-  kt = jnp.pad(jnp.swapaxes(k, 1, 2), ((0, 0), (0, 0), (0, lk_p - lk), (0, 0)))
-  vt = jnp.pad(jnp.swapaxes(v, 1, 2), ((0, 0), (0, 0), (0, lk_p - lk), (0, 0)))
-
-  args = [qt, kt, vt]
+  bq, bk = block_for(lq, block_q), block_for(lk, block_k)
+  lq_p, lk_p = round_up(lq, bq), round_up(lk, bk)
+  qt, kt, vt = _heads_first(q, lq_p), _heads_first(k, lk_p), _heads_first(v, lk_p)
+  bias_p = _padded_bias(bias, (lq, lk), (lq_p, lk_p))
+  q_col, kv_row = _segment_columns(q_seg, kv_seg, lq_p, lk_p)
+  inputs = [qt, kt, vt, bias_p, q_col, kv_row]
   in_specs = [
       pl.BlockSpec((None, None, bq, d), lambda bi, hi, qi: (bi, hi, qi, 0)),
       pl.BlockSpec((None, None, lk_p, d), lambda bi, hi, qi: (bi, hi, 0, 0)),
       pl.BlockSpec((None, None, lk_p, dv), lambda bi, hi, qi: (bi, hi, 0, 0)),
+      _bias_spec(bias_p, (bq, lk_p), lambda qi: (qi, 0)),
+      *_segment_specs(q_col, bq, lambda qi: qi, lk_p, lambda qi: 0),
   ]
-  if bias is not None:
-    bb, bh = bias.shape[0], bias.shape[1]
-    # Broadcast only over the length axes; batch/head broadcast stays virtual via the index map.
-    bias_p = jnp.broadcast_to(bias, (bb, bh, lq, lk))
-    bias_p = jnp.pad(bias_p, ((0, 0), (0, 0), (0, lq_p - lq), (0, lk_p - lk)))
-    args.append(bias_p)
-    in_specs.append(pl.BlockSpec(
-        (None, None, bq, lk_p),
-        lambda bi, hi, qi: (bi if bb > 1 else 0, hi if bh > 1 else 0, qi, 0)))
-  if q_seg is not None:
-    args += _segment_columns(q_seg, kv_seg, lq_p, lk_p)
-    in_specs += [pl.BlockSpec((None, bq, 1), lambda bi, hi, qi: (bi, qi, 0)),
-                 pl.BlockSpec((None, 1, lk_p), lambda bi, hi, qi: (bi, 0, 0))]
-
-  kernel = functools.partial(
-      _fwd_kernel, scale=scale, causal=causal, kv_len=lk, block_q=bq, block_k=bk,
-      num_k_blocks=lk_p // bk, has_bias=bias is not None, has_seg=q_seg is not None)
+  kernel = functools.partial(_fwd_kernel, scale=scale, causal=causal, kv_len=lk, block_q=bq,
+                             block_k=bk, num_k_blocks=lk_p // bk)
   out_shape = [jax.ShapeDtypeStruct((b, h, lq_p, dv), q.dtype),
                jax.ShapeDtypeStruct((b, h, lq_p, 1), _F32)]
   out, lse = pl.pallas_call(
-      kernel,
+      with_absent_inputs(kernel, inputs),
       grid=(b, h, lq_p // bq),
-      in_specs=in_specs,
+      in_specs=present(in_specs),
       out_specs=[pl.BlockSpec((None, None, bq, dv), lambda bi, hi, qi: (bi, hi, qi, 0)),
                  pl.BlockSpec((None, None, bq, 1), lambda bi, hi, qi: (bi, hi, qi, 0))],
       out_shape=out_shape,
-      **_backend_params(target, 3),
+      **backend_params(target, 3),
       name="attention_fwd",
-      cost_estimate=_cost_estimate(2 * b * h * lq_p * lk_p * (d + dv), *args, *out_shape),
-  )(*args)
+      cost_estimate=cost_estimate(2 * b * h * lq_p * lk_p * (d + dv), *present(inputs),
+                                  *out_shape),
+  )(*present(inputs))
   return jnp.swapaxes(out[:, :, :lq], 1, 2), lse[:, :, :lq, 0]
 
 
@@ -360,50 +331,43 @@ def _pallas_forward(q, k, v, bias, q_seg, kv_seg, causal, scale, block_q, block_
 
 def _bwd_tile(q, kb, vb, do, lse, delta, bias, mask, scale):
   """Returns (p, ds) for one [bq, bk] tile, in f32 (ds is the gradient of the scaled logits)."""
-  s = _mm(q, kb, (1, 1)) * scale
+  s = tile_dot(q, kb, (1, 1)) * scale
   if bias is not None:
     s = s + bias
   p = jnp.where(mask, jnp.exp(s - lse), 0.0)
-  dp = _mm(do, vb, (1, 1))
+  dp = tile_dot(do, vb, (1, 1))
   return p, p * (dp - delta)
 
 
-def _tile_mask(q_pos, k_pos, q_len, kv_len, causal, qseg, kseg):
+def _tile_mask(q_pos, k_pos, q_len, kv_len, causal, q_seg, kv_seg):
   mask = (k_pos < kv_len) & (q_pos < q_len)
   if causal:
     mask = mask & (q_pos >= k_pos)
-  if qseg is not None:
-    mask = mask & (qseg == kseg)
+  if q_seg is not None:
+    mask = mask & (q_seg == kv_seg)
   return mask
 
 
-def _dkdv_kernel(*refs, scale, causal, q_len, kv_len, block_q, block_k, num_q_blocks, has_bias,
-                 has_seg):
-  q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *rest = refs
-  bias_ref = rest.pop(0) if has_bias else None
-  qseg_ref, kseg_ref = (rest.pop(0), rest.pop(0)) if has_seg else (None, None)
-  dk_ref, dv_ref = rest
-
+def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, bias_ref, q_seg_ref, kv_seg_ref,
+                 dk_ref, dv_ref, *, scale, causal, q_len, kv_len, block_q, block_k, num_q_blocks):
   kj = pl.program_id(2)
   kb = k_ref[...]                                                    # [bk, D]
   vb = v_ref[...]                                                    # [bk, Dv]
   k_pos = kj * block_k + lax.broadcasted_iota(jnp.int32, (1, block_k), 1)
-  kseg = kseg_ref[...] if has_seg else None                          # [1, bk]
+  kv_seg = None if kv_seg_ref is None else kv_seg_ref[...]           # [1, bk]
 
   def body(i, carry):
     dk, dv = carry
     start = pl.multiple_of(i * block_q, block_q)
-    q = q_ref[pl.ds(start, block_q), :]
-    do = do_ref[pl.ds(start, block_q), :]
-    lse = lse_ref[pl.ds(start, block_q), :]
-    delta = delta_ref[pl.ds(start, block_q), :]
-    bias = bias_ref[pl.ds(start, block_q), :].astype(_F32) if has_bias else None
+    rows = pl.ds(start, block_q)
+    q, do, lse, delta = q_ref[rows, :], do_ref[rows, :], lse_ref[rows, :], delta_ref[rows, :]
+    bias = None if bias_ref is None else bias_ref[rows, :].astype(_F32)
     q_pos = start + lax.broadcasted_iota(jnp.int32, (block_q, 1), 0)
-    qseg = qseg_ref[pl.ds(start, block_q), :] if has_seg else None
-    mask = _tile_mask(q_pos, k_pos, q_len, kv_len, causal, qseg, kseg)
+    q_seg = None if q_seg_ref is None else q_seg_ref[rows, :]
+    mask = _tile_mask(q_pos, k_pos, q_len, kv_len, causal, q_seg, kv_seg)
     p, ds = _bwd_tile(q, kb, vb, do, lse, delta, bias, mask, scale)
-    dv = dv + _mm(p.astype(do.dtype), do, (0, 0))
-    dk = dk + _mm(ds.astype(q.dtype), q, (0, 0))
+    dv = dv + tile_dot(p.astype(do.dtype), do, (0, 0))
+    dk = dk + tile_dot(ds.astype(q.dtype), q, (0, 0))
     return dk, dv
 
   # Query blocks entirely above the diagonal have no work.
@@ -423,36 +387,34 @@ def _zero_key_blocks(ref, block_k, num_k_blocks):
   lax.fori_loop(0, num_k_blocks, body, 0)
 
 
-def _dq_kernel(*refs, scale, causal, q_len, kv_len, block_q, block_k, num_k_blocks, has_bias,
-               has_seg, write_dbias):
-  q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *rest = refs
-  bias_ref = rest.pop(0) if has_bias else None
-  qseg_ref, kseg_ref = (rest.pop(0), rest.pop(0)) if has_seg else (None, None)
-  dq_ref = rest.pop(0)
-  dbias_ref = rest.pop(0) if has_bias and write_dbias else None
-
+def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, bias_ref, q_seg_ref, kv_seg_ref,
+               dq_ref, dbias_ref=None, *, scale, causal, q_len, kv_len, block_q, block_k,
+               num_k_blocks):
+  """dQ of one query block; with ``dbias_ref`` (a bias per batch and head) also its dS tiles, which
+  are dbias."""
   qi = pl.program_id(2)
   q = q_ref[...]
   do = do_ref[...]
   lse = lse_ref[...]
   delta = delta_ref[...]
   q_pos = qi * block_q + lax.broadcasted_iota(jnp.int32, (block_q, 1), 0)
-  qseg = qseg_ref[...] if has_seg else None
+  q_seg = None if q_seg_ref is None else q_seg_ref[...]
   if dbias_ref is not None and causal:
     _zero_key_blocks(dbias_ref, block_k, num_k_blocks)  # the blocks the causal loop skips
 
   def body(j, dq):
     start = pl.multiple_of(j * block_k, block_k)
-    kb = k_ref[pl.ds(start, block_k), :]
-    vb = v_ref[pl.ds(start, block_k), :]
-    bias = bias_ref[:, pl.ds(start, block_k)].astype(_F32) if has_bias else None
+    keys = pl.ds(start, block_k)
+    kb = k_ref[keys, :]
+    vb = v_ref[keys, :]
+    bias = None if bias_ref is None else bias_ref[:, keys].astype(_F32)
     k_pos = start + lax.broadcasted_iota(jnp.int32, (1, block_k), 1)
-    kseg = kseg_ref[:, pl.ds(start, block_k)] if has_seg else None
-    mask = _tile_mask(q_pos, k_pos, q_len, kv_len, causal, qseg, kseg)
+    kv_seg = None if kv_seg_ref is None else kv_seg_ref[:, keys]
+    mask = _tile_mask(q_pos, k_pos, q_len, kv_len, causal, q_seg, kv_seg)
     _, ds = _bwd_tile(q, kb, vb, do, lse, delta, bias, mask, scale)
     if dbias_ref is not None:
-      dbias_ref[:, pl.ds(start, block_k)] = ds.astype(dbias_ref.dtype)
-    return dq + _mm(ds.astype(kb.dtype), kb, (1, 0))
+      dbias_ref[:, keys] = ds.astype(dbias_ref.dtype)
+    return dq + tile_dot(ds.astype(kb.dtype), kb, (1, 0))
 
   if causal:
     upper = _causal_key_blocks(qi, block_q, block_k, num_k_blocks)
@@ -462,14 +424,11 @@ def _dq_kernel(*refs, scale, causal, q_len, kv_len, block_q, block_k, num_k_bloc
   dq_ref[...] = (dq * scale).astype(dq_ref.dtype)
 
 
-def _dbias_kernel(*refs, scale, causal, q_len, kv_len, block_q, block_k, num_k_blocks, nb, nh,
-                  has_seg):
+def _dbias_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, bias_ref, q_seg_ref, kv_seg_ref,
+                  dbias_ref, *, scale, causal, q_len, kv_len, block_q, block_k, num_k_blocks, nb,
+                  nh):
   """dbias for a bias shared over batch and/or heads: one program per (bias row block), looping
   over the nb x nh (batch, head) pairs that share it, so [B, H, Lq, Lk] is never written."""
-  q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, bias_ref, *rest = refs
-  qseg_ref, kseg_ref = (rest.pop(0), rest.pop(0)) if has_seg else (None, None)
-  (dbias_ref,) = rest
-
   qi = pl.program_id(3)  # grid (groups, bias batch, bias heads, query blocks)
   q_pos = qi * block_q + lax.broadcasted_iota(jnp.int32, (block_q, 1), 0)
   _zero_key_blocks(dbias_ref, block_k, num_k_blocks)
@@ -485,18 +444,19 @@ def _dbias_kernel(*refs, scale, causal, q_len, kv_len, block_q, block_k, num_k_b
     do = do_ref[bi, hi]
     lse = lse_ref[bi, hi]
     delta = delta_ref[bi, hi]
-    qseg = qseg_ref[bi] if has_seg else None
+    q_seg = None if q_seg_ref is None else q_seg_ref[bi]
 
     def body(j, _):
       start = pl.multiple_of(j * block_k, block_k)
-      kb = k_ref[bi, hi, pl.ds(start, block_k), :]
-      vb = v_ref[bi, hi, pl.ds(start, block_k), :]
-      bias = bias_ref[:, pl.ds(start, block_k)].astype(_F32)
+      keys = pl.ds(start, block_k)
+      kb = k_ref[bi, hi, keys, :]
+      vb = v_ref[bi, hi, keys, :]
+      bias = bias_ref[:, keys].astype(_F32)
       k_pos = start + lax.broadcasted_iota(jnp.int32, (1, block_k), 1)
-      kseg = kseg_ref[bi, :, pl.ds(start, block_k)] if has_seg else None
-      mask = _tile_mask(q_pos, k_pos, q_len, kv_len, causal, qseg, kseg)
+      kv_seg = None if kv_seg_ref is None else kv_seg_ref[bi, :, keys]
+      mask = _tile_mask(q_pos, k_pos, q_len, kv_len, causal, q_seg, kv_seg)
       _, ds = _bwd_tile(q, kb, vb, do, lse, delta, bias, mask, scale)
-      dbias_ref[:, pl.ds(start, block_k)] += ds.astype(dbias_ref.dtype)
+      dbias_ref[:, keys] += ds.astype(dbias_ref.dtype)
       return 0
 
     lax.fori_loop(0, upper, body, 0)
@@ -505,135 +465,145 @@ def _dbias_kernel(*refs, scale, causal, q_len, kv_len, block_q, block_k, num_k_b
   lax.fori_loop(0, nb * nh, pair, 0)
 
 
-_MAX_PAIRS_PER_PROGRAM = 16
-
-
-def _group_size(batch: int) -> int:
-  """Batch entries per dbias program: the largest divisor of `batch` up to 16. Fewer per program
-  means more parallel programs but more partials to sum (the partials are [groups, H, L, L])."""
-  return max(n for n in range(1, min(batch, _MAX_PAIRS_PER_PROGRAM) + 1) if batch % n == 0)
+_MAX_PAIRS_PER_PROGRAM = 16  # (batch, head) pairs a dbias program sums
 
 
 def _pallas_backward(q, k, v, bias, q_seg, kv_seg, out, lse, do, causal, scale, block_q, block_k,
                      target):
   """dq, dk, dv, dbias (dbias summed over the axes the bias was broadcast along)."""
-  b, lq, h, d = q.shape
-  lk, dv_dim = k.shape[1], v.shape[3]
-  bq, bk = _block_size(lq, block_q), _block_size(lk, block_k)
-  lq_p, lk_p = _round_up(lq, bq), _round_up(lk, bk)
-  pad_l = lambda x, n: jnp.pad(jnp.swapaxes(x, 1, 2), ((0, 0), (0, 0), (0, n), (0, 0)))
-  qt, dot = pad_l(q, lq_p - lq), pad_l(do, lq_p - lq)
-  kt, vt = pad_l(k, lk_p - lk), pad_l(v, lk_p - lk)
+  lq, lk = q.shape[1], k.shape[1]
+  bq, bk = block_for(lq, block_q), block_for(lk, block_k)
+  lq_p, lk_p = round_up(lq, bq), round_up(lk, bk)
+  qt, do_t = _heads_first(q, lq_p), _heads_first(do, lq_p)
+  kt, vt = _heads_first(k, lk_p), _heads_first(v, lk_p)
   delta = jnp.sum(out.astype(_F32) * do.astype(_F32), axis=-1)      # [B, Lq, H]
-  # Per-row statistics as [B, H, Lq, 1] columns (TPU blocks need full or (8, 128)-aligned minor dims).
+  # Per-row statistics as [B, H, Lq, 1] columns (TPU blocks need full or (8, 128)-aligned minor
+  # dims).
   delta = jnp.pad(jnp.swapaxes(delta, 1, 2), ((0, 0), (0, 0), (0, lq_p - lq)))[..., None]
   lse_p = jnp.pad(lse, ((0, 0), (0, 0), (0, lq_p - lq)))[..., None]
+  inputs = [qt, kt, vt, do_t, lse_p, delta, _padded_bias(bias, (lq, lk), (lq_p, lk_p)),
+            *_segment_columns(q_seg, kv_seg, lq_p, lk_p)]
+  flags = dict(scale=scale, causal=causal, q_len=lq, kv_len=lk)
 
-  has_bias, has_seg = bias is not None, q_seg is not None
-  common = [qt, kt, vt, dot, lse_p, delta]
-  extra, bias_shape = [], None
-  if has_bias:
-    bb, bh = bias.shape[0], bias.shape[1]
-    bias_p = jnp.broadcast_to(bias, (bb, bh, lq, lk))
-    bias_p = jnp.pad(bias_p, ((0, 0), (0, 0), (0, lq_p - lq), (0, lk_p - lk)))
-    extra.append(bias_p)
-  if has_seg:
-    extra += _segment_columns(q_seg, kv_seg, lq_p, lk_p)
-  flags = dict(scale=scale, causal=causal, q_len=lq, kv_len=lk, block_q=bq, block_k=bk,
-               has_bias=has_bias, has_seg=has_seg)
-
-  # dK, dV: one program per key block, looping over query blocks.
-  full_q = lambda dd: pl.BlockSpec((None, None, lq_p, dd), lambda bi, hi, j: (bi, hi, 0, 0))
-  blk_k = lambda dd: pl.BlockSpec((None, None, bk, dd), lambda bi, hi, j: (bi, hi, j, 0))
-  row_q = pl.BlockSpec((None, None, lq_p, 1), lambda bi, hi, j: (bi, hi, 0, 0))
-  specs = [full_q(d), blk_k(d), blk_k(dv_dim), full_q(dv_dim), row_q, row_q]
-  if has_bias:
-    specs.append(pl.BlockSpec((None, None, lq_p, bk),
-                              lambda bi, hi, j: (bi if bb > 1 else 0, hi if bh > 1 else 0, 0, j)))
-  if has_seg:
-    specs += [pl.BlockSpec((None, lq_p, 1), lambda bi, hi, j: (bi, 0, 0)),
-              pl.BlockSpec((None, 1, bk), lambda bi, hi, j: (bi, 0, j))]
-  # matmuls per tile: s, dp, dv, dk (and dq, ds in the dQ kernel)
-  tile_flops = 2 * b * h * lq_p * lk_p * (d + dv_dim)
-  out_shape = [jax.ShapeDtypeStruct(kt.shape, k.dtype), jax.ShapeDtypeStruct(vt.shape, v.dtype)]
-  dk, dv = pl.pallas_call(
-      functools.partial(_dkdv_kernel, num_q_blocks=lq_p // bq, **flags),
-      grid=(b, h, lk_p // bk),
-      in_specs=specs,
-      out_specs=[blk_k(d), blk_k(dv_dim)],
-      out_shape=out_shape,
-      **_backend_params(target, 3),
-      name="attention_bwd_dkdv",
-      cost_estimate=_cost_estimate(2 * tile_flops, *common, *extra, *out_shape),
-  )(*common, *extra)
-
-  # dQ (and, when the bias is per batch and head, the dS tiles, which are dbias): one program per
-  # query block, looping over key blocks.
-  shared = has_bias and ((bb == 1 and b > 1) or (bh == 1 and h > 1))
-  blk_q = lambda dd: pl.BlockSpec((None, None, bq, dd), lambda bi, hi, i: (bi, hi, i, 0))
-  full_k = lambda dd: pl.BlockSpec((None, None, lk_p, dd), lambda bi, hi, i: (bi, hi, 0, 0))
-  row_bq = pl.BlockSpec((None, None, bq, 1), lambda bi, hi, i: (bi, hi, i, 0))
-  specs = [blk_q(d), full_k(d), full_k(dv_dim), blk_q(dv_dim), row_bq, row_bq]
-  out_specs, out_shape = [blk_q(d)], [jax.ShapeDtypeStruct(qt.shape, q.dtype)]
-  if has_bias:
-    specs.append(pl.BlockSpec((None, None, bq, lk_p),
-                              lambda bi, hi, i: (bi if bb > 1 else 0, hi if bh > 1 else 0, i, 0)))
-    if not shared:
-      out_specs.append(pl.BlockSpec((None, None, bq, lk_p), lambda bi, hi, i: (bi, hi, i, 0)))
-      out_shape.append(jax.ShapeDtypeStruct((b, h, lq_p, lk_p), _F32))
-  if has_seg:
-    specs += [pl.BlockSpec((None, bq, 1), lambda bi, hi, i: (bi, i, 0)),
-              pl.BlockSpec((None, 1, lk_p), lambda bi, hi, i: (bi, 0, 0))]
-  dq_flags = dict(flags, has_bias=has_bias)
-  res = pl.pallas_call(
-      functools.partial(_dq_kernel, num_k_blocks=lk_p // bk, write_dbias=not shared, **dq_flags),
-      grid=(b, h, lq_p // bq),
-      in_specs=specs,
-      out_specs=out_specs,
-      out_shape=out_shape,
-      **_backend_params(target, 3),
-      name="attention_bwd_dq",
-      cost_estimate=_cost_estimate(1.5 * tile_flops, *common, *extra, *out_shape),
-  )(*common, *extra)
+  dk, dv = _dkdv_call(inputs, bq, bk, flags, target)
+  # A bias shared over the batch or the heads gets its dbias from a kernel of its own.
+  shared = bias is not None and ((bias.shape[0] == 1 and q.shape[0] > 1)
+                                 or (bias.shape[1] == 1 and q.shape[2] > 1))
+  dq, ds = _dq_call(inputs, bq, bk, flags, target, write_dbias=bias is not None and not shared)
   if shared:
-    # dbias of a bias shared over batch and/or heads: each program sums the dS tiles of `per_b x nh`
-    # (batch, head) pairs for one bias row block; the `groups` partials are summed below. Exactly
-    # one of `g` (batch groups, when the bias is shared over the batch) and `bi` (per-batch bias)
-    # is nonzero, so `g + bi` is the batch block either way.
-    nh = h if bh == 1 else 1
-    per_b = _group_size(b) if bb == 1 else 1
-    groups = b // per_b if bb == 1 else 1
-    grp_q = lambda dd: pl.BlockSpec((per_b, nh, bq, dd), lambda g, bi, hi, i: (g + bi, hi, i, 0))
-    grp_k = lambda dd: pl.BlockSpec((per_b, nh, lk_p, dd), lambda g, bi, hi, i: (g + bi, hi, 0, 0))
-    grp_row = pl.BlockSpec((per_b, nh, bq, 1), lambda g, bi, hi, i: (g + bi, hi, i, 0))
-    bias_spec = pl.BlockSpec((None, None, bq, lk_p), lambda g, bi, hi, i: (bi, hi, i, 0))
-    specs = [grp_q(d), grp_k(d), grp_k(dv_dim), grp_q(dv_dim), grp_row, grp_row, bias_spec]
-    if has_seg:
-      specs += [pl.BlockSpec((per_b, bq, 1), lambda g, bi, hi, i: (g + bi, i, 0)),
-                pl.BlockSpec((per_b, 1, lk_p), lambda g, bi, hi, i: (g + bi, 0, 0))]
-    out_spec = pl.BlockSpec((None, None, None, bq, lk_p), lambda g, bi, hi, i: (g, bi, hi, i, 0))
-    partials_shape = jax.ShapeDtypeStruct((groups, bb, bh, lq_p, lk_p), _F32)
-    partials = pl.pallas_call(
-        functools.partial(_dbias_kernel, scale=scale, causal=causal, q_len=lq, kv_len=lk,
-                          block_q=bq, block_k=bk, num_k_blocks=lk_p // bk, nb=per_b, nh=nh,
-                          has_seg=has_seg),
-        grid=(groups, bb, bh, lq_p // bq),
-        in_specs=specs,
-        out_specs=out_spec,
-        out_shape=partials_shape,
-        **_backend_params(target, 4),
-        name="attention_bwd_dbias",
-        cost_estimate=_cost_estimate(tile_flops, *common, *extra, partials_shape),
-    )(*common, *extra)
-    res = [res[0], jnp.sum(partials, axis=0)]
-  dq = res[0]
-  unpad = lambda x, n: jnp.swapaxes(x[:, :, :n], 1, 2)
+    ds = _shared_dbias_call(inputs, bq, bk, flags, target)
   dbias = None
-  if has_bias:
-    ds = res[1][:, :, :lq, :lk]
+  if bias is not None:
+    ds = ds[:, :, :lq, :lk]
     axes = tuple(i for i in range(4) if bias.shape[i] == 1 and ds.shape[i] != 1)
     dbias = jnp.sum(ds, axis=axes, keepdims=True).astype(bias.dtype)
+  unpad = lambda x, n: jnp.swapaxes(x[:, :, :n], 1, 2)
   return unpad(dq, lq), unpad(dk, lk), unpad(dv, lk), dbias
+
+
+def _tile_flops(inputs):
+  """Flops of one pass's matmuls over every [q, k] tile: the scores and dP (or the output)."""
+  qt, kt, vt = inputs[:3]
+  b, h, lq_p, d = qt.shape
+  return 2 * b * h * lq_p * kt.shape[2] * (d + vt.shape[3])
+
+
+def _dkdv_call(inputs, block_q, block_k, flags, target):
+  """dK, dV: one program per key block, looping over query blocks."""
+  qt, kt, vt, _, _, _, bias, q_col, _ = inputs
+  b, h, lq_p, d = qt.shape
+  lk_p, dv = kt.shape[2], vt.shape[3]
+  whole_q = lambda dd: pl.BlockSpec((None, None, lq_p, dd), lambda bi, hi, j: (bi, hi, 0, 0))
+  key_block = lambda dd: pl.BlockSpec((None, None, block_k, dd), lambda bi, hi, j: (bi, hi, j, 0))
+  row_stats = pl.BlockSpec((None, None, lq_p, 1), lambda bi, hi, j: (bi, hi, 0, 0))
+  in_specs = [whole_q(d), key_block(d), key_block(dv), whole_q(dv), row_stats, row_stats,
+              _bias_spec(bias, (lq_p, block_k), lambda j: (0, j)),
+              *_segment_specs(q_col, lq_p, lambda j: 0, block_k, lambda j: j)]
+  out_shape = [jax.ShapeDtypeStruct(kt.shape, kt.dtype), jax.ShapeDtypeStruct(vt.shape, vt.dtype)]
+  kernel = functools.partial(_dkdv_kernel, num_q_blocks=lq_p // block_q, block_q=block_q,
+                             block_k=block_k, **flags)
+  return pl.pallas_call(
+      with_absent_inputs(kernel, inputs),
+      grid=(b, h, lk_p // block_k),
+      in_specs=present(in_specs),
+      out_specs=[key_block(d), key_block(dv)],
+      out_shape=out_shape,
+      **backend_params(target, 3),
+      name="attention_bwd_dkdv",
+      # matmuls per tile: s, dp, dv, dk
+      cost_estimate=cost_estimate(2 * _tile_flops(inputs), *present(inputs), *out_shape),
+  )(*present(inputs))
+
+
+def _dq_call(inputs, block_q, block_k, flags, target, write_dbias):
+  """dQ (and, ``write_dbias``, the dS tiles, which are dbias when the bias is per batch and head):
+  one program per query block, looping over key blocks. Returns (dq, ds or None)."""
+  qt, kt, vt, _, _, _, bias, q_col, _ = inputs
+  b, h, lq_p, d = qt.shape
+  lk_p, dv = kt.shape[2], vt.shape[3]
+  query_block = lambda dd: pl.BlockSpec((None, None, block_q, dd),
+                                        lambda bi, hi, i: (bi, hi, i, 0))
+  whole_k = lambda dd: pl.BlockSpec((None, None, lk_p, dd), lambda bi, hi, i: (bi, hi, 0, 0))
+  row_stats = pl.BlockSpec((None, None, block_q, 1), lambda bi, hi, i: (bi, hi, i, 0))
+  in_specs = [query_block(d), whole_k(d), whole_k(dv), query_block(dv), row_stats, row_stats,
+              _bias_spec(bias, (block_q, lk_p), lambda i: (i, 0)),
+              *_segment_specs(q_col, block_q, lambda i: i, lk_p, lambda i: 0)]
+  out_specs, out_shape = [query_block(d)], [jax.ShapeDtypeStruct(qt.shape, qt.dtype)]
+  if write_dbias:
+    out_specs.append(pl.BlockSpec((None, None, block_q, lk_p), lambda bi, hi, i: (bi, hi, i, 0)))
+    out_shape.append(jax.ShapeDtypeStruct((b, h, lq_p, lk_p), _F32))
+  kernel = functools.partial(_dq_kernel, num_k_blocks=lk_p // block_k, block_q=block_q,
+                             block_k=block_k, **flags)
+  dq, *ds = pl.pallas_call(
+      with_absent_inputs(kernel, inputs),
+      grid=(b, h, lq_p // block_q),
+      in_specs=present(in_specs),
+      out_specs=out_specs,
+      out_shape=out_shape,
+      **backend_params(target, 3),
+      name="attention_bwd_dq",
+      # matmuls per tile: s, dp, dq
+      cost_estimate=cost_estimate(1.5 * _tile_flops(inputs), *present(inputs), *out_shape),
+  )(*present(inputs))
+  return dq, (ds[0] if ds else None)
+
+
+def _shared_dbias_call(inputs, block_q, block_k, flags, target):
+  """dbias of a bias shared over batch and/or heads, ``[bias batch, bias heads, Lq, Lk]``: each
+  program sums the dS tiles of `per_b x nh` (batch, head) pairs for one bias row block; the
+  `groups` partials are summed here. Exactly one of `g` (batch groups, when the bias is shared over
+  the batch) and `bi` (per-batch bias) is nonzero, so `g + bi` is the batch block either way."""
+  qt, kt, vt, _, _, _, bias, q_col, _ = inputs
+  b, h, lq_p, d = qt.shape
+  lk_p, dv = kt.shape[2], vt.shape[3]
+  bb, bh = bias.shape[:2]
+  nh = h if bh == 1 else 1
+  per_b = largest_divisor(b, _MAX_PAIRS_PER_PROGRAM) if bb == 1 else 1
+  groups = b // per_b if bb == 1 else 1
+  group_q = lambda dd: pl.BlockSpec((per_b, nh, block_q, dd),
+                                    lambda g, bi, hi, i: (g + bi, hi, i, 0))
+  group_k = lambda dd: pl.BlockSpec((per_b, nh, lk_p, dd), lambda g, bi, hi, i: (g + bi, hi, 0, 0))
+  group_rows = pl.BlockSpec((per_b, nh, block_q, 1), lambda g, bi, hi, i: (g + bi, hi, i, 0))
+  in_specs = [group_q(d), group_k(d), group_k(dv), group_q(dv), group_rows, group_rows,
+              pl.BlockSpec((None, None, block_q, lk_p), lambda g, bi, hi, i: (bi, hi, i, 0))]
+  if q_col is not None:
+    in_specs += [pl.BlockSpec((per_b, block_q, 1), lambda g, bi, hi, i: (g + bi, i, 0)),
+                 pl.BlockSpec((per_b, 1, lk_p), lambda g, bi, hi, i: (g + bi, 0, 0))]
+  partials_shape = jax.ShapeDtypeStruct((groups, bb, bh, lq_p, lk_p), _F32)
+  kernel = functools.partial(_dbias_kernel, num_k_blocks=lk_p // block_k, nb=per_b, nh=nh,
+                             block_q=block_q, block_k=block_k, **flags)
+  partials = pl.pallas_call(
+      with_absent_inputs(kernel, inputs),
+      grid=(groups, bb, bh, lq_p // block_q),
+      in_specs=in_specs,
+      out_specs=pl.BlockSpec((None, None, None, block_q, lk_p),
+                             lambda g, bi, hi, i: (g, bi, hi, i, 0)),
+      out_shape=partials_shape,
+      **backend_params(target, 4),
+      name="attention_bwd_dbias",
+      cost_estimate=cost_estimate(_tile_flops(inputs), *present(inputs), partials_shape),
+  )(*present(inputs))
+  return jnp.sum(partials, axis=0)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9, 10))
@@ -665,8 +635,9 @@ def attention_pallas(q, k, v, *, bias=None, segment_ids=None, causal=False, scal
   ``"gpu"`` (Triton) or ``"tpu"`` (Mosaic); None is the platform's (the interpreter on CPU).
   ``block_q``/``block_k``: the largest tiles (None: 64 on GPU and in the interpreter, 128 on TPU).
 
-  Residuals are (q, k, v, bias, segment ids, out, lse); the backward is the Pallas dK/dV and dQ/dbias
-  kernels (see the module docstring). On GPU the compiled kernels are not yet validated on a device.
+  Residuals are (q, k, v, bias, segment ids, out, lse); the backward is the Pallas dK/dV and
+  dQ/dbias kernels (see the module docstring). On GPU the compiled kernels are not yet validated on
+  a device.
   """
   arrays, static = _pallas_args(q, k, v, bias, segment_ids, causal, scale, block_q, block_k, target)
   return sharding.shard_map(lambda *a: _pallas_attention(*a, *static), _KERNEL_AXES,
@@ -691,12 +662,12 @@ _KERNEL_AXES = (_QKV_AXES,) * 3 + (("batch", "heads", None, None), ("batch", Non
 def _pallas_args(q, k, v, bias, segment_ids, causal, scale, block_q, block_k, target):
   """Validated positional arguments of the Pallas forward/custom_vjp: (arrays, static ones)."""
   bias, q_seg, kv_seg = _validate(q, k, v, bias, segment_ids)
-  target = _default_target() if target is None else target
+  target = default_target() if target is None else target
   _check_pallas_supported(target, q.shape[-1], v.shape[-1])
   block_q = _DEFAULT_BLOCK[target] if block_q is None else int(block_q)
   block_k = _DEFAULT_BLOCK[target] if block_k is None else int(block_k)
   return ((q, k, v, bias, q_seg, kv_seg),
-          (bool(causal), _default_scale(scale, q.shape[-1]), block_q, block_k, target))
+          (bool(causal), default_scale(scale, q.shape[-1]), block_q, block_k, target))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -718,7 +689,8 @@ def attention_tpu_flash(q, k, v, *, bias=None, segment_ids=None, causal=False, s
   reason = _tpu_flash_shape_reason(q, k, v)
   if reason:
     raise ValueError(f"attention_tpu_flash: {reason}")
-  flash = functools.partial(_tpu_flash, causal=bool(causal), scale=_default_scale(scale, q.shape[-1]))
+  flash = functools.partial(_tpu_flash, causal=bool(causal),
+                            scale=default_scale(scale, q.shape[-1]))
   return sharding.shard_map(flash, _KERNEL_AXES, _QKV_AXES)(q, k, v, bias, q_seg, kv_seg)
 
 
@@ -742,7 +714,8 @@ def _tpu_flash(q, k, v, bias, q_seg, kv_seg, *, causal, scale):
 
 def _tpu_flash_shape_reason(q, k, v) -> str | None:
   if v.shape[-1] != q.shape[-1]:
-    return f"jax's TPU flash attention needs equal q and v head dims, got {q.shape[-1]}, {v.shape[-1]}"
+    return (f"jax's TPU flash attention needs equal q and v head dims, got {q.shape[-1]}, "
+            f"{v.shape[-1]}")
   if q.shape[1] % _TPU_FLASH_BLOCK or k.shape[1] % _TPU_FLASH_BLOCK:
     return (f"jax's TPU flash attention needs lengths that are multiples of {_TPU_FLASH_BLOCK}, "
             f"got q_len {q.shape[1]}, kv_len {k.shape[1]}")
@@ -769,7 +742,8 @@ def _cudnn_reason(q, k, v, bias, segment_ids) -> str | None:
     return f"cuDNN needs an NVIDIA GPU, the platform is {dispatch.platform()}"
   capability = dispatch.compute_capability() or (9, 0)  # a CPU tracing for a GPU: Hopper
   if capability < (8, 0):
-    return f"cuDNN's fused attention needs compute capability 8.0 (Ampere) or later, got {capability}"
+    return (f"cuDNN's fused attention needs compute capability 8.0 (Ampere) or later, got "
+            f"{capability}")
   if q.dtype not in _CUDNN_DTYPES:
     return f"cuDNN needs float16/bfloat16 inputs, got {q.dtype}"
   d, dv = q.shape[-1], v.shape[-1]
@@ -788,7 +762,7 @@ def _cudnn_reason(q, k, v, bias, segment_ids) -> str | None:
 
 def _pallas_reason(q, v) -> str | None:
   try:
-    _check_pallas_supported(_default_target(), q.shape[-1], v.shape[-1])
+    _check_pallas_supported(default_target(), q.shape[-1], v.shape[-1])
   except ValueError as e:
     return str(e)
   return None

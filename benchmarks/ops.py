@@ -47,7 +47,7 @@ from models.layers import depthwise_conv2d  # noqa: E402
 from ops import attention as attention_fn  # noqa: E402
 from ops import routing_attention, window_attention  # noqa: E402
 from ops._pallas import default_target  # noqa: E402
-from ops.attention import _DEFAULT_BLOCK  # noqa: E402
+from ops.attention import BlockSizes  # noqa: E402
 
 # Dense bf16 peak (TFLOP/s, no sparsity) and HBM bandwidth (TB/s) by device kind (spec sheets).
 PEAKS = {
@@ -365,7 +365,8 @@ def environment() -> dict:
              device_count=jax.device_count(), jax=jax.__version__,
              jaxlib=jax.lib.__version__ if hasattr(jax.lib, "__version__") else None,
              python=platform.python_version(), machine=platform.processor() or platform.machine(),
-             pallas_target=default_target(), pallas_max_block=_DEFAULT_BLOCK[default_target()])
+             pallas_target=default_target(),
+             pallas_max_block=BlockSizes.default(default_target()).block_q)
   try:
     import jaxlib
     env["jaxlib"] = jaxlib.__version__

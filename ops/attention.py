@@ -17,9 +17,10 @@ Implementations:
   kernel; a bias shared over batch and/or heads (relative-position bias over windows) gets a
   separate dbias kernel in which each program sums the dS tiles of a group of (batch, head) pairs,
   so ``[B, H, Lq, Lk]`` is never materialized; the per-group partials are summed in jnp. Matmuls
-  take bf16/f16 operands as they are (f32 accumulation) and f32 operands at full precision. The
-  same kernel body lowers with Triton on GPU, with Mosaic on TPU (both checked by exporting from a
-  CPU in the tests) and runs in the interpreter on CPU.
+  take bf16/f16 operands as they are (f32 accumulation) and f32 operands at full precision. Each
+  pass has its own tiles (``BlockSizes``, as jax's TPU flash attention). The same kernel body lowers
+  with Triton on GPU, with Mosaic on TPU (both checked by exporting from a CPU in the tests) and
+  runs in the interpreter on CPU.
 * ``attention_tpu_flash``: jax's own TPU flash attention
   (``jax.experimental.pallas.ops.tpu.flash_attention``), whose kernels stream K/V (forward, dQ) and
   Q/dO (dK/dV) through VMEM in 128-blocks: memory independent of the length, where the kernel
@@ -31,7 +32,9 @@ Implementations:
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -163,9 +166,48 @@ def attention_reference(q, k, v, *, bias=None, segment_ids=None, causal=False, s
   return _reference(q, k, v, bias, q_seg, kv_seg, causal, default_scale(scale, q.shape[-1]))
 
 
-# Largest block per target (shorter sequences get the next power of two >= 16). Mosaic TPU wants the
-# minor block dim a multiple of 128 lanes unless it spans the whole (padded) length.
-_DEFAULT_BLOCK = {"interpret": 64, "gpu": 64, "tpu": 128}
+# --------------------------------------------------------------------------------------------------
+# Tile sizes
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSizes:
+  """The largest tiles of the Pallas kernels, per pass, as in jax's TPU flash attention (hashable:
+  a nondiff argument of the custom_vjp). A sequence shorter than a tile gets a tile of its next
+  power of two, at least 16. Each pass runs one program per block of one axis and loops over the
+  blocks of the other."""
+  block_q: int      # forward: queries per program
+  block_k: int      # forward: keys per loop step
+  block_q_dkv: int  # dK/dV: queries per loop step
+  block_k_dkv: int  # dK/dV: keys per program
+  block_q_dq: int   # dQ and dbias: queries per program
+  block_k_dq: int   # dQ and dbias: keys per loop step
+
+  @classmethod
+  def uniform(cls, block_q: int, block_k: int) -> BlockSizes:
+    """The same query and key tiles in every pass."""
+    return cls(block_q, block_k, block_q, block_k, block_q, block_k)
+
+  @classmethod
+  def default(cls, target: str) -> BlockSizes:
+    """The target's tiles, the same in every pass: 128 on TPU, where Mosaic wants the minor block
+    dim a multiple of 128 lanes unless it spans the whole (padded) length; 64 on GPU and in the
+    interpreter."""
+    block = 128 if target == "tpu" else 64
+    return cls.uniform(block, block)
+
+
+def _block_sizes(target, block_sizes, block_q, block_k) -> BlockSizes:
+  """``block_sizes``, or the target's tiles with ``block_q``/``block_k`` (where given) in every
+  pass."""
+  if block_q is None and block_k is None:
+    return BlockSizes.default(target) if block_sizes is None else block_sizes
+  if block_sizes is not None:
+    raise ValueError("attention_pallas: expected block_sizes or block_q/block_k, got both")
+  default = BlockSizes.default(target)
+  return BlockSizes.uniform(default.block_q if block_q is None else int(block_q),
+                            default.block_k if block_k is None else int(block_k))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -287,11 +329,11 @@ def _segment_specs(q_col, q_rows, q_at, kv_cols, kv_at):
           pl.BlockSpec((None, 1, kv_cols), lambda bi, hi, i: (bi, 0, kv_at(i)))]
 
 
-def _pallas_forward(q, k, v, bias, q_seg, kv_seg, causal, scale, block_q, block_k, target):
+def _pallas_forward(q, k, v, bias, q_seg, kv_seg, causal, scale, block_sizes, target):
   """Runs the forward kernel on validated inputs. Returns (out [B,Lq,H,Dv], lse [B,H,Lq] f32)."""
   b, lq, h, d = q.shape
   lk, dv = k.shape[1], v.shape[3]
-  bq, bk = block_for(lq, block_q), block_for(lk, block_k)
+  bq, bk = block_for(lq, block_sizes.block_q), block_for(lk, block_sizes.block_k)
   lq_p, lk_p = round_up(lq, bq), round_up(lk, bk)
   qt, kt, vt = _heads_first(q, lq_p), _heads_first(k, lk_p), _heads_first(v, lk_p)
   bias_p = _padded_bias(bias, (lq, lk), (lq_p, lk_p))
@@ -468,12 +510,13 @@ def _dbias_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, bias_ref, q_s
 _MAX_PAIRS_PER_PROGRAM = 16  # (batch, head) pairs a dbias program sums
 
 
-def _pallas_backward(q, k, v, bias, q_seg, kv_seg, out, lse, do, causal, scale, block_q, block_k,
-                     target):
+def _pallas_backward(q, k, v, bias, q_seg, kv_seg, out, lse, do, causal, scale, sizes, target):
   """dq, dk, dv, dbias (dbias summed over the axes the bias was broadcast along)."""
   lq, lk = q.shape[1], k.shape[1]
-  bq, bk = block_for(lq, block_q), block_for(lk, block_k)
-  lq_p, lk_p = round_up(lq, bq), round_up(lk, bk)
+  bq_dkv, bk_dkv = block_for(lq, sizes.block_q_dkv), block_for(lk, sizes.block_k_dkv)
+  bq_dq, bk_dq = block_for(lq, sizes.block_q_dq), block_for(lk, sizes.block_k_dq)
+  # One padding for both passes: whole blocks of either pass's tiles.
+  lq_p, lk_p = round_up(lq, math.lcm(bq_dkv, bq_dq)), round_up(lk, math.lcm(bk_dkv, bk_dq))
   qt, do_t = _heads_first(q, lq_p), _heads_first(do, lq_p)
   kt, vt = _heads_first(k, lk_p), _heads_first(v, lk_p)
   delta = jnp.sum(out.astype(_F32) * do.astype(_F32), axis=-1)      # [B, Lq, H]
@@ -485,13 +528,14 @@ def _pallas_backward(q, k, v, bias, q_seg, kv_seg, out, lse, do, causal, scale, 
             *_segment_columns(q_seg, kv_seg, lq_p, lk_p)]
   flags = dict(scale=scale, causal=causal, q_len=lq, kv_len=lk)
 
-  dk, dv = _dkdv_call(inputs, bq, bk, flags, target)
+  dk, dv = _dkdv_call(inputs, bq_dkv, bk_dkv, flags, target)
   # A bias shared over the batch or the heads gets its dbias from a kernel of its own.
   shared = bias is not None and ((bias.shape[0] == 1 and q.shape[0] > 1)
                                  or (bias.shape[1] == 1 and q.shape[2] > 1))
-  dq, ds = _dq_call(inputs, bq, bk, flags, target, write_dbias=bias is not None and not shared)
+  dq, ds = _dq_call(inputs, bq_dq, bk_dq, flags, target,
+                    write_dbias=bias is not None and not shared)
   if shared:
-    ds = _shared_dbias_call(inputs, bq, bk, flags, target)
+    ds = _shared_dbias_call(inputs, bq_dq, bk_dq, flags, target)
   dbias = None
   if bias is not None:
     ds = ds[:, :, :lq, :lk]
@@ -606,20 +650,20 @@ def _shared_dbias_call(inputs, block_q, block_k, flags, target):
   return jnp.sum(partials, axis=0)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9, 10))
-def _pallas_attention(q, k, v, bias, q_seg, kv_seg, causal, scale, block_q, block_k, target):
-  return _pallas_forward(q, k, v, bias, q_seg, kv_seg, causal, scale, block_q, block_k, target)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9))
+def _pallas_attention(q, k, v, bias, q_seg, kv_seg, causal, scale, block_sizes, target):
+  return _pallas_forward(q, k, v, bias, q_seg, kv_seg, causal, scale, block_sizes, target)[0]
 
 
-def _pallas_attention_fwd(q, k, v, bias, q_seg, kv_seg, causal, scale, block_q, block_k, target):
-  out, lse = _pallas_forward(q, k, v, bias, q_seg, kv_seg, causal, scale, block_q, block_k, target)
+def _pallas_attention_fwd(q, k, v, bias, q_seg, kv_seg, causal, scale, block_sizes, target):
+  out, lse = _pallas_forward(q, k, v, bias, q_seg, kv_seg, causal, scale, block_sizes, target)
   return out, (q, k, v, bias, q_seg, kv_seg, out, lse)
 
 
-def _pallas_attention_bwd(causal, scale, block_q, block_k, target, res, do):
+def _pallas_attention_bwd(causal, scale, block_sizes, target, res, do):
   q, k, v, bias, q_seg, kv_seg, out, lse = res
   dq, dk, dv, dbias = _pallas_backward(q, k, v, bias, q_seg, kv_seg, out, lse, do, causal, scale,
-                                       block_q, block_k, target)
+                                       block_sizes, target)
   return dq, dk, dv, dbias, None, None
 
 
@@ -627,27 +671,31 @@ _pallas_attention.defvjp(_pallas_attention_fwd, _pallas_attention_bwd)
 
 
 def attention_pallas(q, k, v, *, bias=None, segment_ids=None, causal=False, scale=None,
-                     block_q=None, block_k=None, target=None):
+                     block_sizes=None, block_q=None, block_k=None, target=None):
   """Pallas flash-attention forward (online softmax over key blocks) with a ``custom_vjp``.
 
   Same semantics as ``attention_reference``. Lengths that are not a multiple of the block (49,
   197) are padded and the padding is masked inside the kernel. ``target``: ``"interpret"``,
   ``"gpu"`` (Triton) or ``"tpu"`` (Mosaic); None is the platform's (the interpreter on CPU).
-  ``block_q``/``block_k``: the largest tiles (None: 64 on GPU and in the interpreter, 128 on TPU).
+  ``block_sizes``: the largest tiles of each pass, a ``BlockSizes`` (None: ``BlockSizes.default``,
+  64 on GPU and in the interpreter, 128 on TPU); or ``block_q``/``block_k``, the query/key tiles
+  of every pass.
 
   Residuals are (q, k, v, bias, segment ids, out, lse); the backward is the Pallas dK/dV and
   dQ/dbias kernels (see the module docstring). On GPU the compiled kernels are not yet validated on
   a device.
   """
-  arrays, static = _pallas_args(q, k, v, bias, segment_ids, causal, scale, block_q, block_k, target)
+  arrays, static = _pallas_args(q, k, v, bias, segment_ids, causal, scale, block_sizes, block_q,
+                                block_k, target)
   return sharding.shard_map(lambda *a: _pallas_attention(*a, *static), _KERNEL_AXES,
                             _QKV_AXES)(*arrays)
 
 
 def attention_pallas_with_lse(q, k, v, *, bias=None, segment_ids=None, causal=False, scale=None,
-                              block_q=None, block_k=None, target=None):
+                              block_sizes=None, block_q=None, block_k=None, target=None):
   """Forward only: returns ``(out, lse)`` with ``lse`` ``[B, H, Lq]`` f32 (natural log)."""
-  arrays, static = _pallas_args(q, k, v, bias, segment_ids, causal, scale, block_q, block_k, target)
+  arrays, static = _pallas_args(q, k, v, bias, segment_ids, causal, scale, block_sizes, block_q,
+                                block_k, target)
   return sharding.shard_map(lambda *a: _pallas_forward(*a, *static), _KERNEL_AXES,
                             (_QKV_AXES, ("batch", "heads", None)))(*arrays)
 
@@ -659,15 +707,14 @@ _QKV_AXES = ("batch", None, "heads", None)
 _KERNEL_AXES = (_QKV_AXES,) * 3 + (("batch", "heads", None, None), ("batch", None), ("batch", None))
 
 
-def _pallas_args(q, k, v, bias, segment_ids, causal, scale, block_q, block_k, target):
+def _pallas_args(q, k, v, bias, segment_ids, causal, scale, block_sizes, block_q, block_k, target):
   """Validated positional arguments of the Pallas forward/custom_vjp: (arrays, static ones)."""
   bias, q_seg, kv_seg = _validate(q, k, v, bias, segment_ids)
   target = default_target() if target is None else target
   _check_pallas_supported(target, q.shape[-1], v.shape[-1])
-  block_q = _DEFAULT_BLOCK[target] if block_q is None else int(block_q)
-  block_k = _DEFAULT_BLOCK[target] if block_k is None else int(block_k)
+  block_sizes = _block_sizes(target, block_sizes, block_q, block_k)
   return ((q, k, v, bias, q_seg, kv_seg),
-          (bool(causal), default_scale(scale, q.shape[-1]), block_q, block_k, target))
+          (bool(causal), default_scale(scale, q.shape[-1]), block_sizes, target))
 
 
 # --------------------------------------------------------------------------------------------------

@@ -142,7 +142,8 @@ def test_window_kernel_on_tpu_runs_many_windows_a_program_and_moves_less():
 
 def test_mosaic_kernel_without_the_shard_map_cannot_be_partitioned(v5e_chips):
   def unwrapped(q, k, v):   # the custom_vjp kernel that attention_pallas shard_maps
-    return ATTENTION._pallas_attention(q, k, v, None, None, None, False, D**-0.5, 128, 128, "tpu")
+    return ATTENTION._pallas_attention(q, k, v, None, None, None, False, D**-0.5,
+                                       ATTENTION.BlockSizes.uniform(128, 128), "tpu")
 
   with pytest.raises(NotImplementedError, match="cannot be automatically partitioned"):
     _compile_attention_grad(v5e_chips, dict(data=4, fsdp=1, tensor=1), unwrapped)

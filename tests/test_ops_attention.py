@@ -220,6 +220,29 @@ def test_kernel_block_sizes_do_not_change_the_result():
   _close(b, attention_reference(q, k, v, causal=True), 1e-5)
 
 
+@pytest.mark.parametrize("bias_heads", [1, 2], ids=["shared_bias", "bias_per_head"])
+def test_backward_tiles_apart_from_the_forward_give_the_same_gradients(bias_heads):
+  # Each pass its own tiles (the backward pads to whole blocks of both of its passes' tiles): the
+  # values and gradients of the default tiles, through the dQ kernel's dbias or the shared one's.
+  q, k, v = _qkv(2, 40, 2, 32, seed=11)
+  bias = jax.random.normal(jax.random.key(12), (1, bias_heads, 40, 40))
+  segment_ids = (jnp.arange(40)[None] >= jnp.array([[13], [27]])).astype(jnp.int32)
+  tiles = attention_module.BlockSizes(block_q=32, block_k=16, block_q_dkv=16, block_k_dkv=64,
+                                      block_q_dq=32, block_k_dq=16)
+
+  def value_and_grads(**block_sizes):
+    loss = lambda *a: jnp.sum(attention_pallas(*a[:3], bias=a[3], segment_ids=segment_ids,
+                                               causal=True, **block_sizes) ** 2)
+    return jax.value_and_grad(loss, argnums=(0, 1, 2, 3))(q, k, v, bias)
+
+  (want, want_grads), (got, got_grads) = value_and_grads(), value_and_grads(block_sizes=tiles)
+  _close(got, want, 1e-5)
+  for name, g, w in zip(("dq", "dk", "dv", "dbias"), got_grads, want_grads):
+    np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=1e-5, rtol=1e-5, err_msg=name)
+  with pytest.raises(ValueError, match=r"expected block_sizes or block_q/block_k, got both"):
+    attention_pallas(q, k, v, block_sizes=tiles, block_q=16)
+
+
 # --- errors ---------------------------------------------------------------------------------------
 
 

@@ -40,6 +40,7 @@ import orbax.checkpoint as ocp
 
 import data
 import models
+import ops
 import tasks
 import train
 
@@ -49,7 +50,7 @@ _CHECKPOINT = flags.DEFINE_string("checkpoint", "latest", "latest | best | <step
 _SPLIT = flags.DEFINE_string("split", "test", "Split to evaluate.")
 _OUTPUT = flags.DEFINE_string("output", "", "JSON path; default <workdir>/eval_<split>_<checkpoint>.json")
 _KEEP_FREED_MEMORY = flags.DEFINE_bool("keep_freed_memory", True, "Keep freed host memory mapped "
-                                        "(train.keep_freed_memory_mapped).")
+                                        "(ops.xla_cpu.keep_freed_memory_mapped).")
 _SAVE_PRETRAINED = flags.DEFINE_string(
     "save_pretrained", "", "Also write the evaluated weights here (models.save_pretrained).")
 train.define_multihost_flags()
@@ -144,7 +145,7 @@ def main(argv):
   # that it is read-only: the table and the file written are what an evaluation says.
   logging.set_verbosity(logging.ERROR)
   if _KEEP_FREED_MEMORY.value:
-    train.keep_freed_memory_mapped()  # XLA:CPU's per-call buffers stay mapped (train.py)
+    ops.xla_cpu.keep_freed_memory_mapped()  # XLA:CPU's per-call buffers stay mapped
   try:
     train.initialize_multihost()
     if train.is_main_process():

@@ -17,7 +17,6 @@ checkpoints/, metrics.jsonl, TensorBoard events and final_metrics.json, written 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import fcntl
 import functools
 import itertools
@@ -69,37 +68,6 @@ class StoppedBySignal(RuntimeError):
   def __init__(self, signum: int, message: str):
     super().__init__(message)
     self.signum = signum
-
-
-# ----------------------------------------------------------------------------- host memory
-
-# malloc.h's mallopt option, the same setting as a GLIBC_TUNABLES entry, its value. A trim
-# threshold of -1 (as size_t: the largest) disables trimming (mallopt(3)).
-_KEPT_MEMORY_SETTINGS = ((-8, "glibc.malloc.arena_max", 1), (-4, "glibc.malloc.mmap_max", 0),
-                         (-1, "glibc.malloc.trim_threshold", -1))
-
-
-def keep_freed_memory_mapped() -> bool:
-  """Makes glibc's malloc keep freed memory mapped (one arena, no mmap, no trimming).
-
-  XLA:CPU allocates an executable's temporary buffer at every call and frees it after: for
-  MaxViT-T's train step at batch 8, 3.8 GB. glibc serves a block that size with a fresh mmap,
-  so every step page-faults all of it again: 1M faults and 2 s of kernel time per step on the
-  2-core box (benchmarks/notes/2026-11-cpu-train-step.md). With these settings the pages stay mapped and the step
-  takes none. Run it before jax (or anything else) starts threads that allocate: threads that
-  already have an arena of their own keep it. The process then keeps its peak memory.
-  Returns whether it applied (False off glibc).
-  """
-  try:
-    libc = ctypes.CDLL("libc.so.6")
-  except OSError:
-    return False
-  return all(libc.mallopt(option, value) == 1 for option, _, value in _KEPT_MEMORY_SETTINGS)
-
-
-def kept_memory_tunables() -> str:
-  """`keep_freed_memory_mapped`'s settings as GLIBC_TUNABLES, for a process started from here."""
-  return ":".join(f"{name}={value % 2**64}" for _, name, value in _KEPT_MEMORY_SETTINGS)
 
 
 # ----------------------------------------------------------------------------- processes
@@ -1204,7 +1172,7 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.WARNING)  # orbax and tfds log every file they touch at INFO
   if flags.FLAGS.keep_freed_memory:
-    keep_freed_memory_mapped()
+    ops.xla_cpu.keep_freed_memory_mapped()
   try:
     initialize_multihost()
     train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)

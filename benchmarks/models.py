@@ -23,7 +23,7 @@ zoo is faster), the median over the rounds' ratios. XLA:CPU runs on as many thre
 process may use cores (`os.sched_getaffinity`, printed as `cpu_affinity`).
 
 `--keep_freed_memory` says whose malloc keeps freed memory mapped. `zoo` (the default) runs the
-zoo as train.py does (`train.keep_freed_memory_mapped`) and timm as it comes; `both` gives timm's
+zoo as train.py does (`ops.xla_cpu.keep_freed_memory_mapped`) and timm as it comes; `both` gives timm's
 process the same glibc settings (GLIBC_TUNABLES), an equal footing; `none` leaves both alone.
 
 Another model gets one line in MODELS: its registered name, the task train.py trains it with, a
@@ -53,6 +53,7 @@ from flax import nnx
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 import models  # noqa: E402
+import ops  # noqa: E402
 import tasks  # noqa: E402
 import train  # noqa: E402
 from configs import common  # noqa: E402
@@ -283,10 +284,10 @@ def main(argv=None) -> None:
   if unknown:
     parser.error(f"unknown models {unknown}; MODELS has {sorted(known)}")
   if args.keep_freed_memory != "none":
-    train.keep_freed_memory_mapped()
+    ops.xla_cpu.keep_freed_memory_mapped()
   timm_env = dict(os.environ)
   if args.keep_freed_memory == "both":
-    timm_env["GLIBC_TUNABLES"] = train.kept_memory_tunables()
+    timm_env["GLIBC_TUNABLES"] = ops.xla_cpu.kept_memory_tunables()
   env = dict(environment(), cpu_affinity=len(os.sched_getaffinity(0)),
              xla_flags=os.environ.get("XLA_FLAGS", ""), rounds=args.rounds, reps=args.reps,
              keep_freed_memory=args.keep_freed_memory)

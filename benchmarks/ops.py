@@ -5,7 +5,7 @@
     python benchmarks/ops.py --suite window         # GPU/TPU: 49-token windows, Pallas/XLA/cuDNN
     python benchmarks/ops.py --suite routing_cpu    # CPU: BiFormer routing (gather) vs dense
     python benchmarks/ops.py --suite routing        # GPU/TPU: routing Pallas vs gather, dense
-    python benchmarks/ops.py --suite depthwise_cpu  # CPU: layers.depthwise_conv2d vs grouped conv
+    python benchmarks/ops.py --suite depthwise_cpu  # CPU: ops.depthwise_conv2d vs grouped conv
     python benchmarks/ops.py --suite lightning      # GPU/TPU: lightning kernels vs XLA loop, cuDNN
     python benchmarks/ops.py --suite window --quick # fewer cases and repetitions (gpu_check.sh)
 
@@ -43,8 +43,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import ops  # noqa: E402
-from models.layers import depthwise_conv2d  # noqa: E402
 from ops import attention as attention_fn  # noqa: E402
+from ops import depthwise_conv2d  # noqa: E402
 from ops import routing_attention, window_attention  # noqa: E402
 from ops._pallas import default_target  # noqa: E402
 from ops.attention import BlockSizes  # noqa: E402
@@ -301,7 +301,7 @@ def suite_lightning(args):
 
 def suite_depthwise_cpu(args):
   """The depthwise convs beside the attention (BiFormer's 3x3 CPE and 5x5 LCE, HorNet's 7x7) at
-  BiFormer-T / HorNet-T stage shapes, batch 8: `layers.depthwise_conv2d` (its CPU path: shifted
+  BiFormer-T / HorNet-T stage shapes, batch 8: `ops.depthwise_conv2d` (its CPU path: shifted
   products, custom VJP) vs XLA's grouped conv. FLOPs 2 k^2 per output, 3x that with the backward."""
   rows = []
   for side, channels, kernel in ((56, 64, 3), (56, 64, 5), (14, 256, 5), (56, 64, 7)):

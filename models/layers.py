@@ -29,9 +29,6 @@ ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "silu": jax.nn.silu,
 }
 
-_THREEFRY_ROTATIONS = ((13, 15, 26, 6), (17, 29, 16, 24))
-
-
 # Metadata naming the parameters of flax's convolutions and norms (ops.sharding): a conv kernel
 # [kh, kw, in, out] and its bias by channels, a norm's scale and bias as per-channel vectors.
 CONV_AXES = dict(kernel_metadata=logical(None, None, "conv_in", "conv_out"),
@@ -45,42 +42,14 @@ def get_activation(name: str) -> Callable[[jax.Array], jax.Array]:
   return ACTIVATIONS[name]
 
 
-def random_bits(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
-  """Equals `jax.random.bits(key, shape, jnp.uint32)`, computed as one fused kernel.
-
-  For threefry keys (the default) this is threefry2x32 over the flat element index, unrolled: XLA:CPU lowers
-  jax's own version as a rolled loop that runs 3-9x slower, and dropout masks are a tenth of an iTransformer
-  training step on CPU. Other key implementations go through jax.random.bits.
-  """
-  if str(jax.random.key_impl(key)) != "threefry2x32" or math.prod(shape) >= 2**32:
-    return jax.random.bits(key, shape, jnp.uint32)
-  k1, k2 = jax.random.key_data(key)
-  keys = (k1, k2, k1 ^ k2 ^ np.uint32(0x1BD11BDA))
-  x0 = jnp.zeros(shape, jnp.uint32) + keys[0]
-  x1 = jax.lax.iota(jnp.uint32, math.prod(shape)).reshape(shape) + keys[1]
-  for i in range(5):
-    for rotation in _THREEFRY_ROTATIONS[i % 2]:
-      x0 = x0 + x1
-      x1 = ((x1 << np.uint32(rotation)) | (x1 >> np.uint32(32 - rotation))) ^ x0
-    x0 = x0 + keys[(i + 1) % 3]
-    x1 = x1 + keys[(i + 2) % 3] + np.uint32(i + 1)
-  return x0 ^ x1
-
-
 def _keep_mask(key: jax.Array, shape: tuple[int, ...], keep: float) -> jax.Array:
   """Bernoulli(keep) from 32 random bits: P(bits < round(keep * 2**32)) = keep to within 2**-32."""
-  return random_bits(key, shape) < np.uint32(min(round(keep * 2.0**32), 2**32 - 1))
+  return ops.random_bits(key, shape) < np.uint32(min(round(keep * 2.0**32), 2**32 - 1))
 
 
 class Linear(nnx.Linear):
-  """`nnx.Linear` that, on CPU, multiplies its input flattened to a [rows, features] matrix.
-
-  Same parameters and result. Why: the kernel gradient of an n-d input contracts every leading
-  axis at once, and XLA:CPU lays that dot out by transposing the incoming gradient to
-  [features, rows] inside the fusion that produces it (e.g. a BatchNorm backward), a strided
-  write of the whole activation map. On a 2-D input the contraction is over one axis and needs no
-  transpose: a 1x1 conv + BatchNorm + tanh took 540 -> 270 ms fwd+bwd at 8x112x112, 64 -> 256.
-  GPU and TPU keep the n-d dot (there a reshape can cost a relayout).
+  """`nnx.Linear` with logical axis names, its output laid out over the mesh (on XLA:CPU its input
+  is multiplied as a [rows, features] matrix: `ops.xla_cpu.on_rows`).
 
   `axes` names the kernel's (input, output) dimensions for sharding (`ops.sharding`); the bias
   takes the output's name. The default fits a layer that reads the model width. Under a mesh the
@@ -96,7 +65,7 @@ class Linear(nnx.Linear):
   def __call__(self, inputs: jax.Array, out_sharding=None) -> jax.Array:
     if out_sharding is not None:
       return super().__call__(inputs, out_sharding)
-    return ops.sharding.constrain(on_rows(super().__call__, inputs),
+    return ops.sharding.constrain(ops.xla_cpu.on_rows(super().__call__, inputs),
                                   output_axes(inputs.ndim, self.output_name))
 
 
@@ -184,14 +153,6 @@ def output_axes(ndim: int, name: str | None) -> tuple[str | None, ...]:
   return ("batch",) + (None,) * (ndim - 2) + (name,) if ndim >= 2 else (name,)
 
 
-def on_rows(fn: Callable[[jax.Array], jax.Array], x: jax.Array) -> jax.Array:
-  """`fn(x)` for an `fn` that maps the last axis; on CPU applied to x as [rows, features] (`Linear`)."""
-  if x.ndim <= 2 or ops.dispatch.platform() != "cpu":
-    return fn(x)
-  y = fn(x.reshape(-1, x.shape[-1]))
-  return y.reshape(*x.shape[:-1], y.shape[-1])
-
-
 def torch_uniform(fan_in: int):
   """torch's default init of nn.Linear and nn.Conv weights and biases: U(+-1/sqrt(fan_in))."""
   bound = 1.0 / math.sqrt(fan_in)
@@ -257,90 +218,8 @@ def promote_keeping_statistics(args, /, *, dtype=None, inexact: bool = True):
   return x, mean, var, scale, bias
 
 
-def depthwise_conv2d(x: jax.Array, kernel: jax.Array, stride: int = 1) -> jax.Array:
-  """Depthwise conv of NHWC `x` with an odd-sized `[kh, kw, C]` kernel and 'SAME' zero padding:
-  `k // 2` on each side at stride 1; TF's and lax's split at a larger stride (e.g. (0, 1) for a
-  3x3 kernel, stride 2, on an even side).
-
-  Equals `lax.conv_general_dilated(..., feature_group_count=C)`. XLA:CPU runs grouped convs
-  through a generic loop (a 5x5 depthwise conv on a 56x56x64 map is 15-25x slower than the same
-  multiply-adds written out; benchmarks/ops.py --suite depthwise_cpu), so on CPU the conv is the
-  sum of the kh * kw shifted (strided) products in one fused loop. Products accumulate in
-  float32. At stride 1 a custom VJP computes dx as the same sum over the flipped kernel and
-  dkernel as the products summed per channel; at a larger stride autodiff's transpose of the
-  strided slices is already one fused loop. GPU and TPU keep XLA's conv (cuDNN / the TPU
-  convolution unit).
-  """
-  kh, kw = kernel.shape[:2]
-  if x.ndim != 4 or kernel.ndim != 3 or kernel.shape[2] != x.shape[3] or kh % 2 == 0 or kw % 2 == 0:
-    raise ValueError(f"depthwise_conv2d: expected x [B, H, W, C] and an odd-sized kernel [kh, kw, C], "
-                     f"got x {tuple(x.shape)} and kernel {tuple(kernel.shape)}")
-  if not isinstance(stride, int) or stride < 1:
-    raise ValueError(f"depthwise_conv2d: expected a positive integer stride, got {stride!r}")
-  if ops.dispatch.platform() != "cpu":
-    return jax.lax.conv_general_dilated(
-        x, kernel[:, :, None], (stride, stride), "SAME",
-        dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=x.shape[3],
-        preferred_element_type=jnp.float32).astype(x.dtype)
-  if stride == 1:
-    return _shifted_depthwise(x, kernel)
-  out_h, out_w = -(-x.shape[1] // stride), -(-x.shape[2] // stride)
-  out = _shift_sum(_pad_same(x, kernel.shape, stride), kernel.astype(jnp.float32), out_h, out_w,
-                   stride)
-  return out.astype(x.dtype)
-
-
-def _pad_same(x: jax.Array, kernel_shape: tuple[int, ...], stride: int = 1) -> jax.Array:
-  pads = jax.lax.padtype_to_pads(x.shape[1:3], kernel_shape[:2], (stride, stride), "SAME")
-  return jnp.pad(x, ((0, 0), *pads, (0, 0)))
-
-
-def _shift_sum(padded: jax.Array, kernel: jax.Array, height: int, width: int,
-               stride: int = 1) -> jax.Array:
-  out = jnp.zeros((padded.shape[0], height, width, padded.shape[3]), jnp.float32)
-  rows, cols = stride * (height - 1) + 1, stride * (width - 1) + 1
-  for i in range(kernel.shape[0]):
-    for j in range(kernel.shape[1]):
-      shifted = padded[:, i:i + rows:stride, j:j + cols:stride]
-      out = out + shifted.astype(jnp.float32) * kernel[i, j]
-  return out
-
-
-@jax.custom_vjp
-def _shifted_depthwise(x: jax.Array, kernel: jax.Array) -> jax.Array:
-  out = _shift_sum(_pad_same(x, kernel.shape), kernel.astype(jnp.float32), *x.shape[1:3])
-  return out.astype(x.dtype)
-
-
-def _shifted_depthwise_fwd(x, kernel):
-  return _shifted_depthwise(x, kernel), (x, kernel)
-
-
-def _shifted_depthwise_bwd(residuals, grad):
-  x, kernel = residuals
-  (batch, height, width, channels), (kh, kw) = x.shape, kernel.shape[:2]
-  flipped = kernel[::-1, ::-1].astype(jnp.float32)
-  dx = _shift_sum(_pad_same(grad, kernel.shape), flipped, height, width).astype(x.dtype)
-  # dkernel[i, j] sums x shifted by (i, j) times grad over batch and positions. Separate
-  # reductions of the kh * kw products stream each product through memory (slower than XLA's
-  # grouped conv on large maps); instead one fused loop per shift adds up `fold` batch slices,
-  # leaving a kh * kw times smaller array to reduce.
-  fold = max(d for d in range(1, min(batch, 8) + 1) if batch % d == 0)
-  padded = _pad_same(x, kernel.shape).reshape(fold, batch // fold, height + kh - 1,
-                                               width + kw - 1, channels).astype(jnp.float32)
-  grad = grad.reshape(fold, batch // fold, height, width, channels).astype(jnp.float32)
-  partial_sums = jnp.stack([
-      sum(padded[n, :, i:i + height, j:j + width] * grad[n] for n in range(fold))
-      for i in range(kh) for j in range(kw)])
-  dkernel = partial_sums.reshape(kh * kw, -1, channels).sum(1).reshape(kernel.shape)
-  return dx, dkernel.astype(kernel.dtype)
-
-
-_shifted_depthwise.defvjp(_shifted_depthwise_fwd, _shifted_depthwise_bwd)
-
-
 class DepthwiseConv(nnx.Module):
-  """Depthwise conv with zero 'SAME' padding (`depthwise_conv2d`), its parameters laid out as
+  """Depthwise conv with zero 'SAME' padding (`ops.depthwise_conv2d`), its parameters laid out as
   `nnx.Conv(C, C, k, strides=stride, feature_group_count=C)`'s (`kernel [kh, kw, 1, C]`,
   `bias [C]`), so converters and checkpoints see no difference."""
 
@@ -361,7 +240,7 @@ class DepthwiseConv(nnx.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     bias = None if self.bias is None else self.bias[...]
     x, kernel, bias = nnx.nn.dtypes.promote_dtype((x, self.kernel[...], bias), dtype=self.dtype)
-    y = depthwise_conv2d(x, kernel[:, :, 0], self.stride)
+    y = ops.depthwise_conv2d(x, kernel[:, :, 0], self.stride)
     return y if bias is None else y + bias
 
 
@@ -418,7 +297,7 @@ def prefix_dense(layer: Linear, x: jax.Array, *, outputs: int | None = None,
   kernel = layer.kernel[...][:inputs, :outputs]
   bias = None if layer.bias is None else layer.bias[...][:outputs]
   x, kernel, bias = layer.promote_dtype((x, kernel, bias), dtype=layer.dtype)
-  y = on_rows(lambda rows: jnp.dot(rows, kernel, precision=layer.precision), x)
+  y = ops.xla_cpu.on_rows(lambda rows: jnp.dot(rows, kernel, precision=layer.precision), x)
   y = y if bias is None else y + bias
   return ops.sharding.constrain(y, output_axes(x.ndim, layer.output_name))
 
@@ -534,7 +413,7 @@ class Attention(nnx.Module):
 class Dropout(nnx.Module):
   """Inverted dropout while training: zero with probability `rate`, scale the rest by 1 / (1 - rate).
 
-  nnx.Dropout's semantics and RNG stream ('dropout'), with the mask drawn by `random_bits`.
+  nnx.Dropout's semantics and RNG stream ('dropout'), with the mask drawn by `ops.random_bits`.
   """
 
   def __init__(self, rate: float = 0.0, *, rngs: nnx.Rngs):

@@ -36,6 +36,8 @@ ORDER = {
     # TransNormer v1's bidirectional and block-diagonal forms: einsums, no kernel.
     "norm_attention": {"cpu": ("xla",), "gpu": ("xla",), "tpu": ("xla",)},
     "diag_attention": {"cpu": ("xla",), "gpu": ("xla",), "tpu": ("xla",)},
+    # XLA:CPU runs grouped convs through a generic loop: the shifted products there (xla_cpu).
+    "depthwise_conv": {"cpu": ("shifted", "xla"), "gpu": ("xla",), "tpu": ("xla",)},
 }
 
 

@@ -10,7 +10,8 @@ from flax import nnx
 from conftest import load_golden
 import models
 from models.itransformer import checkpoint_filter_fn, iTransformer, instance_norm
-from models.layers import Attention, Block, Dropout, DropPath, random_bits
+from models.layers import Attention, Block, Dropout, DropPath
+from ops import random_bits
 from models.pretrained import assign_params
 
 SMALL = dict(seq_len=16, pred_len=8, d_model=32, n_heads=4, e_layers=2, d_ff=64)

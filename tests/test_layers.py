@@ -7,7 +7,8 @@ import pytest
 from flax import nnx
 
 from models.layers import (LINEAR_INITS, DepthwiseConv, Linear, alibi_slopes, check_images,
-                           check_tokens, depthwise_conv2d, linear, prefix_dense)
+                           check_tokens, linear, prefix_dense)
+from ops import depthwise_conv2d
 
 
 def _xla_depthwise(x, kernel, stride=1):

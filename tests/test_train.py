@@ -13,6 +13,7 @@ import pytest
 from flax import nnx
 
 import models
+import ops
 import train
 from configs import itransformer as itransformer_config
 from configs import transnormer as transnormer_config
@@ -278,9 +279,9 @@ def test_load_pretrained_restores_into_the_params_from_a_relative_path(tmp_path,
 
 _FAULTS_OF_A_SECOND_BUFFER = """
 import ctypes, resource, sys
-import train
+import ops
 if sys.argv[1] == "keep":
-  assert train.keep_freed_memory_mapped()
+  assert ops.xla_cpu.keep_freed_memory_mapped()
 libc = ctypes.CDLL("libc.so.6")
 libc.malloc.restype = ctypes.c_void_p
 size = 64 << 20  # above glibc's largest mmap threshold (32 MiB): served by mmap by default
@@ -308,7 +309,7 @@ def test_kept_memory_is_not_faulted_again():
   # settings as tunables (what benchmarks/models.py gives timm's process) do the same.
   default = faults("default")
   assert faults("keep") * 10 < default
-  assert faults("default", GLIBC_TUNABLES=train.kept_memory_tunables()) * 10 < default
+  assert faults("default", GLIBC_TUNABLES=ops.xla_cpu.kept_memory_tunables()) * 10 < default
 
 
 def test_a_run_says_what_it_will_do_and_what_fine_tuning_loaded(tmp_path, capsys, caplog):

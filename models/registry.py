@@ -5,7 +5,8 @@ the converter (`checkpoint_filter_fn`), then one call per variant with its full 
 so that `grep -r itransformer_etth1_96 models/` finds it (tests/test_registry.py checks this)::
 
     register_model("itransformer_etth1_96", iTransformer, family="itransformer",
-                   paper_metric="0.386/0.405", **_CFGS["itransformer_etth1_96"])
+                   paper_metric="0.386/0.405", num_params=841_568,
+                   **_CFGS["itransformer_etth1_96"])
 
 then one call per set of weights published for them, named `<model>.<tag>` as in timm::
 
@@ -48,6 +49,10 @@ class ModelInfo:
   builder: Callable[..., nnx.Module]
   defaults: dict[str, Any]
   paper_metric: str = ""  # what the paper reports for this variant, for the README table
+  # The official parameter count (trainable parameters, the published head): published by the
+  # authors or measured on the official code, never the zoo's count of itself; None where there is
+  # none (tests/test_models.py checks the zoo against it and lists the variants without one).
+  num_params: int | None = None
 
 
 # The ImageNet normalisation most weights expect (timm's IMAGENET_DEFAULT_MEAN / _STD).
@@ -93,10 +98,10 @@ _loaded = False
 
 
 def register_model(name: str, builder: Callable[..., nnx.Module], *, family: str,
-                   paper_metric: str = "", **defaults) -> None:
+                   paper_metric: str = "", num_params: int | None = None, **defaults) -> None:
   if name in _REGISTRY:
     raise ValueError(f"model {name!r} is registered twice")
-  _REGISTRY[name] = ModelInfo(name, family, builder, dict(defaults), paper_metric)
+  _REGISTRY[name] = ModelInfo(name, family, builder, dict(defaults), paper_metric, num_params)
 
 
 def register_pretrained(name: str, cfg: PretrainedCfg) -> None:

@@ -478,26 +478,30 @@ def checkpoint_filter_fn(state_dict: Mapping[str, np.ndarray], **known_kwargs):
 
 
 # --- registrations: the README's ImageNet-1K top-1 --------------------------------------------
+# num_params: the official constructors' counts with 1000 classes, as run on the official code
+# (mmpretrain's metafile lists the same for T, S and B).
 
 register_model("hornet_tiny_7x7", HorNet, family="hornet", paper_metric="IN-1k top-1 82.8",
-               **_CFGS["hornet_tiny_7x7"])
+               num_params=22_409_512, **_CFGS["hornet_tiny_7x7"])
 register_model("hornet_tiny_gf", HorNet, family="hornet", paper_metric="IN-1k top-1 83.0",
-               **_CFGS["hornet_tiny_gf"])
+               num_params=22_991_848, **_CFGS["hornet_tiny_gf"])
 register_model("hornet_small_7x7", HorNet, family="hornet", paper_metric="IN-1k top-1 83.8",
-               **_CFGS["hornet_small_7x7"])
+               num_params=49_528_264, **_CFGS["hornet_small_7x7"])
 register_model("hornet_small_gf", HorNet, family="hornet", paper_metric="IN-1k top-1 84.0",
-               **_CFGS["hornet_small_gf"])
+               num_params=50_401_768, **_CFGS["hornet_small_gf"])
 register_model("hornet_base_7x7", HorNet, family="hornet", paper_metric="IN-1k top-1 84.2",
-               **_CFGS["hornet_base_7x7"])
+               num_params=87_256_680, **_CFGS["hornet_base_7x7"])
 register_model("hornet_base_gf", HorNet, family="hornet", paper_metric="IN-1k top-1 84.3",
-               **_CFGS["hornet_base_gf"])
-register_model("hornet_base_gf_384", HorNet, family="hornet", **_CFGS["hornet_base_gf_384"])
+               num_params=88_421_352, **_CFGS["hornet_base_gf"])
+register_model("hornet_base_gf_384", HorNet, family="hornet", num_params=92_099_560,
+               **_CFGS["hornet_base_gf_384"])
 register_model("hornet_large_7x7", HorNet, family="hornet", paper_metric="IN-22k pre-trained",
-               **_CFGS["hornet_large_7x7"])
+               num_params=194_542_504, **_CFGS["hornet_large_7x7"])
 register_model("hornet_large_gf", HorNet, family="hornet", paper_metric="IN-22k pre-trained",
-               **_CFGS["hornet_large_gf"])
+               num_params=196_289_512, **_CFGS["hornet_large_gf"])
 register_model("hornet_large_gf_384", HorNet, family="hornet",
-               paper_metric="IN-22k pre-trained, fine-tuned at 384", **_CFGS["hornet_large_gf_384"])
+               paper_metric="IN-22k pre-trained, fine-tuned at 384", num_params=201_806_824,
+               **_CFGS["hornet_large_gf_384"])
 
 
 # --- pretrained weights: the official releases (MIT) ---------------------------------------------

@@ -796,41 +796,45 @@ def checkpoint_filter_fn(state_dict: Mapping[str, np.ndarray], **known_kwargs):
 
 
 # --- registrations: the README's ImageNet-1k top-1 (none for the 21k-only XL) ----------------
+# num_params, counted with 1000 classes on the code of the weights: at 224 the official TF
+# code's count, which timm's equals; at 384 and 512 timm's, whose weights store the relative
+# position tables resized to 23 x 23 and 31 x 31 (TF keeps 13 x 13 tables at every resolution,
+# so its count does not grow).
 
 register_model("maxvit_tiny_tf_224", MaxViT, family="maxvit", paper_metric="top-1 83.62",
-               img_size=224, **_CFGS["maxvit_tiny_tf"])
+               num_params=30_916_528, img_size=224, **_CFGS["maxvit_tiny_tf"])
 register_model("maxvit_tiny_tf_384", MaxViT, family="maxvit", paper_metric="top-1 85.24",
-               img_size=384, **_CFGS["maxvit_tiny_tf"])
+               num_params=30_977_008, img_size=384, **_CFGS["maxvit_tiny_tf"])
 register_model("maxvit_tiny_tf_512", MaxViT, family="maxvit", paper_metric="top-1 85.72",
-               img_size=512, **_CFGS["maxvit_tiny_tf"])
+               num_params=31_049_584, img_size=512, **_CFGS["maxvit_tiny_tf"])
 
 register_model("maxvit_small_tf_224", MaxViT, family="maxvit", paper_metric="top-1 84.45",
-               img_size=224, **_CFGS["maxvit_small_tf"])
+               num_params=68_927_956, img_size=224, **_CFGS["maxvit_small_tf"])
 register_model("maxvit_small_tf_384", MaxViT, family="maxvit", paper_metric="top-1 85.74",
-               img_size=384, **_CFGS["maxvit_small_tf"])
+               num_params=69_018_676, img_size=384, **_CFGS["maxvit_small_tf"])
 register_model("maxvit_small_tf_512", MaxViT, family="maxvit", paper_metric="top-1 86.19",
-               img_size=512, **_CFGS["maxvit_small_tf"])
+               num_params=69_127_540, img_size=512, **_CFGS["maxvit_small_tf"])
 
 register_model("maxvit_base_tf_224", MaxViT, family="maxvit", paper_metric="top-1 84.95",
-               img_size=224, **_CFGS["maxvit_base_tf"])
+               num_params=119_467_708, img_size=224, **_CFGS["maxvit_base_tf"])
 register_model("maxvit_base_tf_384", MaxViT, family="maxvit", paper_metric="top-1 86.34",
-               img_size=384, **_CFGS["maxvit_base_tf"])
+               num_params=119_653_468, img_size=384, **_CFGS["maxvit_base_tf"])
 register_model("maxvit_base_tf_512", MaxViT, family="maxvit", paper_metric="top-1 86.66",
-               img_size=512, **_CFGS["maxvit_base_tf"])
+               num_params=119_876_380, img_size=512, **_CFGS["maxvit_base_tf"])
 
 register_model("maxvit_large_tf_224", MaxViT, family="maxvit", paper_metric="top-1 85.17",
-               img_size=224, **_CFGS["maxvit_large_tf"])
+               num_params=211_785_560, img_size=224, **_CFGS["maxvit_large_tf"])
 register_model("maxvit_large_tf_384", MaxViT, family="maxvit", paper_metric="top-1 86.40",
-               img_size=384, **_CFGS["maxvit_large_tf"])
+               num_params=212_033_240, img_size=384, **_CFGS["maxvit_large_tf"])
 register_model("maxvit_large_tf_512", MaxViT, family="maxvit", paper_metric="top-1 86.70",
-               img_size=512, **_CFGS["maxvit_large_tf"])
+               num_params=212_330_456, img_size=512, **_CFGS["maxvit_large_tf"])
 
 register_model("maxvit_xlarge_tf_224", MaxViT, family="maxvit",
-               img_size=224, **_CFGS["maxvit_xlarge_tf"])
+               num_params=474_951_952, img_size=224, **_CFGS["maxvit_xlarge_tf"])
 register_model("maxvit_xlarge_tf_384", MaxViT, family="maxvit",
-               img_size=384, **_CFGS["maxvit_xlarge_tf"])
+               num_params=475_323_472, img_size=384, **_CFGS["maxvit_xlarge_tf"])
 register_model("maxvit_xlarge_tf_512", MaxViT, family="maxvit",
-               img_size=512, **_CFGS["maxvit_xlarge_tf"])
+               num_params=475_769_296, img_size=512, **_CFGS["maxvit_xlarge_tf"])
 
 
 # --- pretrained weights -------------------------------------------------------------------------

@@ -301,123 +301,126 @@ def checkpoint_filter_fn(state_dict: Mapping[str, np.ndarray], **known_kwargs):
 
 
 # --- registrations: the paper's MSE / MAE (Tables 9, 10) ------------------------------------------------
+# num_params: measured on the official code (thuml/iTransformer at c2426e6: model/iTransformer.py built from
+# run.py's defaults and each run's flags in scripts/multivariate_forecasting/*/iTransformer*.sh). The count does
+# not depend on the number of variates. itransformer_cls_digits is the zoo's own classifier, with none.
 
 register_model("itransformer_etth1_96", iTransformer, family="itransformer", paper_metric="0.386/0.405",
-               **_CFGS["itransformer_etth1_96"])
+               num_params=841_568, **_CFGS["itransformer_etth1_96"])
 register_model("itransformer_etth1_192", iTransformer, family="itransformer", paper_metric="0.441/0.436",
-               **_CFGS["itransformer_etth1_192"])
+               num_params=866_240, **_CFGS["itransformer_etth1_192"])
 register_model("itransformer_etth1_336", iTransformer, family="itransformer", paper_metric="0.487/0.458",
-               **_CFGS["itransformer_etth1_336"])
+               num_params=3_379_024, **_CFGS["itransformer_etth1_336"])
 register_model("itransformer_etth1_720", iTransformer, family="itransformer", paper_metric="0.503/0.491",
-               **_CFGS["itransformer_etth1_720"])
+               num_params=3_576_016, **_CFGS["itransformer_etth1_720"])
 
 register_model("itransformer_etth2_96", iTransformer, family="itransformer", paper_metric="0.297/0.349",
-               **_CFGS["itransformer_etth2_96"])
+               num_params=224_224, **_CFGS["itransformer_etth2_96"])
 register_model("itransformer_etth2_192", iTransformer, family="itransformer", paper_metric="0.380/0.400",
-               **_CFGS["itransformer_etth2_192"])
+               num_params=236_608, **_CFGS["itransformer_etth2_192"])
 register_model("itransformer_etth2_336", iTransformer, family="itransformer", paper_metric="0.428/0.432",
-               **_CFGS["itransformer_etth2_336"])
+               num_params=255_184, **_CFGS["itransformer_etth2_336"])
 register_model("itransformer_etth2_720", iTransformer, family="itransformer", paper_metric="0.427/0.445",
-               **_CFGS["itransformer_etth2_720"])
+               num_params=304_720, **_CFGS["itransformer_etth2_720"])
 
 register_model("itransformer_ettm1_96", iTransformer, family="itransformer", paper_metric="0.334/0.368",
-               **_CFGS["itransformer_ettm1_96"])
+               num_params=224_224, **_CFGS["itransformer_ettm1_96"])
 register_model("itransformer_ettm1_192", iTransformer, family="itransformer", paper_metric="0.377/0.391",
-               **_CFGS["itransformer_ettm1_192"])
+               num_params=236_608, **_CFGS["itransformer_ettm1_192"])
 register_model("itransformer_ettm1_336", iTransformer, family="itransformer", paper_metric="0.426/0.420",
-               **_CFGS["itransformer_ettm1_336"])
+               num_params=255_184, **_CFGS["itransformer_ettm1_336"])
 register_model("itransformer_ettm1_720", iTransformer, family="itransformer", paper_metric="0.491/0.459",
-               **_CFGS["itransformer_ettm1_720"])
+               num_params=304_720, **_CFGS["itransformer_ettm1_720"])
 
 register_model("itransformer_ettm2_96", iTransformer, family="itransformer", paper_metric="0.180/0.264",
-               **_CFGS["itransformer_ettm2_96"])
+               num_params=224_224, **_CFGS["itransformer_ettm2_96"])
 register_model("itransformer_ettm2_192", iTransformer, family="itransformer", paper_metric="0.250/0.309",
-               **_CFGS["itransformer_ettm2_192"])
+               num_params=236_608, **_CFGS["itransformer_ettm2_192"])
 register_model("itransformer_ettm2_336", iTransformer, family="itransformer", paper_metric="0.311/0.348",
-               **_CFGS["itransformer_ettm2_336"])
+               num_params=255_184, **_CFGS["itransformer_ettm2_336"])
 register_model("itransformer_ettm2_720", iTransformer, family="itransformer", paper_metric="0.412/0.407",
-               **_CFGS["itransformer_ettm2_720"])
+               num_params=304_720, **_CFGS["itransformer_ettm2_720"])
 
 register_model("itransformer_weather_96", iTransformer, family="itransformer", paper_metric="0.174/0.214",
-               **_CFGS["itransformer_weather_96"])
+               num_params=4_833_888, **_CFGS["itransformer_weather_96"])
 register_model("itransformer_weather_192", iTransformer, family="itransformer", paper_metric="0.221/0.254",
-               **_CFGS["itransformer_weather_192"])
+               num_params=4_883_136, **_CFGS["itransformer_weather_192"])
 register_model("itransformer_weather_336", iTransformer, family="itransformer", paper_metric="0.278/0.296",
-               **_CFGS["itransformer_weather_336"])
+               num_params=4_957_008, **_CFGS["itransformer_weather_336"])
 register_model("itransformer_weather_720", iTransformer, family="itransformer", paper_metric="0.358/0.347",
-               **_CFGS["itransformer_weather_720"])
+               num_params=5_154_000, **_CFGS["itransformer_weather_720"])
 
 register_model("itransformer_exchange_96", iTransformer, family="itransformer", paper_metric="0.086/0.206",
-               **_CFGS["itransformer_exchange_96"])
+               num_params=224_224, **_CFGS["itransformer_exchange_96"])
 register_model("itransformer_exchange_192", iTransformer, family="itransformer", paper_metric="0.177/0.299",
-               **_CFGS["itransformer_exchange_192"])
+               num_params=236_608, **_CFGS["itransformer_exchange_192"])
 register_model("itransformer_exchange_336", iTransformer, family="itransformer", paper_metric="0.331/0.417",
-               **_CFGS["itransformer_exchange_336"])
+               num_params=255_184, **_CFGS["itransformer_exchange_336"])
 register_model("itransformer_exchange_720", iTransformer, family="itransformer", paper_metric="0.847/0.691",
-               **_CFGS["itransformer_exchange_720"])
+               num_params=304_720, **_CFGS["itransformer_exchange_720"])
 
 register_model("itransformer_ecl_96", iTransformer, family="itransformer", paper_metric="0.148/0.240",
-               **_CFGS["itransformer_ecl_96"])
+               num_params=4_833_888, **_CFGS["itransformer_ecl_96"])
 register_model("itransformer_ecl_192", iTransformer, family="itransformer", paper_metric="0.162/0.253",
-               **_CFGS["itransformer_ecl_192"])
+               num_params=4_883_136, **_CFGS["itransformer_ecl_192"])
 register_model("itransformer_ecl_336", iTransformer, family="itransformer", paper_metric="0.178/0.269",
-               **_CFGS["itransformer_ecl_336"])
+               num_params=4_957_008, **_CFGS["itransformer_ecl_336"])
 register_model("itransformer_ecl_720", iTransformer, family="itransformer", paper_metric="0.225/0.317",
-               **_CFGS["itransformer_ecl_720"])
+               num_params=5_154_000, **_CFGS["itransformer_ecl_720"])
 
 register_model("itransformer_traffic_96", iTransformer, family="itransformer", paper_metric="0.395/0.268",
-               **_CFGS["itransformer_traffic_96"])
+               num_params=6_411_872, **_CFGS["itransformer_traffic_96"])
 register_model("itransformer_traffic_192", iTransformer, family="itransformer", paper_metric="0.417/0.276",
-               **_CFGS["itransformer_traffic_192"])
+               num_params=6_461_120, **_CFGS["itransformer_traffic_192"])
 register_model("itransformer_traffic_336", iTransformer, family="itransformer", paper_metric="0.433/0.283",
-               **_CFGS["itransformer_traffic_336"])
+               num_params=6_534_992, **_CFGS["itransformer_traffic_336"])
 register_model("itransformer_traffic_720", iTransformer, family="itransformer", paper_metric="0.467/0.302",
-               **_CFGS["itransformer_traffic_720"])
+               num_params=6_731_984, **_CFGS["itransformer_traffic_720"])
 
 register_model("itransformer_solar_96", iTransformer, family="itransformer", paper_metric="0.203/0.237",
-               **_CFGS["itransformer_solar_96"])
+               num_params=3_255_904, **_CFGS["itransformer_solar_96"])
 register_model("itransformer_solar_192", iTransformer, family="itransformer", paper_metric="0.233/0.261",
-               **_CFGS["itransformer_solar_192"])
+               num_params=3_305_152, **_CFGS["itransformer_solar_192"])
 register_model("itransformer_solar_336", iTransformer, family="itransformer", paper_metric="0.248/0.273",
-               **_CFGS["itransformer_solar_336"])
+               num_params=3_379_024, **_CFGS["itransformer_solar_336"])
 register_model("itransformer_solar_720", iTransformer, family="itransformer", paper_metric="0.249/0.275",
-               **_CFGS["itransformer_solar_720"])
+               num_params=3_576_016, **_CFGS["itransformer_solar_720"])
 
 register_model("itransformer_pems03_12", iTransformer, family="itransformer", paper_metric="0.071/0.174",
-               **_CFGS["itransformer_pems03_12"])
+               num_params=6_368_780, **_CFGS["itransformer_pems03_12"])
 register_model("itransformer_pems03_24", iTransformer, family="itransformer", paper_metric="0.093/0.201",
-               **_CFGS["itransformer_pems03_24"])
+               num_params=6_374_936, **_CFGS["itransformer_pems03_24"])
 register_model("itransformer_pems03_48", iTransformer, family="itransformer", paper_metric="0.125/0.236",
-               **_CFGS["itransformer_pems03_48"])
+               num_params=6_387_248, **_CFGS["itransformer_pems03_48"])
 register_model("itransformer_pems03_96", iTransformer, family="itransformer", paper_metric="0.164/0.275",
-               **_CFGS["itransformer_pems03_96"])
+               num_params=6_411_872, **_CFGS["itransformer_pems03_96"])
 
 register_model("itransformer_pems04_12", iTransformer, family="itransformer", paper_metric="0.078/0.183",
-               **_CFGS["itransformer_pems04_12"])
+               num_params=25_320_460, **_CFGS["itransformer_pems04_12"])
 register_model("itransformer_pems04_24", iTransformer, family="itransformer", paper_metric="0.095/0.205",
-               **_CFGS["itransformer_pems04_24"])
+               num_params=25_332_760, **_CFGS["itransformer_pems04_24"])
 register_model("itransformer_pems04_48", iTransformer, family="itransformer", paper_metric="0.120/0.233",
-               **_CFGS["itransformer_pems04_48"])
+               num_params=25_357_360, **_CFGS["itransformer_pems04_48"])
 register_model("itransformer_pems04_96", iTransformer, family="itransformer", paper_metric="0.150/0.262",
-               **_CFGS["itransformer_pems04_96"])
+               num_params=25_406_560, **_CFGS["itransformer_pems04_96"])
 
 register_model("itransformer_pems07_12", iTransformer, family="itransformer", paper_metric="0.067/0.165",
-               **_CFGS["itransformer_pems07_12"])
+               num_params=3_212_812, **_CFGS["itransformer_pems07_12"])
 register_model("itransformer_pems07_24", iTransformer, family="itransformer", paper_metric="0.088/0.190",
-               **_CFGS["itransformer_pems07_24"])
+               num_params=3_218_968, **_CFGS["itransformer_pems07_24"])
 register_model("itransformer_pems07_48", iTransformer, family="itransformer", paper_metric="0.110/0.215",
-               **_CFGS["itransformer_pems07_48"])
+               num_params=6_387_248, **_CFGS["itransformer_pems07_48"])
 register_model("itransformer_pems07_96", iTransformer, family="itransformer", paper_metric="0.139/0.245",
-               **_CFGS["itransformer_pems07_96"])
+               num_params=6_411_872, **_CFGS["itransformer_pems07_96"])
 
 register_model("itransformer_pems08_12", iTransformer, family="itransformer", paper_metric="0.079/0.182",
-               **_CFGS["itransformer_pems08_12"])
+               num_params=3_212_812, **_CFGS["itransformer_pems08_12"])
 register_model("itransformer_pems08_24", iTransformer, family="itransformer", paper_metric="0.115/0.219",
-               **_CFGS["itransformer_pems08_24"])
+               num_params=3_218_968, **_CFGS["itransformer_pems08_24"])
 register_model("itransformer_pems08_48", iTransformer, family="itransformer", paper_metric="0.186/0.235",
-               **_CFGS["itransformer_pems08_48"])
+               num_params=6_387_248, **_CFGS["itransformer_pems08_48"])
 register_model("itransformer_pems08_96", iTransformer, family="itransformer", paper_metric="0.221/0.267",
-               **_CFGS["itransformer_pems08_96"])
+               num_params=6_411_872, **_CFGS["itransformer_pems08_96"])
 
 register_model("itransformer_cls_digits", iTransformerClassifier, family="itransformer",
                **_CFGS["itransformer_cls_digits"])

@@ -764,26 +764,35 @@ def checkpoint_filter_fn(state_dict: Mapping[str, np.ndarray], **known_kwargs):
 
 
 # --- registrations --------------------------------------------------------------------------------
+# num_params: matlm_olmo_*, MatFormer-OLMo's own count (`Olmo.num_params()` of its olmo/model.py at
+# 4b96067, configs/pile-tiny.yaml with the example commands' sizes; tied embedding); matvit_*,
+# timm's vit_*_patch16_224 and vit_huge_patch14_224 (the layers of scenic's ViT: conv patches,
+# class token, learned positions, pre-LN blocks, 1000-class head). matlm_tiny and
+# matvit_nano_patch4_28 are the zoo's CPU sizes, with no official count.
 
 register_model("matlm_tiny", MatLM, family="matformer", **_CFGS["matlm_tiny"])
 register_model("matlm_olmo_180m", MatLM, family="matformer",
-               paper_metric="MatFormer-OLMo-180M (20B Pile tokens)", **_CFGS["matlm_olmo_180m"])
+               paper_metric="MatFormer-OLMo-180M (20B Pile tokens)", num_params=63_829_504,
+               **_CFGS["matlm_olmo_180m"])
 register_model("matlm_olmo_460m", MatLM, family="matformer",
-               paper_metric="MatFormer-OLMo-460M (40B Pile tokens)", **_CFGS["matlm_olmo_460m"])
+               paper_metric="MatFormer-OLMo-460M (40B Pile tokens)", num_params=203_680_768,
+               **_CFGS["matlm_olmo_460m"])
 register_model("matlm_olmo_1300m", MatLM, family="matformer",
-               paper_metric="MatFormer-OLMo-1300M (160B Pile tokens)", **_CFGS["matlm_olmo_1300m"])
+               paper_metric="MatFormer-OLMo-1300M (160B Pile tokens)", num_params=711_448_576,
+               **_CFGS["matlm_olmo_1300m"])
 
 register_model("matvit_tiny_patch16_224", MatViT, family="matformer",
-               **_CFGS["matvit_tiny_patch16_224"])
+               num_params=5_717_416, **_CFGS["matvit_tiny_patch16_224"])
 register_model("matvit_small_patch16_224", MatViT, family="matformer",
-               **_CFGS["matvit_small_patch16_224"])
+               num_params=22_050_664, **_CFGS["matvit_small_patch16_224"])
 register_model("matvit_base_patch16_224", MatViT, family="matformer",
-               paper_metric="MatViT-B/16 IN-1k (figures only)", **_CFGS["matvit_base_patch16_224"])
+               paper_metric="MatViT-B/16 IN-1k (figures only)", num_params=86_567_656,
+               **_CFGS["matvit_base_patch16_224"])
 register_model("matvit_large_patch16_224", MatViT, family="matformer",
                paper_metric="MatViT-L/16 IN-21k + IN-1k (figures only)",
-               **_CFGS["matvit_large_patch16_224"])
+               num_params=304_326_632, **_CFGS["matvit_large_patch16_224"])
 register_model("matvit_huge_patch14_224", MatViT, family="matformer",
-               **_CFGS["matvit_huge_patch14_224"])
+               num_params=632_045_800, **_CFGS["matvit_huge_patch14_224"])
 register_model("matvit_nano_patch4_28", MatViT, family="matformer",
                **_CFGS["matvit_nano_patch4_28"])
 

@@ -356,9 +356,16 @@ def checkpoint_filter_fn(state_dict: Mapping[str, np.ndarray], **known_kwargs):
 
 
 # --- registrations: zero-shot HellaSwag and PIQA from the official README -----------------------
+# num_params: 385M, the official code's count at its released config (the config defaults; the
+# README's "0.39 B"): the official TransnormerForCausalLM's state_dict has per layer qkvu_proj
+# (4 d x d), out_proj (d x d), l1, l2, l3 (3 d x glu_dim), LRPE theta (d) in the first layer only,
+# and the embedding tied with lm_head. None for 1B and 7B (their config.json was not retrieved, the
+# dims are fitted to the README's rounded counts), for 15B (glu_dim and vocabulary assumed; the
+# model card's 14.83 B differs) and for the CPU size "tiny".
 
 register_model("transnormer_llm_385m", TransNormerLLM, family="transnormer_llm",
-               paper_metric="HellaSwag 46.27, PIQA 66.70 (0-shot)", **_CFGS["transnormer_llm_385m"])
+               paper_metric="HellaSwag 46.27, PIQA 66.70 (0-shot)", num_params=398_984_192,
+               **_CFGS["transnormer_llm_385m"])
 register_model("transnormer_llm_1b", TransNormerLLM, family="transnormer_llm",
                paper_metric="HellaSwag 56.49, PIQA 72.09 (0-shot)", **_CFGS["transnormer_llm_1b"])
 register_model("transnormer_llm_7b", TransNormerLLM, family="transnormer_llm",

@@ -8,7 +8,6 @@ import sys
 import zipfile
 from pathlib import Path
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp

@@ -22,7 +22,7 @@ import tasks
 import train
 from configs import matformer as matformer_config
 from conftest import tensorboard_events
-from data import builders, prepare, text, tokenizers
+from data import prepare, text, tokenizers
 from models.matformer import MatLM
 
 SHAKESPEARE_SPLITS = {"train": 1_003_854, "validation": 55_770, "test": 55_770}   # TFDS 90/5/5

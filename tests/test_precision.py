@@ -23,7 +23,6 @@ from configs import common
 from configs import biformer as biformer_config
 from configs import hornet as hornet_config
 from configs import itransformer as itransformer_config
-from configs import maxvit as maxvit_config
 from models import biformer, layers, maxvit, transnormer_llm
 from models.matformer import MatLM, MatViT
 from models.transnormer import TransNormerLM
@@ -144,7 +143,7 @@ def test_matmul_flops_counts_from_shapes():
   def f(a, b, image, kernel):
     dots = jnp.einsum("bij,bjk->bik", a, b)                                # 2*2*3*4*5 = 240
     conv = jax.lax.conv_general_dilated(image, kernel, (1, 1), "VALID")    # 2*(1*2*4*4)*(4*2*2)
-    return dots, jax.lax.scan(lambda c, _: (c @ c, None), a[0, :, :3], length=3)  # 3 x 2*3*3*3
+    return dots, conv, jax.lax.scan(lambda c, _: (c @ c, None), a[0, :, :3], length=3)  # 3x2*3*3*3
 
   jaxpr = jax.make_jaxpr(f)(jnp.ones((2, 3, 4)), jnp.ones((2, 4, 5)), jnp.ones((1, 4, 5, 5)),
                             jnp.ones((2, 4, 2, 2)))

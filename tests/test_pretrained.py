@@ -8,7 +8,6 @@ import hashlib
 import json
 import logging
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest

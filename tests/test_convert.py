@@ -85,6 +85,19 @@ def test_cli_reports_a_mismatched_variant(golden, tmp_path, capsys):
   assert "mis-shaped: projector.weight expected (720, 512), got (96, 256)" in err
 
 
+def test_cli_sets_what_the_shapes_do_not_show(golden, tmp_path, capsys):
+  """--set KEY=VALUE: a hyper-parameter the tensors do not show (iTransformer's head count)."""
+  from safetensors.numpy import save_file
+  save_file(golden[0], tmp_path / "official.safetensors")
+  assert convert_main(["itransformer", str(tmp_path / "official.safetensors"),
+                       str(tmp_path / "zoo"), "--set", "n_heads=4"]) == 0
+  assert "'n_heads': 4" in capsys.readouterr().out
+  with pytest.raises(SystemExit):
+    convert_main(["itransformer", str(tmp_path / "official.safetensors"), str(tmp_path / "x"),
+                  "--set", "n_heads"])
+  assert "expected KEY=VALUE, got 'n_heads'" in capsys.readouterr().err
+
+
 # --- reading .pth without torch -------------------------------------------------------------------------------
 
 def test_pth_reader_handles_dtypes_views_and_parameters(tmp_path):

@@ -1,5 +1,6 @@
-"""BiFormer: parameter counts, parity with the official code (golden fixtures: logits, stage
-features, routed regions), converter and CLI round trip, auto_pad, input checks, training mode."""
+"""BiFormer: BatchNorm statistics, parity with the official code (golden fixtures: logits, stage
+features, routed regions), converter and CLI round trip, auto_pad, input checks, training mode.
+The official parameter counts are the registry's (tests/test_models.py checks them)."""
 import functools
 
 import jax
@@ -8,7 +9,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from conftest import load_golden
+from conftest import eval_shape, load_golden
 import models
 from models.biformer import BiFormer, BiLevelRoutingAttention, checkpoint_filter_fn
 from models.convert.__main__ import main as convert_main
@@ -58,14 +59,11 @@ def _assert_golden(model, arrays, rel):
   return len(routes)
 
 
-# --- parameter counts -----------------------------------------------------------------------------
+# --- variants -------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name, count", [("biformer_tiny", 13_142_760),
-                                         ("biformer_small", 25_536_232),
-                                         ("biformer_base", 56_804_968)])
-def test_parameter_counts_equal_the_official(name, count):
-  model = nnx.eval_shape(lambda: models.create_model(name))
-  assert models.count_params(model) == count
+@pytest.mark.parametrize("name", ["biformer_tiny", "biformer_small", "biformer_base"])
+def test_batchnorm_statistics_equal_the_official(name):
+  model = eval_shape(lambda: models.create_model(name))
   stats = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.BatchStat)))
   assert stats == {"biformer_base": 4_512}.get(name, 3_008)       # BN means and variances
 

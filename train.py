@@ -876,6 +876,9 @@ def _train_and_evaluate(config, workdir: str, mesh) -> dict[str, float]:
   train_step = make_train_step(task, graphdef, rng_streams(model), config.seed)
   eval_step = make_eval_step(task, nnx.graphdef(model))
   train_forward = nnx.jit(task.loss)  # precise BN's forward (config.recompute_bn_stats)
+  # The tokenizer and the encoded prompts of config.samples, read (and checked) once, before training.
+  sampling = (sample_prompts(config, train_split.meta)
+              if config.samples.num_tokens and config.task == "language_modeling" else None)
 
   # Restore: resume this workdir if it has a checkpoint, else optionally start from pretrained weights.
   # One reader thread by default: a batch is a cheap vectorised gather, and more threads only
@@ -972,8 +975,8 @@ def _train_and_evaluate(config, workdir: str, mesh) -> dict[str, float]:
           writer.write(step, metrics)
           say(f"step {step} (epoch {metrics['epoch']:.2f}): " +
               ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if k != "epoch"))
-          if config.samples.num_tokens and config.task == "language_modeling":
-            samples = generate_samples(config, nnx.merge(graphdef, state)[0], train_split.meta, step)
+          if sampling:
+            samples = generate_samples(config, nnx.merge(graphdef, state)[0], *sampling, step)
             writer.write_texts(step, samples)
             for name, text in samples.items():
               say(f"{name}: {text!r}")
@@ -1029,26 +1032,30 @@ def _train_and_evaluate(config, workdir: str, mesh) -> dict[str, float]:
   return final
 
 
-def generate_samples(config, model, meta: dict, step: int) -> dict[str, str]:
-  """config.samples.num_tokens tokens continuing each of config.samples.prompts (a language model's
-  writing, to read beside its loss), sampled with a key of the seed and the step."""
+def sample_prompts(config, meta: dict) -> tuple:
+  """(tokenizer, [prompt tokens [1, P]]) of config.samples.prompts; a prompt that encodes to no
+  tokens is refused."""
   tokenizer = data.get_tokenizer(config.data.get("tokenizer") or meta["tokenizer"])
+  prompts = []
+  for prompt in config.samples.prompts:
+    tokens = np.asarray(tokenizer.encode(prompt), np.int32)
+    if not tokens.size:
+      raise ValueError(f"config.samples.prompts: {prompt!r} encodes to no tokens")
+    prompts.append(tokens[None])
+  return tokenizer, prompts
+
+
+def generate_samples(config, model, tokenizer, prompts, step: int) -> dict[str, str]:
+  """config.samples.num_tokens tokens continuing each prompt (a language model's writing, to read
+  beside its loss), sampled with a key of the seed and the step."""
   texts = {}
-  for index, prompt in enumerate(config.samples.prompts):
-    tokens = generation_prompt(tokenizer, prompt)
+  for index, tokens in enumerate(prompts):
     out = models.generate(model, tokens, config.samples.num_tokens,
                           temperature=config.samples.temperature,
                           top_k=config.samples.top_k or None,
                           rng=jax.random.fold_in(jax.random.key(config.seed), step))
     texts[f"samples/{index}"] = tokenizer.decode(np.asarray(out[0]))
   return texts
-
-
-def generation_prompt(tokenizer, prompt: str) -> np.ndarray:
-  tokens = np.asarray(tokenizer.encode(prompt), np.int32)
-  if not tokens.size:
-    raise ValueError(f"config.samples.prompts: {prompt!r} encodes to no tokens")
-  return tokens[None]
 
 
 def recompute_batch_stats(train_forward, graphdef, state, batches, mesh):

@@ -280,6 +280,10 @@ def test_tiny_lm_trains_and_evaluates_end_to_end(raw_dir, tfds_dir, tmp_path):
   # A sample at each evaluation, logged as text: the prompt and 24 new bytes.
   sample = tensorboard_events(tmp_path / "tensorboard")["texts"]["samples/0"].strip("`\n")
   assert sample.startswith("ROMEO:") and len(sample.encode()) >= len("ROMEO:") + 12, sample
+  config.unlock()
+  config.samples.prompts = ("ROMEO:", "")
+  with pytest.raises(ValueError, match="config.samples.prompts: '' encodes to no tokens"):
+    train.sample_prompts(config, {"tokenizer": "byte"})
   result = eval_lib.evaluate_checkpoint(config, str(tmp_path), "best", "validation")
   for key in ("loss", "perplexity", "bits_per_byte", "accuracy"):
     np.testing.assert_allclose(result[key], final[f"validation/{key}"], rtol=1e-6)
